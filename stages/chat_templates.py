@@ -1,0 +1,80 @@
+"""Chat templates: the built-in ones users name in configs, and rendering in a sandbox.
+
+Templates come from configs and model repos, so they are untrusted code: they run in Jinja's
+immutable sandbox, with the same options transformers uses so renderings match its own.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+_GEN = "{% if add_generation_prompt %}"
+
+BUILTIN = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}" + _GEN + "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}" + _GEN + "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "gemma": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+        "{% endfor %}" + _GEN + "{{ '<start_of_turn>model\\n' }}{% endif %}"
+    ),
+    "phi_3": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% endfor %}" + _GEN + "{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+    ),
+}
+
+FALLBACK_PREFIX = "tokenizer_default_fallback_"
+FIXED_DATE = datetime(2024, 1, 1)
+
+
+class TemplateChoiceError(ValueError):
+    pass
+
+
+def resolve(choice: str | None, jinja: str | None, tokenizer_template: str | None) -> str | None:
+    """The Jinja source for a config's `chat_template` choice (None: the tokenizer's own, if any)."""
+    if choice in (None, "tokenizer_default"):
+        if choice and not tokenizer_template:
+            raise TemplateChoiceError("chat_template: tokenizer_default, but the tokenizer has no chat template; name one (e.g. chatml)")
+        return tokenizer_template
+    if choice.startswith(FALLBACK_PREFIX):
+        return tokenizer_template or resolve(choice[len(FALLBACK_PREFIX):], jinja, None)
+    if choice == "jinja":
+        if not jinja:
+            raise TemplateChoiceError("chat_template: jinja needs chat_template_jinja")
+        return jinja
+    if choice not in BUILTIN:
+        raise TemplateChoiceError(f"chat_template: unknown template {choice!r}; built-in: {', '.join(sorted(BUILTIN))}, jinja, tokenizer_default")
+    return BUILTIN[choice]
+
+
+def _raise(message):
+    raise TemplateError(message)
+
+
+@lru_cache(maxsize=32)
+def compile_template(source: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise
+    # Training data must not depend on the day it was rendered: dates come out as a fixed day.
+    env.globals["strftime_now"] = lambda fmt: FIXED_DATE.strftime(fmt)
+    return env.from_string(source)
+
+
+def render(source: str, messages: list[dict], add_generation_prompt: bool = False, **special_tokens) -> str:
+    return compile_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens)

@@ -1,0 +1,316 @@
+"""The `molt` command: Axolotl's verbs over the stage DAG, plus status, dag, run, gc and stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from stages import dag
+from stages.config import ConfigError, load_config, parse_cli_overrides
+from stages.store import DataError, Store, hash_text, list_files, read_table
+from stages.ui import console
+
+EXIT_BAD_INPUT = 2
+OVERRIDES = {"ignore_unknown_options": True, "allow_extra_args": True}
+SYMBOL = {"cached": "[green]✓ cached[/]", "adopted": "[green]✓ adopted[/]", "ran": "[cyan]● built[/]", "missing": "[yellow]○ missing[/]", "blocked": "[yellow]○ waits[/]"}
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT):
+    console.print(f"[bold red]error:[/] {message}")
+    sys.exit(code)
+
+
+def cache_option(f):
+    return click.option("--cache-dir", envvar="MOLT_CACHE_DIR", default="cache", show_default=True, type=click.Path(file_okay=False), help="Artifact store (or MOLT_CACHE_DIR).")(f)
+
+
+class Session:
+    """A config loaded with its overrides, its stage plan and a runner over the store."""
+
+    def __init__(self, config_path: str, extra_args: list[str], cache_dir: str, published: Path | None = None, quiet: bool = False):
+        try:
+            self.config = load_config(config_path, parse_cli_overrides(list(extra_args)))
+        except ConfigError as error:
+            fail(str(error))
+        for note in self.config.config_warnings:
+            console.print(f"[yellow]warning:[/] {note}")
+        self.config_path = Path(config_path)
+        self.values = self.config.model_dump(mode="json")
+        self.store = Store(cache_dir)
+        refs_id = hash_text(str(self.config_path.resolve()))[:16]
+        self.runner = dag.Runner(self.store, published, refs_id, on_event=None if quiet else self._event)
+
+    def _event(self, how: str, node: dag.Node, key: str) -> None:
+        if how == "start":
+            console.print(f"  [cyan]▶[/] {node.name:<16} building [dim]{key[:12]}[/]")
+        elif how in SYMBOL:
+            console.print(f"  {SYMBOL[how]:<24} {node.name:<16} [dim]{key[:12]}[/]")
+
+    def plan(self, until: str | None = None) -> list[dag.Node]:
+        try:
+            return dag.plan(self.values, until)
+        except KeyError as error:
+            fail(error.args[0])
+
+    def resolve(self, nodes: list[dag.Node], run: bool = True) -> dict[str, dag.Resolution]:
+        try:
+            for n in nodes:
+                self.runner.resolve(n, run)
+        except dag.StageFailed as failure:
+            label = f" ({failure.node_label})" if failure.node_label else ""
+            if isinstance(failure.error, (DataError, ConfigError)):
+                fail(f"{failure.node}{label}: {failure.error}")
+            raise
+        except DataError as error:  # raised while computing a key (a missing source, an unknown type)
+            fail(str(error))
+        finally:
+            self.store.index.save()
+        return self.runner.done
+
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+def _copy_dir(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in list_files(src):
+        if p.name == "manifest.json":
+            continue
+        target = dest / p.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, target)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="molt")
+def main():
+    """molt: post-training as a DAG of cached, content-addressed stages."""
+
+
+@main.command(context_settings=OVERRIDES)
+@click.argument("config")
+@click.option("--debug", is_flag=True, help="Print tokens as text(label, id).")
+@click.option("--debug-num-examples", default=1, show_default=True)
+@click.option("--debug-text-only", is_flag=True)
+@cache_option
+@click.pass_context
+def preprocess(ctx, config, debug, debug_num_examples, debug_text_only, cache_dir):
+    """Fetch, format, tokenize, mix and pack the datasets of CONFIG."""
+    session = Session(config, ctx.args, cache_dir)
+    done = session.resolve(session.plan("pack"))
+    mix = done["mix"].artifact
+    prepared = Path(session.config.dataset_prepared_path or "last_run_prepared") / mix.key
+    if not prepared.exists():
+        _save_prepared(mix.path, prepared)
+    console.print(f"prepared dataset: {prepared}  ({mix.manifest['rows']} train rows, {mix.manifest['val_rows']} validation rows)")
+    if debug:
+        tokenizer = done["tokenizer"].artifact.path / "tokenizer.json"
+        show_examples(mix.path / "train.arrow", tokenizer, debug_num_examples, debug_text_only)
+
+
+def _save_prepared(mix_dir: Path, dest: Path) -> None:
+    """Mirror the mixed dataset as `datasets.save_to_disk`, as Axolotl users expect to inspect it."""
+    import datasets
+
+    splits = {"train": read_table(mix_dir / "train.arrow"), "validation": read_table(mix_dir / "val.arrow")}
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    datasets.DatasetDict({k: datasets.Dataset(t) for k, t in splits.items()}).save_to_disk(str(tmp))
+    os.replace(tmp, dest)
+
+
+def show_examples(arrow: Path, tokenizer_json: Path, count: int, text_only: bool) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    table = read_table(arrow).slice(0, count)
+    for ids, labels in zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()):
+        parts = []
+        for token_id, label in zip(ids, labels):
+            text = tokenizer.decode([token_id], skip_special_tokens=False).replace("[", "\\[")
+            colour = "red" if label == -100 else "green"
+            parts.append(f"[{colour}]{text}[/]" if text_only else f"[{colour}]{text}({label}, {token_id})[/]")
+        console.print(("" if text_only else " ").join(parts), soft_wrap=True)
+        console.print()
+
+
+@main.command(context_settings=OVERRIDES)
+@click.argument("config")
+@cache_option
+@click.pass_context
+def train(ctx, config, cache_dir):
+    """Prepare the data if needed and fine-tune; the model lands in output_dir."""
+    session = Session(config, ctx.args, cache_dir)
+    done = session.resolve(session.plan("train"))
+    artifact = done["train"].artifact
+    _copy_dir(artifact.path / "model", session.output_dir())
+    for extra in ("metrics.json", "loss.png"):
+        shutil.copy2(artifact.path / extra, session.output_dir() / extra)
+    metrics = artifact.manifest.get("metrics", {})
+    console.print(f"model written to {session.output_dir()}  (loss curve: {session.output_dir() / 'loss.png'})")
+    if metrics.get("eval_loss_before") is not None:
+        before, after = metrics["eval_loss_before"], metrics["eval_loss_after"]
+        console.print(f"held-out loss: {before:.4f} → {after:.4f}  ({(before - after) / before:+.1%} better)")
+
+
+@main.command("merge-lora", context_settings=OVERRIDES)
+@click.argument("config")
+@cache_option
+@click.pass_context
+def merge_lora(ctx, config, cache_dir):
+    """Merge the trained LoRA adapter into the base model: {output_dir}/merged."""
+    session = Session(config, ctx.args, cache_dir)
+    if not session.config.adapter:
+        fail("merge-lora: the config trains no adapter (set adapter: lora)")
+    done = session.resolve(session.plan("merge"))
+    dest = session.output_dir() / "merged"
+    _copy_dir(done["merge"].artifact.path, dest)
+    console.print(f"merged model written to {dest}")
+
+
+@main.command(context_settings=OVERRIDES)
+@click.argument("config")
+@click.option("--only", help="Run just this stage (its inputs must be cached).")
+@click.option("--until", help="Run this stage and everything it needs.")
+@cache_option
+@click.pass_context
+def run(ctx, config, only, until, cache_dir):
+    """Run the whole pipeline of CONFIG (or part of it)."""
+    session = Session(config, ctx.args, cache_dir)
+    nodes = session.plan(until or only)
+    if only:
+        targets = [n for n in nodes if only in (n.stage, n.name)]
+        for n in nodes:
+            if n not in targets:
+                res = session.runner.resolve(n, run=False)
+                if res.artifact is None:
+                    fail(f"--only {only}: its input {n.name} is not cached; run with --until {only}")
+    session.resolve(nodes)
+
+
+@main.command()
+@click.argument("config")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@cache_option
+def status(config, as_json, cache_dir):
+    """Each stage instance: cached, stale (and why) or missing. Computes nothing."""
+    session = Session(config, [], cache_dir, quiet=True)
+    nodes = session.plan()
+    done = session.resolve(nodes, run=False)
+    refs = session.runner.refs()
+    rows = []
+    for n in nodes:
+        res = done[n.name]
+        row = {"stage": n.name, "key": res.key, "state": "cached" if res.artifact else "missing", "why": []}
+        if res.artifact is None and n.name in refs:
+            old = session.store.artifact_dir(n.stage, refs[n.name]) / "manifest.json"
+            if old.exists():
+                row["state"] = "stale"
+                current = res.record or session.runner.record(n, {})
+                reasons = dag.why_changed(json.loads(old.read_text()), current)
+                if res.record is None:
+                    reasons = [r for r in reasons if not r.startswith("input ")]
+                    waits = [u.name for u in n.inputs.values() if done[u.name].artifact is None]
+                    reasons.append(f"after {', '.join(waits)}")
+                row["why"] = reasons
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table("stage", "state", "key", "why")
+    colour = {"cached": "green", "stale": "yellow", "missing": "red"}
+    for r in rows:
+        table.add_row(r["stage"], f"[{colour[r['state']]}]{r['state']}[/]", (r["key"] or "-")[:12], "; ".join(r["why"]))
+    console.print(table)
+
+
+@main.command("dag")
+@click.argument("config")
+@click.option("--mermaid", is_flag=True, help="Print a mermaid flowchart.")
+def show_dag(config, mermaid):
+    """The stage instances of CONFIG and their inputs."""
+    session = Session(config, [], "cache", quiet=True)
+    nodes = session.plan()
+    if mermaid:
+        click.echo("flowchart LR")
+        ident = {n.name: f"n{i}" for i, n in enumerate(nodes)}
+        for n in nodes:
+            click.echo(f'  {ident[n.name]}["{n.name}"]')
+        for n in nodes:
+            for role, up in n.inputs.items():
+                click.echo(f"  {ident[up.name]} -->|{role}| {ident[n.name]}")
+        return
+    for n in nodes:
+        ins = ", ".join(f"{role}={up.name}" for role, up in n.inputs.items())
+        click.echo(f"{n.name:<18} <- {ins}" if ins else n.name)
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True)
+@cache_option
+def gc(dry_run, cache_dir):
+    """Delete artifacts that no config's last run used."""
+    store = Store(cache_dir)
+    keep = set()
+    for refs in (store.root / "refs").glob("*.json"):
+        keep.update(json.loads(refs.read_text()).values())
+    freed = 0
+    for artifact in store.artifacts():
+        if artifact.key not in keep:
+            size = sum(p.stat().st_size for p in list_files(artifact.path))
+            freed += size
+            console.print(f"{'would remove' if dry_run else 'removed'} {artifact.stage}/{artifact.key[:12]} ({size / 1e6:.1f} MB)")
+            if not dry_run:
+                shutil.rmtree(artifact.path)
+    console.print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB")
+
+
+@main.command()
+@click.argument("config")
+@click.argument("stage")
+@click.option("--index", type=int, help="Dataset index for per-dataset stages.")
+@click.option("--test", is_flag=True, help="Index into test_datasets instead of datasets.")
+@click.option("--publish-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False))
+@cache_option
+def stage(config, stage, index, test, publish_dir, cache_dir):
+    """Build one stage instance and publish it under --publish-dir (the command dvc.yaml runs)."""
+    name = stage if index is None else f"{stage}[{'test' if test else ''}{index}]"
+    session = Session(config, [], cache_dir, published=Path(publish_dir))
+    nodes = session.plan(name)
+    done = session.resolve(nodes)
+    dest = dag.publish_node(done[name], Path(publish_dir))
+    console.print(f"published {name} at {dest}")
+
+
+@main.command("dvc-yaml")
+@click.argument("config", default="params.yaml")
+@click.option("--output", default="dvc.yaml", show_default=True)
+def dvc_yaml(config, output):
+    """Write dvc.yaml for CONFIG from the same stage declarations molt runs."""
+    session = Session(config, [], "cache", quiet=True)
+    text = dag.dvc_yaml(session.plan(), config)
+    Path(output).write_text(text)
+    console.print(f"wrote {output}")
+
+
+@main.command()
+@click.argument("what", type=click.Choice(["examples"]))
+@click.option("--dest", default="examples", show_default=True)
+def fetch(what, dest):
+    """Copy molt's ready configs (and their data) into DEST."""
+    source = Path(__file__).resolve().parent.parent / "pipelines"
+    if not source.is_dir():
+        fail(f"no pipelines folder at {source}")
+    _copy_dir(source, Path(dest))
+    console.print(f"copied {len(list_files(source))} files to {dest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,693 @@
+"""The molt config: a pydantic model of an Axolotl-style YAML file, and its loader.
+
+Keys follow Axolotl's config reference so Axolotl YAMLs load as-is. Every key ends up in one of
+three places, and none is dropped silently:
+  * a typed field of `MoltConfig` / `DatasetConfig` (implemented by molt);
+  * `UNSUPPORTED_KEYS`: a real Axolotl key molt does not implement yet; kept in the model's extras
+    and reported as "ignored: <key> — not supported yet";
+  * anything else: kept in extras and reported as "unknown key: ..." (an error under `strict: true`).
+
+Cross-field rules are small functions registered with `@_rule`, run in declaration order after
+field validation. Imports stay light (pydantic, PyYAML, stdlib): the CLI imports this first.
+"""
+
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A config problem, worded for the user: names the file, key, value and rule."""
+
+
+class MoltConfigWarning(UserWarning):
+    """An ignored or unknown key; the same text is kept in `MoltConfig.config_warnings`."""
+
+
+# What `dataset_prepared_path: null` means; kept as None in the model so a dump stays as written.
+DEFAULT_DATASET_PREPARED_PATH = "last_run_prepared"
+
+# -- Axolotl keys molt does not implement yet ----------------------------------------------------
+# Implementing one: add the field to MoltConfig and delete it here (a test checks they are disjoint).
+
+UNSUPPORTED_KEYS: frozenset[str] = frozenset({
+    # model loading
+    "cls_model_config", "processor_type", "tokenizer_use_mistral_common", "tokenizer_save_jinja_files",
+    "experimental_skip_move_to_device", "use_kernels", "model_quantization_config",
+    "model_quantization_config_kwargs", "model_config", "overrides_of_model_config", "model_kwargs",
+    "overrides_of_model_kwargs", "rope_scaling", "gptq", "device", "device_map", "max_memory",
+    "gpu_memory_limit", "low_cpu_mem_usage", "is_falcon_derived_model", "is_llama_derived_model",
+    "is_mistral_derived_model", "is_qwen_derived_model", "llama4_linearized_experts",
+    "hf_use_auth_token", "reinit_weights", "random_init_weights",
+    # tokenizer / embeddings
+    "resize_token_embeddings_to_32x", "mean_resizing_embeddings", "shrink_embeddings",
+    "embeddings_skip_upcast", "added_tokens_overrides", "eot_tokens", "fix_untrained_tokens",
+    "chat_template_kwargs",
+    # attention and kernels
+    "attn_implementation", "flash_attention", "sdp_attention", "xformers_attention", "s2_attention",
+    "flex_attention", "flex_attn_compile_kwargs", "eager_attention", "sage_attention",
+    "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp",
+    "flash_optimum", "batch_flattening", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
+    "lora_embedding_kernel", "cut_cross_entropy", "chunked_cross_entropy",
+    "chunked_cross_entropy_num_chunks", "tiled_mlp", "tiled_mlp_num_shards",
+    "tiled_mlp_use_original_mlp", "activation_offloading", "dynamic_checkpoint", "torch_compile",
+    "torch_compile_backend", "torch_compile_mode", "gc_steps",
+    # PEFT beyond plain LoRA / QLoRA
+    "lora_target_parameters", "lora_on_cpu", "peft", "peft_layers_to_transform", "peft_layers_pattern",
+    "peft_use_dora", "peft_use_rslora", "peft_layer_replication", "peft_init_lora_weights",
+    "peft_trainable_token_indices", "peft_ensure_weight_tying", "peft_autocast_adapter_dtype",
+    "qlora_sharded_model_loading", "bnb_config_kwargs", "loraplus_lr_ratio", "loraplus_lr_embedding",
+    "merge_lora", "merge_method", "relora", "unfrozen_parameters",
+    # quantization / low precision
+    "fp8", "fp8_enable_fsdp_float8_all_gather", "qat", "quantization", "bfloat16", "float16", "float32",
+    # data pipeline
+    "dataset_shard_num", "dataset_shard_idx", "skip_prepare_dataset", "dataset_keep_in_memory",
+    "dataloader_pin_memory", "dataloader_num_workers", "dataloader_prefetch_factor",
+    "dataloader_drop_last", "remove_unused_columns", "push_dataset_to_hub", "min_sample_len",
+    "max_prompt_len", "sample_packing_group_size", "sample_packing_bin_size",
+    "sample_packing_sequentially", "sample_packing_eff_est", "sample_packing_mp_start_method",
+    "eval_sample_packing", "curriculum_sampling", "multipack_real_batches",
+    "pretraining_sample_concatenation", "pretrain_multipack_buffer_size", "pretrain_multipack_attn",
+    "use_pose", "pose_split_on_token_ids", "pose_max_context_len", "pose_num_chunks",
+    "group_by_length", "preprocess_iterable", "is_preprocess", "total_num_tokens",
+    "total_supervised_tokens", "axolotl_config_path", "max_packed_sequence_len", "streaming",
+    "shuffle_before_merging_datasets", "image_size", "image_resize_algorithm",
+    # optimizer / schedule extras
+    "auto_find_batch_size", "embedding_lr", "embedding_lr_scale", "optim_args",
+    "optim_target_modules", "torchdistx_path", "lr_scheduler_kwargs", "lr_quadratic_warmup",
+    "cosine_min_lr_ratio", "cosine_constant_lr_ratio", "lr_div_factor", "lr_groups", "adam_epsilon",
+    "adam_epsilon2", "adam_beta1", "adam_beta2", "adam_beta3", "neftune_noise_alpha",
+    "noisy_embedding_alpha", "gradient_checkpointing_kwargs",
+    # evaluation / checkpoints / output
+    "eval_strategy", "evaluation_strategy", "save_strategy", "save_total_limit", "save_only_model",
+    "save_safetensors", "save_first_step", "load_best_model_at_end", "metric_for_best_model",
+    "greater_is_better", "resume_from_checkpoint", "auto_resume_from_checkpoints",
+    "loss_watchdog_threshold", "loss_watchdog_patience", "include_tokens_per_second", "include_tkps",
+    "profiler_steps", "profiler_steps_start", "use_tensorboard", "eval_table_size",
+    "eval_max_new_tokens", "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval",
+    "bench_dataset", "bench_split", "hub_strategy", "hub_revision", "accelerator_config",
+    # RL / preference tuning beyond `rl`
+    "trl", "vllm", "reward_model", "process_reward_model", "num_labels", "orpo_alpha", "rpo_alpha",
+    "simpo_gamma", "cpo_alpha", "rl_beta",
+    # distributed
+    "ddp", "world_size", "local_rank", "fsdp_final_state_dict_type", "fsdp_version",
+    "sequence_parallel_degree", "context_parallel_size", "tensor_parallel_size", "dp_shard_size",
+    "dp_replicate_size", "heads_k_stride", "ring_attn_func", "use_ray", "resources_per_worker",
+    # logging integrations and plugins
+    "use_wandb", "use_mlflow", "hf_mlflow_log_artifacts", "use_comet", "use_swanlab", "use_trackio",
+    "plugins",
+})
+
+# Families of Axolotl keys (integrations, plugins) whose members keep growing.
+UNSUPPORTED_PREFIXES: tuple[str, ...] = (
+    "wandb_", "mlflow_", "comet_", "swanlab_", "trackio_", "gradio_", "ray_", "liger_", "unsloth_",
+    "relora_", "jagged_restart_", "lisa_", "kd_", "dpo_", "kto_", "grokfast_", "spectrum_", "lm_eval_",
+    "ddp_",
+)
+
+# Keys of a `datasets:` entry that Axolotl knows and molt does not implement yet.
+DATASET_UNSUPPORTED_KEYS: frozenset[str] = frozenset({
+    "input_transform", "preprocess_shards", "conversation", "input_format", "field_human",
+    "field_model", "field_tools", "field_thinking", "template_thinking_key", "split_thinking",
+    "logprobs_field", "temperature", "drop_system_message", "trust_remote_code", "text_column",
+    "skip", "step_separator", "max_completion_length", "train_on_last_step_only", "length",
+    "sequence_length", "min_input_id", "max_input_id", "seed",
+})
+
+# Keys allowed inside a dict-valued dataset `type:` (a user-defined prompt format).
+DATASET_TYPE_KEYS: frozenset[str] = frozenset({
+    "system_prompt", "system_format", "field_system", "field_instruction", "field_input", "field_output",
+    "format", "no_input_format", "field_prompt", "field_chosen", "field_rejected", "prompt_format",
+    "chosen_format", "rejected_format", "field_completion", "field_label", "completion_format",
+})
+
+# Old or internal Axolotl spellings of molt fields: {spelling: field}.
+RENAMED_KEYS: dict[str, str] = {
+    "model_revision": "revision_of_model",
+    "type_of_model": "model_type",
+    "dataset_num_proc": "dataset_processes",
+}
+
+
+def known_unsupported_keys() -> frozenset[str]:
+    """Top-level Axolotl keys that load but are ignored (plus the families in UNSUPPORTED_PREFIXES)."""
+    return UNSUPPORTED_KEYS
+
+
+def _is_unsupported(key: str) -> bool:
+    return key in UNSUPPORTED_KEYS or key.startswith(UNSUPPORTED_PREFIXES)
+
+
+# -- datasets -------------------------------------------------------------------------------------
+
+
+class DatasetConfig(BaseModel):
+    """One entry of `datasets:`, `test_datasets:` or `pretraining_dataset:`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # where the rows come from
+    path: str
+    name: str | None = None
+    data_files: str | list[str] | None = None
+    ds_type: str | None = None  # file format when `path` is a file or directory: json, csv, parquet...
+    split: str = "train"
+    train_on_split: str | None = None
+    revision: str | None = None
+    shards: int | None = Field(default=None, ge=1)
+    shards_idx: int | None = Field(default=None, ge=0)
+
+    # how a row becomes a prompt: a strategy name (alpaca, completion, chat_template, ...) or a
+    # dict of field_system / field_instruction / field_input / field_output / format ...
+    type: str | dict[str, Any] | None = None
+    field: str | None = None  # `completion`: the text column
+
+    # `type: chat_template`; chat_template None means "use the top-level chat_template"
+    chat_template: str | None = None
+    chat_template_jinja: str | None = None
+    default_system_message: str | None = None
+    field_messages: str = "messages"
+    message_field_role: str = "role"  # legacy spelling of message_property_mappings.role
+    message_field_content: str = "content"  # legacy spelling of message_property_mappings.content
+    message_property_mappings: dict[str, str] | None = None  # filled in: always has role and content
+    roles: dict[str, list[str]] | None = None
+    roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
+    train_on_eos: Literal["turn", "all", "last", "none"] = "turn"
+    message_field_training: str | None = None
+    message_field_training_detail: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _no_sharegpt(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("sharegpt"):
+            raise ValueError(
+                f"`type: {value}` was removed from Axolotl and is not supported; use `type: chat_template` "
+                "with `field_messages: conversations` and "
+                "`message_property_mappings: {role: from, content: value}` for ShareGPT-shaped rows"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "DatasetConfig":
+        _resolve_chat_template(self)
+        _merge_property_mappings(self)
+        return self
+
+
+def _resolve_chat_template(owner: "DatasetConfig | MoltConfig") -> None:
+    # Axolotl: a custom template alone implies `chat_template: jinja`; `jinja` alone is an error.
+    if owner.chat_template_jinja and not owner.chat_template:
+        owner.chat_template = "jinja"
+    if owner.chat_template == "jinja" and not owner.chat_template_jinja:
+        raise ValueError("chat_template: jinja requires chat_template_jinja (the template text or a path to it)")
+
+
+def _merge_property_mappings(ds: DatasetConfig) -> None:
+    # The legacy message_field_* keys and message_property_mappings say the same thing; consumers
+    # should read only the mapping, so fold the legacy keys in and refuse contradictions.
+    mapping = dict(ds.message_property_mappings or {})
+    for prop, legacy in (("role", "message_field_role"), ("content", "message_field_content")):
+        given = getattr(ds, legacy)
+        if prop in mapping and legacy in ds.model_fields_set and mapping[prop] != given:
+            raise ValueError(
+                f"{legacy} ({given!r}) contradicts message_property_mappings.{prop} ({mapping[prop]!r}); "
+                "set only message_property_mappings"
+            )
+        mapping.setdefault(prop, given)
+    ds.message_property_mappings = mapping
+
+
+# -- the whole config -----------------------------------------------------------------------------
+
+
+class MoltConfig(BaseModel):
+    """The whole config. Unsupported and unknown keys are kept as extras (see module docstring)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    # model and tokenizer
+    base_model: str
+    base_model_config: str | None = None
+    model_type: str | None = None  # e.g. AutoModelForCausalLM
+    revision_of_model: str | None = None
+    tokenizer_config: str | None = None
+    tokenizer_type: str | None = None
+    tokenizer_use_fast: bool = True
+    tokenizer_legacy: bool | None = None
+    trust_remote_code: bool = False
+
+    # data
+    datasets: list[DatasetConfig] | None = None
+    test_datasets: list[DatasetConfig] | None = None
+    pretraining_dataset: list[DatasetConfig] | None = None
+    dataset_prepared_path: str | None = None  # None: DEFAULT_DATASET_PREPARED_PATH
+    val_set_size: float = Field(default=0.0, ge=0)  # a fraction; >= 1 is a row count
+    shuffle_merged_datasets: bool = True
+    dataset_exact_deduplication: bool = False
+    # None: decided at run time (from the CPU count), so the dump does not vary per machine
+    dataset_processes: int | None = Field(default=None, ge=1)
+    sequence_len: int = Field(default=2048, ge=1)
+    excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
+    sample_packing: bool = False
+    pad_to_sequence_len: bool | None = None  # filled in: defaults to sample_packing
+    train_on_inputs: bool = False
+
+    # chat templates and tokens
+    chat_template: str | None = None  # None: the tokenizer's own; or chatml, llama3, jinja, ...
+    chat_template_jinja: str | None = None
+    default_system_message: str | None = None
+    special_tokens: dict[str, str] | None = None  # bos_token, eos_token, pad_token, unk_token
+    tokens: list[str] | None = None
+
+    # adapter
+    adapter: Literal["lora", "qlora"] | None = None
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: int = 16
+    lora_dropout: float = Field(default=0.0, ge=0, le=1)
+    lora_target_modules: list[str] | str | None = None
+    lora_target_linear: bool | None = None
+    lora_modules_to_save: list[str] | None = None
+    lora_fan_in_fan_out: bool | None = None
+    lora_model_dir: str | None = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+
+    # batch and schedule
+    micro_batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)  # filled in: micro_batch_size * grad. accum.
+    eval_batch_size: int | None = Field(default=None, ge=1)  # filled in: micro_batch_size
+    num_epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    learning_rate: float | None = None  # Axolotl has no default (required there); the trainer decides
+    optimizer: str = "adamw_torch"
+    lr_scheduler: str = "cosine"
+    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_ratio: float | None = Field(default=None, ge=0, le=1)
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    seed: int = 42
+    rl: str | None = None  # dpo, ipo, orpo, kto, simpo, grpo
+
+    # precision and memory
+    bf16: Literal["auto", "full"] | bool | None = "auto"
+    fp16: bool | None = None
+    tf32: bool | None = None
+    gradient_checkpointing: Literal["offload", "offload_disk", "unsloth"] | bool = False
+
+    # evaluation, checkpoints, output
+    output_dir: str = "./model-out"
+    logging_steps: int | None = Field(default=None, ge=1)
+    eval_steps: int | float | None = None  # int: every N steps; float < 1: fraction of total steps
+    evals_per_epoch: int | None = Field(default=None, ge=1)
+    save_steps: int | float | None = None
+    saves_per_epoch: int | None = Field(default=None, ge=1)
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    hub_model_id: str | None = None
+
+    # distributed
+    deepspeed: str | dict[str, Any] | None = None
+    fsdp: list[str] | str | None = None
+    fsdp_config: dict[str, Any] | None = None
+
+    # molt behaviour
+    strict: bool = False  # unknown keys are errors; CLI overrides may only change keys in the file
+    config_warnings: list[str] = Field(default_factory=list, exclude=True, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sort_keys(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        notes = list((info.context or {}).get("load_warnings", ()))
+        _rename_legacy_keys(data)
+        unknown = _classify_keys(data, notes)
+        if unknown and data.get("strict") is True:
+            raise ValueError(
+                f"strict: true refuses keys that are neither Axolotl nor molt options: {', '.join(unknown)}"
+            )
+        for note in notes:
+            warnings.warn(note, MoltConfigWarning, stacklevel=2)
+        data["config_warnings"] = notes
+        return data
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _empty_adapter_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value  # Axolotl examples write `adapter:` or `adapter: ""`
+
+    @field_validator("pretraining_dataset", mode="before")
+    @classmethod
+    def _pretraining_dataset_shorthand(cls, value: Any) -> Any:
+        # Older Axolotl configs give a single dataset path, or a single entry, instead of a list.
+        if isinstance(value, str):
+            return [{"path": value}]
+        return [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _apply_rules(self) -> "MoltConfig":
+        problems = []
+        for rule in _RULES:
+            try:
+                rule(self)
+            except ValueError as error:
+                problems.append(str(error))
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def prepared_path(self) -> str:
+        return self.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH
+
+
+def _known_keys() -> frozenset[str]:
+    return frozenset(MoltConfig.model_fields) - {"config_warnings"}
+
+
+def _rename_legacy_keys(data: dict) -> None:
+    for old, new in RENAMED_KEYS.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ValueError(f"{old} and {new} are the same option (given {data[old]!r} and {data[new]!r}); keep only {new}")
+        data[new] = data.pop(old)
+
+
+def _classify_keys(data: dict, notes: list[str]) -> list[str]:
+    """Add a warning to `notes` for each ignored or unknown key; return the unknown ones."""
+    unknown: list[str] = []
+
+    def sort(key: str, shown: str, known: frozenset[str], unsupported: Callable[[str], bool]) -> None:
+        if key in known:
+            return
+        if unsupported(key):
+            notes.append(f"ignored: {shown} — not supported yet")
+        else:
+            notes.append(f"unknown key: {shown} (not an Axolotl or molt option)")
+            unknown.append(shown)
+
+    for key in data:
+        sort(key, key, _known_keys(), _is_unsupported)
+    dataset_keys = frozenset(DatasetConfig.model_fields)
+    for list_key in ("datasets", "test_datasets", "pretraining_dataset"):
+        entries = data.get(list_key)
+        for i, entry in enumerate(entries if isinstance(entries, list) else ()):
+            if not isinstance(entry, dict):
+                continue
+            for key in entry:
+                sort(key, f"{list_key}[{i}].{key}", dataset_keys, DATASET_UNSUPPORTED_KEYS.__contains__)
+            if isinstance(entry.get("type"), dict):
+                for key in entry["type"]:
+                    sort(key, f"{list_key}[{i}].type.{key}", DATASET_TYPE_KEYS, lambda _: False)
+    return unknown
+
+
+# -- cross-field rules: each raises ValueError naming the keys, values and rule --------------------
+
+_RULES: list[Callable[[MoltConfig], None]] = []
+
+
+def _rule(fn: Callable[[MoltConfig], None]) -> Callable[[MoltConfig], None]:
+    _RULES.append(fn)
+    return fn
+
+
+def _exclusive(cfg: MoltConfig, a: str, b: str) -> None:
+    va, vb = getattr(cfg, a), getattr(cfg, b)
+    if va is not None and vb is not None:
+        raise ValueError(f"{a} ({va!r}) and {b} ({vb!r}) are mutually exclusive; set only one")
+
+
+@_rule
+def _chat_template_jinja(cfg: MoltConfig) -> None:
+    _resolve_chat_template(cfg)
+
+
+@_rule
+def _warmup_exclusive(cfg: MoltConfig) -> None:
+    _exclusive(cfg, "warmup_steps", "warmup_ratio")
+
+
+@_rule
+def _eval_schedule_exclusive(cfg: MoltConfig) -> None:
+    _exclusive(cfg, "eval_steps", "evals_per_epoch")
+
+
+@_rule
+def _save_schedule_exclusive(cfg: MoltConfig) -> None:
+    _exclusive(cfg, "save_steps", "saves_per_epoch")
+
+
+@_rule
+def _needs_data(cfg: MoltConfig) -> None:
+    if not cfg.datasets and not cfg.pretraining_dataset:
+        raise ValueError("datasets (or pretraining_dataset) is required: at least one dataset to train on")
+
+
+@_rule
+def _one_eval_source(cfg: MoltConfig) -> None:
+    if cfg.test_datasets and cfg.val_set_size:
+        raise ValueError(
+            f"test_datasets and val_set_size ({cfg.val_set_size!r}) are mutually exclusive: "
+            "evaluate on test_datasets or on a split of datasets, not both (set val_set_size: 0)"
+        )
+
+
+@_rule
+def _qlora_needs_4bit(cfg: MoltConfig) -> None:
+    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
+        raise ValueError(f"adapter: qlora requires load_in_4bit: true (got load_in_4bit: {cfg.load_in_4bit!r})")
+
+
+@_rule
+def _qlora_not_8bit(cfg: MoltConfig) -> None:
+    if cfg.adapter == "qlora" and cfg.load_in_8bit:
+        raise ValueError("adapter: qlora cannot use load_in_8bit: true (qlora is 4-bit; use adapter: lora for 8-bit)")
+
+
+@_rule
+def _quantized_needs_adapter(cfg: MoltConfig) -> None:
+    flags = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(cfg, k)]
+    if flags and not cfg.adapter:
+        raise ValueError(
+            f"{' and '.join(f'{k}: true' for k in flags)} requires an adapter (lora or qlora): "
+            "a quantized model cannot be fully fine-tuned"
+        )
+
+
+@_rule
+def _one_distributed_backend(cfg: MoltConfig) -> None:
+    if cfg.deepspeed and (cfg.fsdp or cfg.fsdp_config):
+        other = "fsdp" if cfg.fsdp else "fsdp_config"
+        raise ValueError(f"deepspeed ({cfg.deepspeed!r}) and {other} are mutually exclusive; use one")
+
+
+@_rule
+def _no_packing_for_rl(cfg: MoltConfig) -> None:
+    if cfg.sample_packing and cfg.rl:
+        raise ValueError(f"sample_packing: true is not supported with rl: {cfg.rl}; set sample_packing: false")
+
+
+@_rule
+def _packing_pads(cfg: MoltConfig) -> None:
+    # Axolotl: packed batches are padded to sequence_len unless the user says otherwise.
+    if cfg.pad_to_sequence_len is None:
+        cfg.pad_to_sequence_len = cfg.sample_packing
+
+
+@_rule
+def _batch_sizes(cfg: MoltConfig) -> None:
+    mbs, gas, total = cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.batch_size
+    if total is None:
+        cfg.batch_size = mbs * gas
+    elif total % mbs:
+        raise ValueError(f"batch_size ({total}) must be a multiple of micro_batch_size ({mbs})")
+    elif "gradient_accumulation_steps" in cfg.model_fields_set and gas != total // mbs:
+        raise ValueError(
+            f"batch_size ({total}) != micro_batch_size ({mbs}) * gradient_accumulation_steps ({gas}); "
+            "set two of the three"
+        )
+    else:
+        cfg.gradient_accumulation_steps = total // mbs
+    if cfg.eval_batch_size is None:
+        cfg.eval_batch_size = mbs
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that records duplicate mapping keys (PyYAML keeps the last one without a word)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    self.duplicates.append(
+                        f"duplicate key: {key_node.value} (line {key_node.start_mark.line + 1}) — the last value wins"
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> tuple[Any, list[str]]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read config file: {error}") from None
+    loader = _YamlLoader(text)
+    try:
+        return loader.get_single_data(), [f"{path}: {d}" for d in loader.duplicates]
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {error.problem or error.context}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: YAML error: {error}") from None
+    finally:
+        loader.dispose()
+
+
+def _normalize_key(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> MoltConfig:
+    """Read a YAML config, apply `overrides` (e.g. from parse_cli_overrides) and validate it."""
+    path = Path(path)
+    data, notes = _read_yaml(path)
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {got}")
+    if overrides:
+        overrides = {_normalize_key(k): v for k, v in overrides.items()}
+        # Axolotl: under strict, the CLI may change what the file says but not add to it.
+        added = sorted(k for k in overrides if k not in data)
+        if data.get("strict") is True and added:
+            raise ConfigError(
+                f"{path}: strict: true only allows overriding keys already in the file; "
+                f"not in it: {', '.join(added)}"
+            )
+        data.update(overrides)
+    return config_from_dict(data, source=str(path), load_warnings=notes)
+
+
+def config_from_dict(data: dict, source: str = "<config>", load_warnings: list[str] = ()) -> MoltConfig:
+    """Validate an already-parsed config; errors become one ConfigError prefixed by `source`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of config keys, got a {type(data).__name__}")
+    bad = [repr(k) for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{source}: config keys must be strings, got {', '.join(bad)}")
+    try:
+        return MoltConfig.model_validate(data, context={"load_warnings": list(load_warnings)})
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+# pydantic puts union members and wrapper schemas in error locations ("str", "list[str]",
+# "function-after[...]"); they are not keys, so they are left out of the path shown.
+_SCHEMA_TAG = re.compile(
+    r"(?:str|int|float|bool|bytes|none)$"
+    r"|(?:list|dict|tuple|set|literal|is-instance|json-or-python|nullable|union|tagged-union|model|function-\w+)\["
+    r"|[A-Z]\w*$"
+)
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _SCHEMA_TAG.match(part):
+            out += f".{part}" if out else part
+    return out
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    by_key: dict[str, tuple[Any, list[str]]] = {}
+    for e in error.errors(include_url=False):
+        key = _key_path(e["loc"])
+        if e["type"] == "value_error":
+            message = str(e["ctx"]["error"])
+        elif e["type"] == "missing":
+            message = "missing (required)"
+        else:
+            message = e["msg"]
+        value, messages = by_key.setdefault(key, (e.get("input"), []))
+        if message not in messages:
+            messages.append(message)
+    lines = [f"{source}: invalid config:"]
+    for key, (value, messages) in by_key.items():
+        if not key:  # cross-field rules: each message line already names its keys and values
+            lines += [f"  - {line}" for m in messages for line in m.splitlines()]
+        elif messages == ["missing (required)"] or isinstance(value, dict):
+            lines.append(f"  - {key}: {' or '.join(messages)}")
+        else:  # several messages: one per member of a union type
+            lines.append(f"  - {key}: got {_short_repr(value)}: {' or '.join(messages)}")
+    return "\n".join(lines)
+
+
+# -- CLI overrides --------------------------------------------------------------------------------
+
+# YAML 1.1 (PyYAML) reads "1e-4" as a string: exponent floats need a dot there.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # e.g. a Jinja template: not YAML, meant verbatim
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def parse_cli_overrides(args: list[str]) -> dict[str, object]:
+    """["--learning-rate", "1e-4", "--sample-packing", "--seed=7"] -> {"learning_rate": 0.0001, ...}.
+
+    Values are YAML (numbers, booleans, lists); a flag without a value is True. Only molt config
+    fields are accepted: overriding an ignored or unknown key would have no effect.
+    """
+    out: dict[str, object] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: overrides are --key value, --key=value or --flag")
+        name, has_value, text = arg[2:].partition("=")
+        if has_value:
+            value = _parse_value(text)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            i += 1
+            value = _parse_value(args[i])
+        else:
+            value = True
+        key = _normalize_key(name)
+        key = RENAMED_KEYS.get(key, key)
+        if key not in _known_keys():
+            why = "an Axolotl option molt does not support yet" if _is_unsupported(key) else "not a molt config option"
+            raise ConfigError(f"--{name}: {key} is {why}")
+        out[key] = value
+        i += 1
+    return out

@@ -1,0 +1,353 @@
+"""The stage DAG: which stage instances a config needs, their keys, and running what is missing.
+
+A stage is a module `stages.<name>` with a `Params` model (the config keys it reads), `INPUTS`
+(upstream artifacts by role), `SCHEMA` (bumped when its output layout changes), `LIBRARIES` (whose
+versions shape its bytes) and `run(params, inputs, out)`. Optional hooks: `sources(params)` lists
+external files it reads (hashed into the key), `code_modules(params)` adds modules it loads
+dynamically (a prompt strategy). Its key hashes all of that plus the *content* hashes of its
+inputs, so an upstream change that leaves bytes alone stops there.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata
+import json
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel
+
+from stages.store import Artifact, Store, canonical_json, hash_text, now, publish
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+
+
+class StageFailed(Exception):
+    def __init__(self, node: "Node", error: BaseException):
+        super().__init__(f"{node.name}: {error}")
+        self.node, self.node_label, self.error = node.name, node.label, error
+
+
+# -- code fingerprint ------------------------------------------------------------------------
+
+
+def module_path(module: str) -> Path:
+    parts = module.split(".")
+    assert parts[0] == "stages", module
+    base = PACKAGE_DIR.joinpath(*parts[1:])
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@lru_cache(maxsize=None)
+def _parsed(module: str) -> tuple[str, tuple[str, ...]]:
+    """(hash of the normalized syntax tree, `stages` modules it imports)."""
+    path = module_path(module)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    imports = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imports.update(a.name for a in node.names if a.name.split(".")[0] == "stages")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.split(".")[0] != "stages":
+                continue
+            for alias in node.names:  # `from stages import store` names a module, not an attribute
+                candidate = f"{base}.{alias.name}"
+                imports.add(candidate if _is_module(candidate) else base)
+    normalized = ast.dump(_strip_docstrings(tree), annotate_fields=False, include_attributes=False)
+    return hash_text(normalized), tuple(sorted(i for i in imports if i != "stages"))
+
+
+def _is_module(name: str) -> bool:
+    path = module_path(name)
+    return path.exists()
+
+
+def import_closure(modules: list[str]) -> list[str]:
+    seen, todo = set(), list(modules)
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(_parsed(m)[1])
+    return sorted(seen)
+
+
+def code_fingerprint(modules: list[str], libraries: tuple[str, ...]) -> dict:
+    closure = import_closure(modules)
+    return {
+        "files": {str(module_path(m).relative_to(REPO_DIR)): _parsed(m)[0] for m in closure},
+        "libs": {lib: _version(lib) for lib in libraries},
+    }
+
+
+def _version(lib: str) -> str:
+    try:
+        return importlib.metadata.version(lib)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+# -- nodes and plan --------------------------------------------------------------------------
+
+
+def stage_module(stage: str):
+    return importlib.import_module(f"stages.{stage}")
+
+
+def slice_params(cls: type[BaseModel], values: dict) -> BaseModel:
+    """Build a stage's Params from the config: only its declared fields, nested models sliced
+    the same way (a dataset entry), so a stage cannot read a key it did not declare."""
+    picked = {}
+    for name, f in cls.model_fields.items():
+        if name not in values:
+            continue
+        value, annotation = values[name], f.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+            value = slice_params(annotation, value)
+        picked[name] = value
+    return cls.model_validate(picked)
+
+
+@dataclass
+class Node:
+    name: str  # instance name, e.g. "format[1]"
+    stage: str  # module name, e.g. "format"
+    params: BaseModel
+    inputs: dict[str, "Node"] = field(default_factory=dict)
+    dvc_name: str = ""  # its name in dvc.yaml, e.g. "format@1"
+    param_paths: tuple[str, ...] = ()  # the config keys (as DVC params) it reads
+    label: str = ""  # what a user recognises it by, e.g. "datasets[1]: data/chat.jsonl"
+
+    @property
+    def module(self):
+        return stage_module(self.stage)
+
+
+def _node(stage: str, config: dict, inputs: dict[str, Node] | None = None, index: int | None = None, split: str = "datasets") -> Node:
+    module = stage_module(stage)
+    values = dict(config)
+    name, dvc_name = stage, stage
+    if index is not None:
+        values["dataset"] = config[split][index]
+        suffix = f"{index}" if split == "datasets" else f"test{index}"
+        name, dvc_name = f"{stage}[{suffix}]", f"{stage}{'' if split == 'datasets' else '_test'}@{index}"
+        label = f"{split}[{index}]: {values['dataset'].get('path')}"
+    params = slice_params(module.Params, values)
+    paths = tuple(split if k == "dataset" else k for k in module.Params.model_fields)
+    return Node(name, stage, params, dict(inputs or {}), dvc_name, paths, label if index is not None else "")
+
+
+def plan(config: dict, until: str | None = None) -> list[Node]:
+    """The stage instances for a config, in dependency order."""
+    nodes: list[Node] = []
+
+    def add(node: Node) -> Node:
+        nodes.append(node)
+        return node
+
+    model = add(_node("fetch_model", config))
+    tokenizer = add(_node("tokenizer", config, {"model": model}))
+    tokenized: dict[str, Node] = {}
+    for split in ("datasets", "test_datasets"):
+        for i, _ in enumerate(config.get(split) or []):
+            data = add(_node("fetch_data", config, {}, i, split))
+            formatted = add(_node("format", config, {"data": data, "tokenizer": tokenizer}, i, split))
+            tok = add(_node("tokenize", config, {"formatted": formatted, "tokenizer": tokenizer}, i, split))
+            tokenized[f"{'train' if split == 'datasets' else 'test'}.{i}"] = tok
+    mix = add(_node("mix", config, tokenized))
+    pack = add(_node("pack", config, {"dataset": mix}))
+    train = add(_node("train", config, {"packed": pack, "model": model, "tokenizer": tokenizer}))
+    if config.get("adapter"):
+        add(_node("merge", config, {"trained": train, "model": model}))
+    if until:
+        names = {n.stage for n in nodes} | {n.name for n in nodes}
+        if until not in names:
+            raise KeyError(f"no stage named {until!r}; stages: {', '.join(dict.fromkeys(n.stage for n in nodes))}")
+        nodes = upstream_of(nodes, [n for n in nodes if until in (n.stage, n.name)])
+    return nodes
+
+
+def upstream_of(nodes: list[Node], targets: list[Node]) -> list[Node]:
+    keep: set[str] = set()
+    todo = list(targets)
+    while todo:
+        n = todo.pop()
+        if n.name not in keep:
+            keep.add(n.name)
+            todo.extend(n.inputs.values())
+    return [n for n in nodes if n.name in keep]
+
+
+# -- keys and running ------------------------------------------------------------------------
+
+
+@dataclass
+class Resolution:
+    node: Node
+    key: str | None  # None when an upstream artifact is missing (status without running)
+    record: dict | None
+    artifact: Artifact | None = None
+    how: str = ""  # "cached", "adopted", "ran", "missing", "blocked"
+
+
+class Runner:
+    def __init__(self, store: Store, published: Path | None = None, refs_id: str | None = None, on_event: Callable[[str, Node, str], None] | None = None):
+        self.store = store
+        self.published = published
+        self.refs_path = store.root / "refs" / f"{refs_id}.json" if refs_id else None
+        self.on_event = on_event or (lambda event, node, detail: None)
+        self.done: dict[str, Resolution] = {}
+
+    # the record is everything the key hashes; it is also written into the manifest
+    def record(self, node: Node, inputs: dict[str, Artifact]) -> dict:
+        module = node.module
+        modules = [f"stages.{node.stage}"] + list(getattr(module, "code_modules", lambda p: [])(node.params))
+        sources = {}
+        if hasattr(module, "sources"):
+            for label, path in module.sources(node.params):
+                sources[label] = self.store.index.hash(path)
+        return {
+            "stage": node.stage,
+            "schema": module.SCHEMA,
+            "code": code_fingerprint(modules, tuple(getattr(module, "LIBRARIES", ()))),
+            "params": node.params.model_dump(mode="json"),
+            "inputs": {k: a.content for k, a in sorted(inputs.items())},
+            "sources": sources,
+        }
+
+    def resolve(self, node: Node, run: bool = True) -> Resolution:
+        if node.name in self.done:
+            return self.done[node.name]
+        ups = {k: self.resolve(n, run) for k, n in node.inputs.items()}
+        if any(u.artifact is None for u in ups.values()):
+            res = Resolution(node, None, None, how="blocked")
+        else:
+            inputs = {k: u.artifact for k, u in ups.items()}
+            record = self.record(node, inputs)
+            key = hash_text(canonical_json(record))
+            res = Resolution(node, key, record)
+            res.artifact = self.store.get(node.stage, key)
+            res.how = "cached" if res.artifact else "missing"
+            if res.artifact is None and self.published is not None:
+                res.artifact = self._adopt(node, key)
+                res.how = "adopted" if res.artifact else "missing"
+            if res.artifact is None and run:
+                res.artifact, ran = self._run(node, key, record, inputs)
+                res.how = "ran" if ran else "cached"
+        if res.artifact is not None:
+            self._remember(node.name, res.key)
+        self.on_event(res.how, node, res.key or "")
+        self.done[node.name] = res
+        return res
+
+    def _adopt(self, node: Node, key: str) -> Artifact | None:
+        source = self.published / node.dvc_name
+        try:
+            manifest = json.loads((source / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return self.store.adopt(source) if manifest.get("key") == key else None
+
+    def _run(self, node: Node, key: str, record: dict, inputs: dict[str, Artifact]) -> tuple[Artifact, bool]:
+        with self.store.lock(node.stage, key):
+            if (hit := self.store.get(node.stage, key)) is not None:  # another process made it
+                return hit, False
+            self.on_event("start", node, key)
+            started = time.perf_counter()
+            with self.store.writing(node.stage, key) as tmp:
+                try:
+                    extra = node.module.run(node.params, {k: a.path for k, a in inputs.items()}, tmp) or {}
+                except Exception as error:
+                    raise StageFailed(node, error) from error
+                manifest = dict(record, **extra, created=now(), seconds=round(time.perf_counter() - started, 3))
+                artifact = self.store.commit(tmp, node.stage, key, manifest)
+        self.store.index.save()
+        return artifact, True
+
+    # -- what was last used, for `molt status` to say why something is stale -------------------
+
+    def refs(self) -> dict[str, str]:
+        if self.refs_path is None:
+            return {}
+        try:
+            return json.loads(self.refs_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, name: str, key: str) -> None:
+        if self.refs_path is None:
+            return
+        refs = self.refs()
+        if refs.get(name) != key:
+            refs[name] = key
+            self.refs_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.refs_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(refs, indent=1, sort_keys=True))
+            tmp.replace(self.refs_path)
+
+
+def why_changed(old: dict, new: dict) -> list[str]:
+    """Human reasons a key changed, e.g. `chat_template chatml → llama3`."""
+    reasons = []
+    for k, (a, b) in _flat_diff(old.get("params", {}), new.get("params", {})):
+        reasons.append(f"{k} {_short(a)} → {_short(b)}")
+    old_code, new_code = old.get("code", {}), new.get("code", {})
+    for f in sorted(set(old_code.get("files", {})) | set(new_code.get("files", {}))):
+        if old_code.get("files", {}).get(f) != new_code.get("files", {}).get(f):
+            reasons.append(f"code of {f} changed")
+    for lib, (a, b) in _flat_diff(old_code.get("libs", {}), new_code.get("libs", {})):
+        reasons.append(f"{lib} {a} → {b}")
+    for k, (a, b) in _flat_diff(old.get("inputs", {}), new.get("inputs", {})):
+        reasons.append(f"input {k} changed")
+    for k, (a, b) in _flat_diff(old.get("sources", {}), new.get("sources", {})):
+        reasons.append(f"source {k} changed")
+    if old.get("schema") != new.get("schema"):
+        reasons.append(f"schema {old.get('schema')} → {new.get('schema')}")
+    return reasons
+
+
+def _flat(value, prefix=""):
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _flat_diff(a: dict, b: dict):
+    fa, fb = _flat(a), _flat(b)
+    for k in sorted(set(fa) | set(fb)):
+        if fa.get(k, "∅") != fb.get(k, "∅"):
+            yield k, (fa.get(k, "∅"), fb.get(k, "∅"))
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def publish_node(res: Resolution, root: Path) -> Path:
+    dest = root / res.node.dvc_name
+    publish(res.artifact, dest)
+    return dest

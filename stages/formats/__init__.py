@@ -1,0 +1,1 @@
+"""Prompt strategies: each module turns raw rows into text segments marked trained or not."""

@@ -1,0 +1,124 @@
+"""chat_template: conversations rendered with a chat template; turns of `roles_to_train` trained.
+
+Each turn is located by rendering the conversation again with that turn's content replaced by a
+placeholder: the text before the placeholder and after it are exactly the template's text around
+the turn, so repeated content, template markers inside content and templates that trim content
+cannot misplace a boundary.
+"""
+
+from __future__ import annotations
+
+from stages import chat_templates
+from stages.formats.rows import RowError
+
+DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]}
+# Turn-end markers of common templates; the EOS token is always one too.
+TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+EOT_WINDOW = 16  # characters after a turn's content in which its end marker may appear
+PLACEHOLDER = "\ue000molt-turn\ue001"  # private-use characters: no real content holds them
+
+
+def _role_map(spec) -> dict[str, str]:
+    mapping = {}
+    for target, names in (spec.roles or DEFAULT_ROLES).items():
+        for name in [names] if isinstance(names, str) else names:
+            mapping[name] = target
+    return mapping
+
+
+def messages_of(row: dict, spec) -> list[dict]:
+    field = spec.field_messages
+    if field not in row or row[field] is None:
+        raise RowError(field, "missing")
+    raw = row[field]
+    if not isinstance(raw, list):
+        raise RowError(field, f"expected a list of messages, got {type(raw).__name__}")
+    if not raw:
+        raise RowError(field, "empty conversation")
+    roles = _role_map(spec)
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise RowError(f"{field}[{i}]", f"expected a message object, got {type(m).__name__}")
+        role_key, content_key = spec.message_property_mappings["role"], spec.message_property_mappings["content"]
+        role, content = m.get(role_key), m.get(content_key)
+        if role not in roles:
+            raise RowError(f"{field}[{i}].{role_key}", f"unknown role {role!r} (known: {', '.join(sorted(roles))}; map it with `roles:`)")
+        if not isinstance(content, str):
+            raise RowError(f"{field}[{i}].{content_key}", f"expected text, got {type(content).__name__}")
+        message = {"role": roles[role], "content": content}
+        if spec.message_field_training and m.get(spec.message_field_training) is not None:
+            message["train"] = bool(m[spec.message_field_training])
+        messages.append(message)
+    if spec.default_system_message and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": spec.default_system_message})
+    return messages
+
+
+def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
+    template = chat_templates.resolve(spec.chat_template, spec.chat_template_jinja, tokenizer["chat_template"])
+    if template is None:
+        raise chat_templates.TemplateChoiceError("the tokenizer has no chat template: set chat_template (e.g. chatml)")
+    messages = messages_of(row, spec)
+    special = {"bos_token": tokenizer["bos_token"] or "", "eos_token": tokenizer["eos_token"] or ""}
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = chat_templates.render(template, plain, **special)
+    turn_ends = tuple(t for t in (special["eos_token"],) + TURN_ENDS if t)
+
+    spans: list[tuple[int, int]] = []
+    eots: list[tuple[int, int, bool]] = []  # (start, end, after a trained turn)
+    for i, message in enumerate(messages):
+        trained = message.get("train", message["role"] in spec.roles_to_train)
+        if not trained and spec.train_on_eos != "all":
+            continue
+        start, end = _locate(template, plain, i, text, special)
+        if trained:
+            spans.append((start, end))
+        eot = _turn_end(text, end, turn_ends)
+        if eot:
+            eots.append((*eot, trained))
+    if spec.train_on_eos == "turn":
+        spans += [(s, e) for s, e, trained in eots if trained]
+    elif spec.train_on_eos == "all":
+        spans += [(s, e) for s, e, _ in eots]
+    elif spec.train_on_eos == "last" and eots:
+        trained_eots = [(s, e) for s, e, trained in eots if trained]
+        spans += trained_eots[-1:]
+    return _segments(text, spans)
+
+
+def _locate(template: str, messages: list[dict], i: int, text: str, special: dict) -> tuple[int, int]:
+    probe = [dict(m) for m in messages]
+    probe[i]["content"] = PLACEHOLDER
+    rendered = chat_templates.render(template, probe, **special)
+    start = rendered.find(PLACEHOLDER)
+    if start < 0:
+        raise RowError(f"messages[{i}]", "the chat template does not render this turn's content")
+    tail = len(rendered) - start - len(PLACEHOLDER)
+    end = len(text) - tail
+    if rendered[:start] != text[:start] or rendered[len(rendered) - tail:] != text[end:] or end < start:
+        raise RowError(f"messages[{i}]", "the chat template renders this turn's surroundings differently depending on its content")
+    return start, end
+
+
+def _turn_end(text: str, end: int, turn_ends: tuple[str, ...]) -> tuple[int, int] | None:
+    window = text[end : end + EOT_WINDOW]
+    found = [(window.find(t), t) for t in turn_ends if t in window]
+    if not found:
+        return None
+    offset, token = min(found)
+    return end + offset, end + offset + len(token)
+
+
+def _segments(text: str, spans: list[tuple[int, int]]) -> list[tuple[str, bool]]:
+    segments, cursor = [], 0
+    for start, end in sorted(spans):
+        start = max(start, cursor)
+        if start > cursor:
+            segments.append((text[cursor:start], False))
+        if end > start:
+            segments.append((text[start:end], True))
+        cursor = max(cursor, end)
+    if cursor < len(text):
+        segments.append((text[cursor:], False))
+    return segments

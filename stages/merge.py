@@ -1,0 +1,44 @@
+"""merge: a trained LoRA adapter folded into its base model.
+
+Reads the fetched base model and train's `model/` (adapter, tokenizer). Writes a standalone
+model directory (safetensors, config, tokenizer with its chat template) that loads without peft.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from stages.store import DataError, list_files
+
+SCHEMA = 1
+LIBRARIES = ("torch", "transformers", "peft", "safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
+
+
+class Params(BaseModel, frozen=True):
+    adapter: str | None = None
+    trust_remote_code: bool = False
+
+
+def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trained = inputs["trained"] / "model"
+    if not (trained / "adapter_config.json").exists():
+        raise DataError("merge: the trained model is not a LoRA adapter (adapter is not set), nothing to merge")
+    base = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32, trust_remote_code=params.trust_remote_code)
+    vocab = json.loads((trained / "molt_tokenizer.json").read_text())["vocab_size"]
+    if vocab > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(vocab)
+    merged = PeftModel.from_pretrained(base, trained).merge_and_unload()
+    merged.save_pretrained(out)
+    for p in list_files(trained):
+        if p.name not in ADAPTER_FILES:
+            shutil.copy2(p, out / p.name)
+    return {}

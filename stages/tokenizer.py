@@ -1,0 +1,75 @@
+"""tokenizer: the tokenizer every later stage and the trained model share.
+
+Reads the fetched model's tokenizer (or `tokenizer_config`), adds `special_tokens` and `tokens`,
+sets the chat template chosen by `chat_template` / `chat_template_jinja`, and writes the tokenizer
+files plus `molt_tokenizer.json` (template, special token strings, vocabulary sizes) so that
+format and tokenize can read what they need without loading transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from stages import chat_templates
+from stages.store import DataError, list_files
+
+SCHEMA = 1
+LIBRARIES = ("transformers", "tokenizers")
+INFO = "molt_tokenizer.json"
+
+
+class Params(BaseModel, frozen=True):
+    tokenizer_config: str | None = None
+    tokenizer_use_fast: bool = True
+    tokenizer_legacy: bool | None = None
+    trust_remote_code: bool = False
+    chat_template: str | None = None
+    chat_template_jinja: str | None = None
+    special_tokens: dict[str, str] | None = None
+    tokens: list[str] | None = None
+
+
+def sources(params: Params) -> list[tuple[str, Path]]:
+    if not params.tokenizer_config or not Path(params.tokenizer_config).exists():
+        return []
+    root = Path(params.tokenizer_config)
+    return [(p.relative_to(root).as_posix() if root.is_dir() else p.name, p) for p in list_files(root)]
+
+
+def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    source = params.tokenizer_config or str(inputs["model"])
+    kwargs = {"use_fast": params.tokenizer_use_fast, "trust_remote_code": params.trust_remote_code}
+    if params.tokenizer_legacy is not None:
+        kwargs["legacy"] = params.tokenizer_legacy
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    base_size = len(tokenizer)
+    if params.special_tokens:
+        tokenizer.add_special_tokens(dict(params.special_tokens))
+    if params.tokens:
+        tokenizer.add_tokens(list(params.tokens))
+    if tokenizer.pad_token is None:  # batching needs one; EOS is what most recipes use
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        template = chat_templates.resolve(params.chat_template, params.chat_template_jinja, tokenizer.chat_template)
+    except chat_templates.TemplateChoiceError as error:
+        raise DataError(str(error)) from None
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(out)
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    info = {
+        "chat_template": template,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "pad_token_id": tokenizer.pad_token_id,
+        "adds_bos": tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id],
+        "base_vocab_size": base_size,
+        "vocab_size": len(tokenizer),
+    }
+    (out / INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
+    return {"added_tokens": len(tokenizer) - base_size}

@@ -1,0 +1,365 @@
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import yaml
+
+from stages.config import (
+    DATASET_UNSUPPORTED_KEYS,
+    UNSUPPORTED_KEYS,
+    UNSUPPORTED_PREFIXES,
+    ConfigError,
+    DatasetConfig,
+    MoltConfig,
+    MoltConfigWarning,
+    known_unsupported_keys,
+    load_config,
+    parse_cli_overrides,
+)
+
+BASE = {"base_model": "tiny-model", "datasets": [{"path": "data.jsonl", "type": "alpaca"}]}
+
+
+def write(tmp_path, data, name="config.yml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def load(tmp_path, overrides=None, **keys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MoltConfigWarning)
+        return load_config(write(tmp_path, {**BASE, **keys}), overrides)
+
+
+def load_error(tmp_path, **keys) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, **keys)
+    return str(info.value)
+
+
+# -- defaults -----------------------------------------------------------------------------------
+
+
+def test_minimal_config_defaults(tmp_path):
+    cfg = load(tmp_path)
+    assert cfg.sequence_len == 2048
+    assert cfg.micro_batch_size == 1 and cfg.gradient_accumulation_steps == 1
+    assert cfg.batch_size == 1 and cfg.eval_batch_size == 1
+    assert cfg.optimizer == "adamw_torch" and cfg.lr_scheduler == "cosine"
+    assert cfg.seed == 42 and cfg.output_dir == "./model-out"
+    assert cfg.lora_r == 8 and cfg.lora_alpha == 16 and cfg.lora_dropout == 0.0
+    assert cfg.val_set_size == 0.0 and cfg.excess_length_strategy == "drop"
+    assert cfg.sample_packing is False and cfg.pad_to_sequence_len is False
+    assert cfg.bf16 == "auto" and cfg.strict is False
+    assert cfg.dataset_prepared_path is None and cfg.prepared_path == "last_run_prepared"
+    ds = cfg.datasets[0]
+    assert ds.split == "train" and ds.field_messages == "messages"
+    assert ds.roles_to_train == ["assistant"] and ds.train_on_eos == "turn"
+    assert ds.message_property_mappings == {"role": "role", "content": "content"}
+
+
+def test_sample_packing_implies_pad_to_sequence_len(tmp_path):
+    assert load(tmp_path, sample_packing=True).pad_to_sequence_len is True
+    assert load(tmp_path, sample_packing=True, pad_to_sequence_len=False).pad_to_sequence_len is False
+
+
+def test_learning_rate_in_yaml11_exponent_form(tmp_path):
+    # PyYAML reads 2e-5 (no dot) as a string
+    path = write(tmp_path, "base_model: m\ndatasets: [{path: d}]\nlearning_rate: 2e-5\n")
+    assert load_config(path).learning_rate == pytest.approx(2e-5)
+
+
+def test_batch_size_derives_gradient_accumulation(tmp_path):
+    cfg = load(tmp_path, batch_size=16, micro_batch_size=4)
+    assert cfg.gradient_accumulation_steps == 4 and cfg.batch_size == 16
+    assert load(tmp_path, micro_batch_size=2, gradient_accumulation_steps=3).batch_size == 6
+
+
+def test_batch_size_must_divide(tmp_path):
+    message = load_error(tmp_path, batch_size=10, micro_batch_size=4)
+    assert "batch_size (10)" in message and "micro_batch_size (4)" in message
+
+
+def test_batch_size_contradicting_gradient_accumulation(tmp_path):
+    message = load_error(tmp_path, batch_size=8, micro_batch_size=2, gradient_accumulation_steps=2)
+    assert "gradient_accumulation_steps (2)" in message
+
+
+def test_chat_template_jinja_implies_jinja(tmp_path):
+    cfg = load(tmp_path, chat_template_jinja="{{ messages }}",
+               datasets=[{"path": "d", "type": "chat_template", "chat_template_jinja": "{{ x }}"}])
+    assert cfg.chat_template == "jinja" and cfg.datasets[0].chat_template == "jinja"
+
+
+def test_pretraining_dataset_shorthand(tmp_path):
+    cfg = load(tmp_path, datasets=None, pretraining_dataset="allenai/c4")
+    assert cfg.pretraining_dataset[0].path == "allenai/c4"
+
+
+def test_legacy_spelling_is_renamed(tmp_path):
+    assert load(tmp_path, model_revision="abc").revision_of_model == "abc"
+    assert "same option" in load_error(tmp_path, model_revision="a", revision_of_model="b")
+
+
+def test_legacy_message_fields_fold_into_mappings(tmp_path):
+    cfg = load(tmp_path, datasets=[{"path": "d", "type": "chat_template", "message_field_role": "from",
+                                    "message_property_mappings": {"content": "value"}}])
+    assert cfg.datasets[0].message_property_mappings == {"role": "from", "content": "value"}
+    message = load_error(tmp_path, datasets=[{"path": "d", "message_field_role": "from",
+                                              "message_property_mappings": {"role": "speaker"}}])
+    assert "message_field_role" in message and "message_property_mappings.role" in message
+
+
+# -- model_dump ---------------------------------------------------------------------------------
+
+
+def test_model_dump_json_round_trip(tmp_path):
+    cfg = load(tmp_path, wandb_project="p", sample_packing=True, batch_size=4,
+               datasets=[{"path": "d", "type": {"field_instruction": "q", "field_output": "a"}, "foo": 1}])
+    dumped = cfg.model_dump(mode="json")
+    assert json.loads(json.dumps(dumped)) == dumped
+    assert "config_warnings" not in dumped and cfg.config_warnings
+    assert dumped["wandb_project"] == "p" and dumped["datasets"][0]["foo"] == 1  # kept, not dropped
+    assert dumped["pad_to_sequence_len"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MoltConfigWarning)
+        again = MoltConfig.model_validate(dumped)
+    assert again.model_dump(mode="json") == dumped
+
+
+# -- validation rules ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keys, names", [
+    ({"warmup_steps": 10, "warmup_ratio": 0.1}, ["warmup_steps", "warmup_ratio", "10", "0.1"]),
+    ({"eval_steps": 5, "evals_per_epoch": 2}, ["eval_steps", "evals_per_epoch"]),
+    ({"save_steps": 5, "saves_per_epoch": 2}, ["save_steps", "saves_per_epoch"]),
+    ({"datasets": None}, ["datasets", "pretraining_dataset"]),
+    ({"datasets": []}, ["datasets", "pretraining_dataset"]),
+    ({"test_datasets": [{"path": "t"}], "val_set_size": 0.1}, ["test_datasets", "val_set_size", "0.1"]),
+    ({"adapter": "qlora"}, ["adapter: qlora", "load_in_4bit"]),
+    ({"adapter": "qlora", "load_in_4bit": True, "load_in_8bit": True}, ["qlora", "load_in_8bit"]),
+    ({"load_in_4bit": True}, ["load_in_4bit", "adapter"]),
+    ({"load_in_8bit": True}, ["load_in_8bit", "adapter"]),
+    ({"deepspeed": "zero3.json", "fsdp": ["full_shard"]}, ["deepspeed", "fsdp", "zero3.json"]),
+    ({"deepspeed": "zero3.json", "fsdp_config": {"fsdp_version": 2}}, ["deepspeed", "fsdp_config"]),
+    ({"sample_packing": True, "rl": "dpo"}, ["sample_packing", "rl", "dpo"]),
+    ({"chat_template": "jinja"}, ["chat_template", "jinja", "chat_template_jinja"]),
+    ({"excess_length_strategy": "cut"}, ["excess_length_strategy", "'cut'", "truncate"]),
+    ({"val_set_size": -0.1}, ["val_set_size", "-0.1", "greater than or equal to 0"]),
+    ({"adapter": "dora"}, ["adapter", "'dora'"]),
+    ({"micro_batch_size": 0}, ["micro_batch_size", "0"]),
+])
+def test_rule_violations(tmp_path, keys, names):
+    message = load_error(tmp_path, **keys)
+    assert message.startswith(str(tmp_path / "config.yml"))
+    for name in names:
+        assert name in message
+
+
+def test_valid_adapter_combinations(tmp_path):
+    assert load(tmp_path, adapter="qlora", load_in_4bit=True).adapter == "qlora"
+    assert load(tmp_path, adapter="lora", load_in_8bit=True).load_in_8bit is True
+    assert load(tmp_path, adapter="").adapter is None
+
+
+def test_all_rule_violations_reported_together(tmp_path):
+    message = load_error(tmp_path, warmup_steps=1, warmup_ratio=0.1, save_steps=1, saves_per_epoch=1)
+    assert "warmup_steps" in message and "saves_per_epoch" in message
+
+
+@pytest.mark.parametrize("ds_type", ["sharegpt", "sharegpt:chat"])
+def test_sharegpt_refused_with_pointer_to_chat_template(tmp_path, ds_type):
+    message = load_error(tmp_path, datasets=[{"path": "a"}, {"path": "b", "type": ds_type}])
+    assert "datasets[1].type" in message and repr(ds_type) in message
+    assert "type: chat_template" in message and "message_property_mappings" in message
+
+
+def test_dataset_chat_template_jinja_rule(tmp_path):
+    message = load_error(tmp_path, datasets=[{"path": "a", "chat_template": "jinja"}])
+    assert "datasets[0]" in message and "chat_template_jinja" in message
+
+
+def test_type_errors_name_path_value_and_expectation(tmp_path):
+    message = load_error(tmp_path, datasets=[{"path": "a"}, {"path": "b", "type": 5}], sequence_len="long")
+    assert "datasets[1].type: got 5" in message and "valid string" in message
+    assert "sequence_len: got 'long'" in message and "integer" in message
+
+
+def test_missing_base_model(tmp_path):
+    path = write(tmp_path, {"datasets": [{"path": "d"}]})
+    with pytest.raises(ConfigError, match="base_model: missing"):
+        load_config(path)
+
+
+# -- unknown and unsupported keys ---------------------------------------------------------------
+
+
+def test_unsupported_and_unknown_keys_warn_and_are_kept(tmp_path):
+    path = write(tmp_path, {**BASE, "attn_implementation": "sdpa", "wandb_project": "x", "bogus_key": 1,
+                            "datasets": [{"path": "d", "drop_system_message": True, "colour": "red"}]})
+    with pytest.warns(MoltConfigWarning) as record:
+        cfg = load_config(path)
+    expected = [
+        "ignored: attn_implementation — not supported yet",
+        "ignored: wandb_project — not supported yet",
+        "unknown key: bogus_key (not an Axolotl or molt option)",
+        "ignored: datasets[0].drop_system_message — not supported yet",
+        "unknown key: datasets[0].colour (not an Axolotl or molt option)",
+    ]
+    assert sorted(cfg.config_warnings) == sorted(expected)
+    assert sorted(str(w.message) for w in record) == sorted(expected)
+    assert cfg.model_extra == {"attn_implementation": "sdpa", "wandb_project": "x", "bogus_key": 1}
+    assert cfg.datasets[0].model_extra == {"drop_system_message": True, "colour": "red"}
+
+
+def test_unknown_key_in_dataset_type_dict(tmp_path):
+    cfg = load(tmp_path, datasets=[{"path": "d", "type": {"field_instruction": "q", "fild_output": "a"}}])
+    assert cfg.config_warnings == ["unknown key: datasets[0].type.fild_output (not an Axolotl or molt option)"]
+
+
+def test_strict_refuses_all_unknown_keys(tmp_path):
+    message = load_error(tmp_path, strict=True, bogus_one=1, wandb_project="ok",
+                         datasets=[{"path": "d", "bogus_two": 2}])
+    assert "strict" in message and "bogus_one" in message and "datasets[0].bogus_two" in message
+    assert "wandb_project" not in message  # a known Axolotl key is only ignored, even under strict
+
+
+def test_duplicate_yaml_key_warns(tmp_path):
+    path = write(tmp_path, "base_model: m\ndatasets: [{path: d}]\nlora_r: 8\nlora_r: 16\n")
+    with pytest.warns(MoltConfigWarning, match="duplicate key: lora_r"):
+        cfg = load_config(path)
+    assert cfg.lora_r == 16 and "line 4" in cfg.config_warnings[0]
+
+
+def test_unsupported_table_is_disjoint_from_fields():
+    fields = set(MoltConfig.model_fields)
+    assert not fields & UNSUPPORTED_KEYS
+    assert not [f for f in fields if f.startswith(UNSUPPORTED_PREFIXES)]
+    assert not set(DatasetConfig.model_fields) & DATASET_UNSUPPORTED_KEYS
+    assert known_unsupported_keys() == UNSUPPORTED_KEYS and "attn_implementation" in UNSUPPORTED_KEYS
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yml"):
+        load_config(tmp_path / "nope.yml")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "base_model: m\ndatasets:\n  - path: [unclosed\nlora_r: 8\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "line 4" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["", "- a\n- b\n", "just a string\n"])
+def test_top_level_must_be_mapping(tmp_path, text):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, text))
+
+
+# -- overrides ----------------------------------------------------------------------------------
+
+
+def test_parse_cli_overrides():
+    args = ["--learning-rate", "1e-4", "--micro-batch-size", "2", "--sample-packing",
+            "--lora-target-modules=[q_proj, v_proj]", "--seed=-3", "--adapter", "lora", "--tf32"]
+    assert parse_cli_overrides(args) == {
+        "learning_rate": 0.0001, "micro_batch_size": 2, "sample_packing": True,
+        "lora_target_modules": ["q_proj", "v_proj"], "seed": -3, "adapter": "lora", "tf32": True,
+    }
+
+
+def test_parse_cli_overrides_keeps_non_yaml_text():
+    assert parse_cli_overrides(["--chat-template-jinja", "{% for m in messages %}"]) == {
+        "chat_template_jinja": "{% for m in messages %}"}
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--learning-rat", "1"], "learning_rat"),
+    (["--flash-attention"], "flash_attention is an Axolotl option"),
+    (["learning_rate", "1"], "unexpected argument 'learning_rate'"),
+])
+def test_parse_cli_overrides_refuses(args, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_cli_overrides(args)
+
+
+def test_overrides_apply_on_top_of_file(tmp_path):
+    cfg = load(tmp_path, parse_cli_overrides(["--micro-batch-size", "4", "--learning-rate=3e-4"]),
+               micro_batch_size=1)
+    assert cfg.micro_batch_size == 4 and cfg.learning_rate == pytest.approx(3e-4)
+
+
+def test_overrides_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        load(tmp_path, {"warmup_ratio": 0.1}, warmup_steps=5)
+
+
+def test_strict_overrides_only_existing_keys(tmp_path):
+    assert load(tmp_path, {"lora_r": 32}, strict=True, lora_r=8).lora_r == 32
+    with pytest.raises(ConfigError, match="strict.*not in it: seed"):
+        load(tmp_path, {"seed": 1}, strict=True)
+
+
+# -- import cost --------------------------------------------------------------------------------
+
+
+def test_import_does_not_pull_in_torch_or_transformers():
+    code = "import sys, stages.config; print(any(m in sys.modules for m in ('torch', 'transformers')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert out.stdout.strip() == "False"
+
+
+def test_yaml_example_from_axolotl_loads(tmp_path):
+    text = textwrap.dedent("""\
+        base_model: NousResearch/Llama-3.2-1B
+        load_in_8bit: false
+        load_in_4bit: true
+        adapter: qlora
+        lora_r: 32
+        lora_alpha: 16
+        lora_dropout: 0.05
+        lora_target_linear: true
+        datasets:
+          - path: mlabonne/FineTome-100k
+            type: chat_template
+            split: train[:20%]
+            field_messages: conversations
+            message_property_mappings:
+              role: from
+              content: value
+        chat_template: llama3
+        val_set_size: 0.05
+        output_dir: ./outputs/qlora-out
+        sequence_len: 2048
+        sample_packing: true
+        gradient_accumulation_steps: 2
+        micro_batch_size: 2
+        num_epochs: 1
+        optimizer: paged_adamw_8bit
+        lr_scheduler: cosine
+        learning_rate: 0.0002
+        bf16: auto
+        tf32: false
+        gradient_checkpointing: true
+        flash_attention: true
+        warmup_ratio: 0.1
+        evals_per_epoch: 4
+        saves_per_epoch: 1
+        weight_decay: 0.0
+        special_tokens:
+          pad_token: <|end_of_text|>
+        """)
+    with pytest.warns(MoltConfigWarning, match="ignored: flash_attention"):
+        cfg = load_config(write(tmp_path, text))
+    assert cfg.batch_size == 4 and cfg.pad_to_sequence_len is True
+    assert cfg.datasets[0].message_property_mappings == {"role": "from", "content": "value"}
