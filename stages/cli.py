@@ -295,7 +295,10 @@ def stage(config, stage, index, test, publish_dir, cache_dir):
 def dvc_yaml(config, output):
     """Write dvc.yaml for CONFIG from the same stage declarations molt runs."""
     session = Session(config, [], "cache", quiet=True)
-    text = dag.dvc_yaml(session.plan(), config)
+    import yaml
+
+    written = set(yaml.safe_load(Path(config).read_text()) or {})
+    text = dag.dvc_yaml(session.plan(), config, written)
     Path(output).write_text(text)
     console.print(f"wrote {output}")
 

@@ -130,13 +130,21 @@ def slice_params(cls: type[BaseModel], values: dict) -> BaseModel:
 
 @dataclass
 class Node:
-    name: str  # instance name, e.g. "format[1]"
     stage: str  # module name, e.g. "format"
     params: BaseModel
     inputs: dict[str, "Node"] = field(default_factory=dict)
-    dvc_name: str = ""  # its name in dvc.yaml, e.g. "format@1"
+    index: int | None = None  # the dataset entry, for per-dataset stages
+    test: bool = False  # the entry is in test_datasets
     param_paths: tuple[str, ...] = ()  # the config keys (as DVC params) it reads
     label: str = ""  # what a user recognises it by, e.g. "datasets[1]: data/chat.jsonl"
+
+    @property
+    def name(self) -> str:  # e.g. "format[1]", "format[test0]"
+        return self.stage if self.index is None else f"{self.stage}[{'test' if self.test else ''}{self.index}]"
+
+    @property
+    def dvc_name(self) -> str:  # its name in dvc.yaml and under artifacts/, e.g. "format-1"
+        return self.stage if self.index is None else f"{self.stage}-{'test' if self.test else ''}{self.index}"
 
     @property
     def module(self):
@@ -146,15 +154,13 @@ class Node:
 def _node(stage: str, config: dict, inputs: dict[str, Node] | None = None, index: int | None = None, split: str = "datasets") -> Node:
     module = stage_module(stage)
     values = dict(config)
-    name, dvc_name = stage, stage
+    label = ""
     if index is not None:
         values["dataset"] = config[split][index]
-        suffix = f"{index}" if split == "datasets" else f"test{index}"
-        name, dvc_name = f"{stage}[{suffix}]", f"{stage}{'' if split == 'datasets' else '_test'}@{index}"
         label = f"{split}[{index}]: {values['dataset'].get('path')}"
     params = slice_params(module.Params, values)
     paths = tuple(split if k == "dataset" else k for k in module.Params.model_fields)
-    return Node(name, stage, params, dict(inputs or {}), dvc_name, paths, label if index is not None else "")
+    return Node(stage, params, dict(inputs or {}), index, split == "test_datasets", paths, label)
 
 
 def plan(config: dict, until: str | None = None) -> list[Node]:
@@ -351,3 +357,35 @@ def publish_node(res: Resolution, root: Path) -> Path:
     dest = root / res.node.dvc_name
     publish(res.artifact, dest)
     return dest
+
+
+# -- dvc.yaml --------------------------------------------------------------------------------
+
+CORE_MODULES = ["stages.cli", "stages.dag", "stages.config"]
+
+
+def dvc_yaml(nodes: list[Node], config_path: str, config_keys: set[str], publish_dir: str = "artifacts") -> str:
+    """dvc.yaml for the same DAG: per instance its code files, upstream outs, source files inside
+    the repo and the config keys it reads. DVC's `foreach` over a list gives no index to pass to
+    the command, so per-dataset stages are written out one by one (`format-0`, `format-1`)."""
+    import yaml
+
+    stages = {}
+    for n in nodes:
+        module = n.module
+        modules = [f"stages.{n.stage}"] + list(getattr(module, "code_modules", lambda p: [])(n.params)) + CORE_MODULES
+        deps = [str(module_path(m).relative_to(REPO_DIR)) for m in import_closure(modules)]
+        for _, path in getattr(module, "sources", lambda p: [])(n.params):
+            path = Path(path)
+            if not path.is_absolute() and ".." not in path.parts:
+                deps.append(path.as_posix())
+        deps += [f"{publish_dir}/{up.dvc_name}" for up in n.inputs.values()]
+        index = "" if n.index is None else f" --index {n.index}" + (" --test" if n.test else "")
+        # only keys written in the file: DVC cannot track a default, and config.py (a dep) holds those
+        keys = [k for k in dict.fromkeys(n.param_paths) if k in config_keys]
+        stages[n.dvc_name] = {"cmd": f"molt stage {config_path} {n.stage}{index}", "deps": list(dict.fromkeys(deps))}
+        if keys:
+            stages[n.dvc_name]["params"] = keys if config_path == "params.yaml" else [{config_path: keys}]
+        stages[n.dvc_name]["outs"] = [f"{publish_dir}/{n.dvc_name}"]
+    header = f"# Written by `molt dvc-yaml {config_path}` from molt's stage declarations; regenerate, don't edit.\n"
+    return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
