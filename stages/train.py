@@ -96,7 +96,7 @@ def _load_model(params: Params, model_dir: Path, vocab_size: int):
 
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     import datasets
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     set_seed(params.seed)
     tokenizer_info = json.loads((inputs["tokenizer"] / "molt_tokenizer.json").read_text())
@@ -130,6 +130,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=False,
     )
     history: list[dict] = []
 
@@ -148,6 +149,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     pad_id = tokenizer_info["pad_token_id"]
     with progress("train", total_steps) as advance:
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set if len(val_set) else None, data_collator=lambda rows: collate(rows, pad_id), callbacks=[Report(advance)])
+        trainer.remove_callback(PrinterCallback)  # Report prints the loss; no raw dicts
         before = trainer.evaluate()["eval_loss"] if len(val_set) else None
         if before is not None:
             console.print(f"  eval loss before training: {before:.4f}")

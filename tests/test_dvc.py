@@ -97,3 +97,9 @@ def test_molt_then_dvc_computes_nothing_twice(dvc_repo):
     assert len(ran(out)) == 12  # DVC has no record yet, so it runs each command ...
     assert "building" not in out  # ... and each one finds its artifact in molt's store
     assert ran(sh(dvc_repo, "dvc", "repro")) == set()
+
+
+def test_committed_dvc_yaml_is_generated_from_params(tmp_path):
+    out = tmp_path / "dvc.yaml"
+    sh(REPO, "molt", "dvc-yaml", "params.yaml", "--output", str(out))
+    assert out.read_text() == (REPO / "dvc.yaml").read_text(), "dvc.yaml is stale: run `molt dvc-yaml params.yaml`"

