@@ -117,6 +117,7 @@ def _save_prepared(mix_dir: Path, dest: Path) -> None:
     """Mirror the mixed dataset as `datasets.save_to_disk`, as Axolotl users expect to inspect it."""
     import datasets
 
+    datasets.disable_progress_bars()
     splits = {"train": read_table(mix_dir / "train.arrow"), "validation": read_table(mix_dir / "val.arrow")}
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,10 @@ console = Console(stderr=True, highlight=False)
 @contextmanager
 def progress(description: str, total: int):
     """Yields `advance(n)`; the bar disappears when done so logs stay short."""
-    bar = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True)
+    bar = Progress(
+        TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, transient=True, disable=not console.is_terminal,  # no bar frames in logs
+    )
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
