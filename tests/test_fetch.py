@@ -1,0 +1,121 @@
+"""fetch_model and fetch_data: where models and rows come from, and what their keys cover."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages import fetch_data, fetch_model
+from stages.store import DataError, read_table
+
+
+def _fake_hub_cache(root: Path, repo_id: str, model_dir: Path) -> Path:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<sha>/...}."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    for p in model_dir.iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            (snapshot / p.name).write_bytes(p.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    return snapshot
+
+
+def test_hub_id_resolves_from_the_local_cache_only(tmp_path, monkeypatch, tiny_model_dir):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = _fake_hub_cache(tmp_path / "hub", "acme/tiny-llama", tiny_model_dir)
+    found = fetch_model.locate(fetch_model.Params(base_model="acme/tiny-llama"))
+    assert found.resolve() == snapshot.resolve()
+    labels = [label for label, _ in fetch_model.sources(fetch_model.Params(base_model="acme/tiny-llama"))]
+    assert "config.json" in labels and "model.safetensors" in labels
+
+    with pytest.raises(DataError, match=r"acme/not-here.*local Hugging Face cache.*no network"):
+        fetch_model.locate(fetch_model.Params(base_model="acme/not-here"))
+
+
+def test_local_model_dir_is_copied_and_its_files_are_keyed(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    params = fetch_model.Params(base_model=str(tiny_model_dir))
+    fetch_model.run(params, {}, out)
+    assert (out / "config.json").read_bytes() == (tiny_model_dir / "config.json").read_bytes()
+    assert (out / "model.safetensors").exists() and not any(p.name.startswith(".") for p in out.iterdir())
+    with pytest.raises(DataError, match="no config.json"):
+        fetch_model.locate(fetch_model.Params(base_model=str(tmp_path)))
+
+
+def test_embedded_alias_points_at_the_shipped_gguf():
+    path = fetch_model.locate(fetch_model.Params(base_model="smollm2-135m-instruct"))
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+ROWS = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "parquet", "arrow", "saved"])
+def test_every_local_source_kind_snapshots_to_the_same_table(tmp_path, kind):
+    table = pa.Table.from_pylist(ROWS)
+    if kind == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif kind == "json":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps(ROWS))
+    elif kind == "csv":
+        path = tmp_path / "d.csv"
+        path.write_text("instruction,output\na,b\nc,d\n")
+    elif kind == "parquet":
+        path = tmp_path / "d.parquet"
+        pq.write_table(table, path)
+    elif kind == "arrow":
+        path = tmp_path / "d.arrow"
+        with pa.ipc.new_file(str(path), table.schema) as w:
+            w.write_table(table)
+    else:
+        import datasets
+
+        path = tmp_path / "saved"
+        datasets.DatasetDict({"train": datasets.Dataset(table)}).save_to_disk(str(path))
+    out = tmp_path / "out"
+    out.mkdir()
+    meta = fetch_data.run(fetch_data.Params(dataset=fetch_data.Source(path=str(path))), {}, out)
+    assert meta["rows"] == 2
+    assert read_table(out / "data.arrow").select(["instruction", "output"]).to_pylist() == ROWS
+
+
+def test_data_files_list_and_folder_sources(tmp_path):
+    folder = tmp_path / "parts"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    (folder / "a" / "part.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    (folder / "b" / "part.jsonl").write_text(json.dumps(ROWS[1]) + "\n")
+    params = fetch_data.Params(dataset=fetch_data.Source(path=str(folder)))
+    labels = [label for label, _ in fetch_data.sources(params)]
+    assert labels == ["a/part.jsonl", "b/part.jsonl"]
+    out = tmp_path / "out"
+    out.mkdir()
+    fetch_data.run(params, {}, out)
+    assert read_table(out / "data.arrow").to_pylist() == ROWS
+
+    listed = fetch_data.Params(dataset=fetch_data.Source(path="json", data_files=[str(folder / "b" / "part.jsonl")]))
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    fetch_data.run(listed, {}, out2)
+    assert read_table(out2 / "data.arrow").to_pylist() == [ROWS[1]]
+
+
+def test_a_row_that_is_not_an_object_names_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n[1, 2]\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DataError, match=r"d.jsonl: line 2: expected a JSON object"):
+        fetch_data.run(fetch_data.Params(dataset=fetch_data.Source(path=str(path))), {}, out)
