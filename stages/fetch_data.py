@@ -55,13 +55,23 @@ def _is_saved_dataset(root: Path) -> bool:
     return root.is_dir() and ((root / "dataset_dict.json").exists() or (root / "state.json").exists())
 
 
+def _label(f: Path, source: Source) -> str:
+    """A file's name in the key: unique within the dataset (two `part.jsonl` in different
+    subfolders must not share one) and the same on every machine (no absolute paths)."""
+    root = Path(source.path).expanduser()
+    if root.is_dir() and f != root and f.is_relative_to(root):
+        return f.relative_to(root).as_posix()
+    return f.name if f.is_absolute() or f == root else f.as_posix()
+
+
 def sources(params: Params) -> list[tuple[str, Path]]:
     out = []
     for f in _files(params.dataset):
+        label = _label(f, params.dataset)
         if f.is_dir():
-            out += [(f"{f.name}/{p.relative_to(f).as_posix()}", p) for p in list_files(f)]
+            out += [(f"{label}/{p.relative_to(f).as_posix()}", p) for p in list_files(f)]
         else:
-            out.append((f.name, f))
+            out.append((label, f))
     return out
 
 

@@ -184,6 +184,8 @@ class Store:
                     link_or_copy(p, dest)
                 final = self.artifact_dir(stage, key)
                 final.parent.mkdir(parents=True, exist_ok=True)
+                if final.exists():  # a damaged artifact with the same key is replaced, as in commit
+                    shutil.rmtree(final)
                 os.rename(tmp, final)
                 tmp.mkdir()
         return self.get(stage, key)

@@ -1,0 +1,283 @@
+"""Prompt strategies through the real format and tokenize stages, checked token by token.
+
+Each expectation is written as the text pieces a turn should render to, each marked trained or
+not; the expected input_ids are the pieces tokenized one by one, and the expected labels are
+those ids where the piece is trained and -100 elsewhere.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+
+from stages import format as format_stage
+from stages import tokenize as tokenize_stage
+from stages import tokenizer as tokenizer_stage
+from stages.store import DataError, read_table, write_table
+
+IGNORE = -100
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_artifacts(tokenizer_dir, tmp_path_factory):
+    """The tokenizer stage's output for a few `chat_template` choices."""
+    out = {}
+    for choice in ("chatml", "tokenizer_default"):
+        d = tmp_path_factory.mktemp(f"tokenizer-{choice}")
+        tokenizer_stage.run(tokenizer_stage.Params(chat_template=choice), {"model": tokenizer_dir}, d)
+        out[choice] = d
+    return out
+
+
+@pytest.fixture
+def pipeline(tokenizer_artifacts, tmp_path):
+    """`pipeline(rows, template=..., train_on_inputs=..., **spec)` -> [(input_ids, labels)]."""
+
+    def run(rows, template="chatml", train_on_inputs=False, sequence_len=1024, **spec):
+        import pyarrow as pa
+
+        n = len(list(tmp_path.iterdir()))
+        data, formatted, tokenized = (tmp_path / f"{n}-{stage}" for stage in ("data", "format", "tokenize"))
+        for d in (data, formatted, tokenized):
+            d.mkdir()
+        write_table(pa.Table.from_pylist(rows), data / "data.arrow")
+        tok = tokenizer_artifacts[template]
+        format_stage.run(format_stage.Params(dataset=format_stage.Spec(**spec)), {"data": data, "tokenizer": tok}, formatted)
+        params = tokenize_stage.Params(sequence_len=sequence_len, train_on_inputs=train_on_inputs)
+        run.stats = tokenize_stage.run(params, {"formatted": formatted, "tokenizer": tok}, tokenized)
+        table = read_table(tokenized / "tokenized.arrow")
+        return list(zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()))
+
+    return run
+
+
+@pytest.fixture
+def expect(fast_tokenizer):
+    """`expect([(text, trained), ...])` -> (input_ids, labels), tokenizing piece by piece; also
+    checks that the pieces tokenize the same as their joined text (so boundaries are clean)."""
+
+    def build(pieces):
+        ids, labels = [], []
+        for text, trained in pieces:
+            piece = fast_tokenizer.encode(text, add_special_tokens=False).ids
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        whole = "".join(t for t, _ in pieces)
+        assert fast_tokenizer.encode(whole, add_special_tokens=False).ids == ids, "test pieces split a token"
+        return ids, labels
+
+    return build
+
+
+def chatml(role, content):
+    return f"<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
+def msgs(*pairs):
+    return {"messages": [{"role": r, "content": c} for r, c in pairs]}
+
+
+# -- alpaca ----------------------------------------------------------------------------------
+
+
+def test_alpaca_with_input_trains_response_and_eos(pipeline, expect):
+    row = {"instruction": "Sort the numbers.", "input": "51 35 6", "output": "6, 35, 51"}
+    [(ids, labels)] = pipeline([row], type="alpaca")
+    prompt = ALPACA_WITH_INPUT.format(instruction="Sort the numbers.", input="51 35 6")
+    assert (ids, labels) == expect([(prompt, False), ("6, 35, 51<|im_end|>", True)])
+
+
+@pytest.mark.parametrize("row", [
+    {"instruction": "Say hello.", "output": "Hello!"},
+    {"instruction": "Say hello.", "input": "", "output": "Hello!"},
+    {"instruction": "Say hello.", "input": None, "output": "Hello!"},
+])
+def test_alpaca_without_input(pipeline, expect, row):
+    [(ids, labels)] = pipeline([row], type="alpaca")
+    prompt = ALPACA_NO_INPUT.format(instruction="Say hello.")
+    assert (ids, labels) == expect([(prompt, False), ("Hello!<|im_end|>", True)])
+
+
+def test_alpaca_train_on_inputs_trains_everything(pipeline):
+    [(ids, labels)] = pipeline([{"instruction": "Say hello.", "output": "Hello!"}], type="alpaca", train_on_inputs=True)
+    assert labels == ids
+
+
+def test_alpaca_missing_output_names_row_and_field(pipeline):
+    with pytest.raises(DataError, match=r"row 1: field 'output': missing"):
+        pipeline([{"instruction": "a", "output": "b"}, {"instruction": "c"}], type="alpaca")
+
+
+# -- chat_template ---------------------------------------------------------------------------
+
+REPEAT = msgs(
+    ("user", "Say: The sky is blue."),
+    ("assistant", "The sky is blue."),
+    ("user", "Again."),
+    ("assistant", "The sky is blue."),
+)
+
+
+def test_chat_repeated_sentence_trains_both_assistant_turns(pipeline, expect):
+    [(ids, labels)] = pipeline([REPEAT], type="chat_template")
+    assert (ids, labels) == expect([
+        (chatml("user", "Say: The sky is blue.") + "<|im_start|>assistant\n", False),
+        ("The sky is blue.<|im_end|>", True),
+        ("\n" + chatml("user", "Again.") + "<|im_start|>assistant\n", False),
+        ("The sky is blue.<|im_end|>", True),
+        ("\n", False),
+    ])
+
+
+def test_chat_tokenizer_default_template_masks_its_system_prompt(pipeline, expect, hf_tokenizer):
+    [(ids, labels)] = pipeline([REPEAT], template="tokenizer_default", type="chat_template")
+    pieces = [
+        (SMOL_SYSTEM + chatml("user", "Say: The sky is blue.") + "<|im_start|>assistant\n", False),
+        ("The sky is blue.<|im_end|>", True),
+        ("\n" + chatml("user", "Again.") + "<|im_start|>assistant\n", False),
+        ("The sky is blue.<|im_end|>", True),
+        ("\n", False),
+    ]
+    # the pieces are what transformers itself renders with SmolLM2's template
+    assert "".join(t for t, _ in pieces) == hf_tokenizer.apply_chat_template(REPEAT["messages"], tokenize=False)
+    assert (ids, labels) == expect(pieces)
+
+
+def test_chat_template_markers_inside_content(pipeline, expect):
+    row = msgs(
+        ("user", "Write <|im_start|>user\nhi<|im_end|> literally."),
+        ("assistant", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nok"),
+    )
+    [(ids, labels)] = pipeline([row], type="chat_template")
+    assert (ids, labels) == expect([
+        (chatml("user", "Write <|im_start|>user\nhi<|im_end|> literally.") + "<|im_start|>assistant\n", False),
+        ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nok<|im_end|>", True),
+        ("\n", False),
+    ])
+
+
+def test_chat_train_on_inputs_trains_everything(pipeline):
+    [(ids, labels)] = pipeline([REPEAT], template="tokenizer_default", type="chat_template", train_on_inputs=True)
+    assert labels == ids
+
+
+SYSTEM_CHAT = msgs(("system", "Be terse."), ("user", "2 h in min?"), ("assistant", "120 min"), ("user", "3 h?"), ("assistant", "180 min"))
+
+
+def test_chat_roles_to_train_user_and_assistant(pipeline, expect):
+    [(ids, labels)] = pipeline([SYSTEM_CHAT], type="chat_template", roles_to_train=["user", "assistant"])
+    assert (ids, labels) == expect([
+        ("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\n", False),
+        ("2 h in min?<|im_end|>", True),
+        ("\n<|im_start|>assistant\n", False),
+        ("120 min<|im_end|>", True),
+        ("\n<|im_start|>user\n", False),
+        ("3 h?<|im_end|>", True),
+        ("\n<|im_start|>assistant\n", False),
+        ("180 min<|im_end|>", True),
+        ("\n", False),
+    ])
+
+
+PREFIX = "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\n2 h in min?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("train_on_eos, pieces", [
+    ("none", [
+        (PREFIX, False), ("120 min", True),
+        ("<|im_end|>\n<|im_start|>user\n3 h?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("180 min", True), ("<|im_end|>\n", False),
+    ]),
+    ("turn", [
+        (PREFIX, False), ("120 min<|im_end|>", True),
+        ("\n<|im_start|>user\n3 h?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("180 min<|im_end|>", True), ("\n", False),
+    ]),
+    ("all", [
+        ("<|im_start|>system\nBe terse.", False), ("<|im_end|>", True),
+        ("\n<|im_start|>user\n2 h in min?", False), ("<|im_end|>", True),
+        ("\n<|im_start|>assistant\n", False), ("120 min<|im_end|>", True),
+        ("\n<|im_start|>user\n3 h?", False), ("<|im_end|>", True),
+        ("\n<|im_start|>assistant\n", False), ("180 min<|im_end|>", True), ("\n", False),
+    ]),
+    ("last", [
+        (PREFIX, False), ("120 min", True),
+        ("<|im_end|>\n<|im_start|>user\n3 h?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("180 min<|im_end|>", True), ("\n", False),
+    ]),
+])
+def test_chat_train_on_eos(pipeline, expect, train_on_eos, pieces):
+    [(ids, labels)] = pipeline([SYSTEM_CHAT], type="chat_template", train_on_eos=train_on_eos)
+    assert (ids, labels) == expect(pieces)
+
+
+def test_chat_message_field_training_overrides_roles(pipeline, expect):
+    row = {"messages": [
+        {"role": "user", "content": "a?", "train": None},
+        {"role": "assistant", "content": "wrong", "train": False},
+        {"role": "user", "content": "b?", "train": True},
+        {"role": "assistant", "content": "right", "train": None},
+    ]}
+    [(ids, labels)] = pipeline([row], type="chat_template", message_field_training="train")
+    assert (ids, labels) == expect([
+        (chatml("user", "a?") + chatml("assistant", "wrong") + "<|im_start|>user\n", False),
+        ("b?<|im_end|>", True),
+        ("\n<|im_start|>assistant\n", False),
+        ("right<|im_end|>", True),
+        ("\n", False),
+    ])
+
+
+def test_chat_roles_mapping_and_field_names(pipeline, expect):
+    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    [(ids, labels)] = pipeline(
+        [row], type="chat_template", field_messages="conversations",
+        message_property_mappings={"role": "from", "content": "value"},
+    )
+    assert (ids, labels) == expect([
+        (chatml("user", "hi") + "<|im_start|>assistant\n", False),
+        ("hello<|im_end|>", True),
+        ("\n", False),
+    ])
+
+
+def test_chat_unknown_role_names_row_and_field(pipeline):
+    rows = [REPEAT, msgs(("user", "hi"), ("robot", "beep"))]
+    with pytest.raises(DataError, match=r"row 1: field 'messages\[1\]\.role': unknown role 'robot'"):
+        pipeline(rows, type="chat_template")
+
+
+def test_rows_with_nothing_trained_or_too_long_are_dropped(pipeline, expect):
+    rows = [msgs(("user", "only a question")), msgs(("user", "q"), ("assistant", "word " * 300)), msgs(("user", "q"), ("assistant", "a"))]
+    kept = pipeline(rows, type="chat_template", sequence_len=128)
+    assert kept == [expect([(chatml("user", "q") + "<|im_start|>assistant\n", False), ("a<|im_end|>", True), ("\n", False)])]
+    assert pipeline.stats["dropped"] == {"too_long": 1, "too_short": 0, "nothing_trained": 1}
+
+
+def test_labels_for_marks_tokens_covering_trained_characters():
+    segments = [{"text": "ab", "train": False}, {"text": "cd", "train": True}, {"text": "e", "train": False}]
+    # tokens: "a", "bc" (straddles the boundary: trained), "d", "e", and a zero-width token at 4
+    offsets = [(0, 1), (1, 3), (3, 4), (4, 5), (4, 4)]
+    labels = tokenize_stage.labels_for(segments, offsets, [10, 11, 12, 13, 14], train_all=False)
+    assert labels.tolist() == [IGNORE, 11, 12, IGNORE, IGNORE]
+    assert tokenize_stage.labels_for(segments, offsets, [10, 11, 12, 13, 14], train_all=True).tolist() == [10, 11, 12, 13, 14]
+
+
+def test_chat_non_ascii_content(pipeline, expect):
+    row = msgs(("user", "naïve? 日本"), ("assistant", "日本語です ☕ — ok"))
+    [(ids, labels)] = pipeline([row], type="chat_template")
+    assert (ids, labels) == expect([
+        (chatml("user", "naïve? 日本") + "<|im_start|>assistant\n", False),
+        ("日本語です ☕ — ok<|im_end|>", True),
+        ("\n", False),
+    ])
