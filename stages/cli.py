@@ -6,12 +6,13 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from stages import dag
-from stages.config import ConfigError, load_config, parse_cli_overrides
+from stages.config import ConfigError, MoltConfigWarning, load_config, parse_cli_overrides
 from stages.store import DataError, Store, hash_text, list_files, read_table
 from stages.ui import console
 
@@ -33,11 +34,12 @@ class Session:
     """A config loaded with its overrides, its stage plan and a runner over the store."""
 
     def __init__(self, config_path: str, extra_args: list[str], cache_dir: str, published: Path | None = None, quiet: bool = False):
+        warnings.simplefilter("ignore", MoltConfigWarning)  # printed below, once, in our own words
         try:
             self.config = load_config(config_path, parse_cli_overrides(list(extra_args)))
         except ConfigError as error:
             fail(str(error))
-        for note in self.config.config_warnings:
+        for note in self.config.config_warnings + dag.unread_settings(self.config):
             console.print(f"[yellow]warning:[/] {note}")
         self.config_path = Path(config_path)
         self.values = self.config.model_dump(mode="json")
@@ -235,9 +237,10 @@ def status(config, as_json, cache_dir):
 @main.command("dag")
 @click.argument("config")
 @click.option("--mermaid", is_flag=True, help="Print a mermaid flowchart.")
-def show_dag(config, mermaid):
+@cache_option
+def show_dag(config, mermaid, cache_dir):
     """The stage instances of CONFIG and their inputs."""
-    session = Session(config, [], "cache", quiet=True)
+    session = Session(config, [], cache_dir, quiet=True)
     nodes = session.plan()
     if mermaid:
         click.echo("flowchart LR")

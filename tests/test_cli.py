@@ -1,0 +1,73 @@
+"""CLI behaviour beyond the invalidation matrix: warnings, overrides, dag, gc, --only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import ALL_NODES, artifact_dirs, status_rows
+
+
+def test_keys_no_stage_reads_are_named_not_dropped(warm, molt):
+    config = warm(rl="dpo", sample_packing=False, gradient_checkpointing=True, attn_implementation="sdpa")
+    result = molt("status", config)
+    assert result.exit_code == 0, result
+    for key in ("rl", "gradient_checkpointing", "attn_implementation"):
+        assert f"ignored: {key} — not supported yet" in result.output
+    assert result.output.count("ignored: attn_implementation") == 1
+
+
+def test_cli_override_changes_only_what_it_touches(warm, molt):
+    config = warm()
+    result = molt("run", config, "--learning-rate", "0.0002", "--lora-r", "4")
+    assert result.exit_code == 0, result
+    assert result.built() == {"train", "merge"}
+
+
+def test_status_on_an_empty_cache_reports_missing_and_builds_nothing(make_config, molt, cache_dir):
+    rows = status_rows(molt, make_config())
+    assert set(rows) == ALL_NODES
+    assert {r["state"] for r in rows.values()} == {"missing"}
+    assert artifact_dirs(cache_dir) == set()
+
+
+def test_dag_lists_every_instance_and_its_inputs(make_config, molt):
+    result = molt("dag", make_config(), "--mermaid")
+    assert result.exit_code == 0, result
+    assert result.output.startswith("flowchart LR")
+    for name in ALL_NODES:
+        assert f'["{name}"]' in result.output
+    assert "-->|formatted|" in result.output
+
+
+def test_only_refuses_when_inputs_are_missing_then_runs_one_stage(make_config, molt):
+    config = make_config()
+    refused = molt("run", config, "--only", "pack")
+    assert refused.exit_code == 2 and "not cached" in refused.output
+    assert molt("run", config, "--until", "mix").exit_code == 0
+    only = molt("run", config, "--only", "pack")
+    assert only.exit_code == 0, only
+    assert only.built() == {"pack"}
+
+
+def test_gc_drops_only_what_no_config_last_used(warm, molt, cache_dir):
+    assert molt("run", warm(learning_rate=0.0003)).built() == {"train", "merge"}
+    superseded = artifact_dirs(cache_dir)
+    assert molt("run", warm(learning_rate=0.0004)).built() == {"train", "merge"}
+    latest = artifact_dirs(cache_dir)
+    result = molt("gc")
+    assert result.exit_code == 0, result
+    after = artifact_dirs(cache_dir)
+    assert len(latest) - len(after) == 2  # the lr=0.0003 train and merge went
+    assert latest - superseded <= after  # the newest stayed
+    assert molt("run", warm(learning_rate=0.0004)).built() == set()
+
+
+def test_fetch_examples_copies_the_ready_configs(workdir):
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    result = CliRunner().invoke(main, ["fetch", "examples", "--dest", "ex"])
+    assert result.exit_code == 0, result.output
+    assert (Path("ex") / "smollm2-lora.yml").exists()
+    assert (Path("ex") / "data" / "conversions.jsonl").exists()
