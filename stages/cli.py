@@ -13,7 +13,7 @@ import click
 
 from stages import dag
 from stages.config import ConfigError, MoltConfigWarning, load_config, parse_cli_overrides
-from stages.store import DataError, Store, hash_text, list_files, read_table
+from stages.store import DataError, Store, copy_tree, hash_text, list_files, read_table
 from stages.ui import console
 
 EXIT_BAD_INPUT = 2
@@ -79,13 +79,9 @@ class Session:
 
 
 def _copy_dir(src: Path, dest: Path) -> None:
+    """Real copies: users edit and delete what lands in output_dir; the store must not change."""
     dest.mkdir(parents=True, exist_ok=True)
-    for p in list_files(src):
-        if p.name == "manifest.json":
-            continue
-        target = dest / p.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p, target)
+    copy_tree(src, dest, link=False, skip=("manifest.json",))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,11 +9,12 @@ files' content hashes are part of the key, so a changed checkpoint is fetched ag
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from stages.store import DataError, link_or_copy, list_files
+from stages.store import DataError, list_files
 
 SCHEMA = 1
 LIBRARIES = ("transformers", "gguf", "safetensors", "torch")
@@ -73,7 +74,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
             continue
         dest = out / p.relative_to(root)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        link_or_copy(p.resolve(), dest)
+        shutil.copy2(p.resolve(), dest)  # not a hardlink: re-saving the source in place would alter the store
     return {}
 
 

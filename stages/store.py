@@ -157,13 +157,16 @@ class Store:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         for p in list_files(tmp):
             _fsync(p)
+        return Artifact(stage, key, self._place(tmp, stage, key), manifest)
+
+    def _place(self, tmp: Path, stage: str, key: str) -> Path:
         final = self.artifact_dir(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # a damaged artifact with the same key is replaced
+        if final.exists():  # only a damaged artifact is ever replaced: a whole one is a hit
             shutil.rmtree(final)
         os.rename(tmp, final)
         tmp.mkdir()  # `writing` removes it again; keeps its cleanup unconditional
-        return Artifact(stage, key, final, manifest)
+        return final
 
     def adopt(self, source: Path) -> Artifact | None:
         """Take in a published artifact (e.g. after `dvc pull`) whose files match its manifest."""
@@ -178,16 +181,8 @@ class Store:
             if (hit := self.get(stage, key)) is not None:
                 return hit
             with self.writing(stage, key) as tmp:
-                for p in list_files(source):
-                    dest = tmp / p.relative_to(source)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    link_or_copy(p, dest)
-                final = self.artifact_dir(stage, key)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                if final.exists():  # a damaged artifact with the same key is replaced, as in commit
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
-                tmp.mkdir()
+                copy_tree(source, tmp, link=True)
+                self._place(tmp, stage, key)
         return self.get(stage, key)
 
     def artifacts(self) -> Iterator[Artifact]:
@@ -197,6 +192,16 @@ class Store:
             except ValueError:
                 continue
             yield Artifact(manifest_path.parent.parent.name, manifest_path.parent.name, manifest_path.parent, manifest)
+
+
+def copy_tree(src: Path, dest: Path, link: bool, skip: tuple[str, ...] = ()) -> None:
+    """Copy src's files into dest; `link` hardlinks them (read-only uses only)."""
+    for p in list_files(src):
+        if p.name in skip:
+            continue
+        target = dest / p.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(p, target) if link else shutil.copy2(p, target)
 
 
 def link_or_copy(src: Path, dest: Path) -> None:
@@ -211,10 +216,7 @@ def publish(artifact: Artifact, dest: Path) -> None:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    for p in list_files(artifact.path):
-        target = tmp / p.relative_to(artifact.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        link_or_copy(p, target)  # DVC unlinks outs before rewriting them, so the store is safe
+    copy_tree(artifact.path, tmp, link=True)  # DVC unlinks outs before rewriting them: the store is safe
     if dest.exists():
         shutil.rmtree(dest)
     os.rename(tmp, dest)
