@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from stages import dag
 from stages.config import ConfigError, MoltConfigWarning, load_config, parse_cli_overrides
@@ -22,7 +23,7 @@ SYMBOL = {"cached": "[green]✓ cached[/]", "adopted": "[green]✓ adopted[/]", 
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")
     sys.exit(code)
 
 
@@ -40,7 +41,7 @@ class Session:
         except ConfigError as error:
             fail(str(error))
         for note in self.config.config_warnings + dag.unread_settings(self.config):
-            console.print(f"[yellow]warning:[/] {note}")
+            console.print(f"[yellow]warning:[/] {escape(note)}")
         self.config_path = Path(config_path)
         self.values = self.config.model_dump(mode="json")
         self.store = Store(cache_dir)
@@ -48,10 +49,11 @@ class Session:
         self.runner = dag.Runner(self.store, published, refs_id, on_event=None if quiet else self._event)
 
     def _event(self, how: str, node: dag.Node, key: str) -> None:
+        name = escape(f"{node.name:<16}")  # "[test0]" is not rich markup
         if how == "start":
-            console.print(f"  [cyan]▶[/] {node.name:<16} building [dim]{key[:12]}[/]")
+            console.print(f"  [cyan]▶[/] {name} building [dim]{key[:12]}[/]")
         elif how in SYMBOL:
-            console.print(f"  {SYMBOL[how]:<24} {node.name:<16} [dim]{key[:12]}[/]")
+            console.print(f"  {SYMBOL[how]:<24} {name} [dim]{key[:12]}[/]")
 
     def plan(self, until: str | None = None) -> list[dag.Node]:
         try:
@@ -226,7 +228,7 @@ def status(config, as_json, cache_dir):
     table = Table("stage", "state", "key", "why")
     colour = {"cached": "green", "stale": "yellow", "missing": "red"}
     for r in rows:
-        table.add_row(r["stage"], f"[{colour[r['state']]}]{r['state']}[/]", (r["key"] or "-")[:12], "; ".join(r["why"]))
+        table.add_row(escape(r["stage"]), f"[{colour[r['state']]}]{r['state']}[/]", (r["key"] or "-")[:12], escape("; ".join(r["why"])))
     console.print(table)
 
 
@@ -286,7 +288,7 @@ def stage(config, stage, index, test, publish_dir, cache_dir):
     nodes = session.plan(name)
     done = session.resolve(nodes)
     dest = dag.publish_node(done[name], Path(publish_dir))
-    console.print(f"published {name} at {dest}")
+    console.print(f"published {escape(name)} at {dest}")
 
 
 @main.command("dvc-yaml")
