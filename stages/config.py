@@ -52,7 +52,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "attn_implementation", "flash_attention", "sdp_attention", "xformers_attention", "s2_attention",
     "flex_attention", "flex_attn_compile_kwargs", "eager_attention", "sage_attention",
     "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp",
-    "flash_optimum", "batch_flattening", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
+    "flash_optimum", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
     "lora_embedding_kernel", "cut_cross_entropy", "chunked_cross_entropy",
     "chunked_cross_entropy_num_chunks", "tiled_mlp", "tiled_mlp_num_shards",
     "tiled_mlp_use_original_mlp", "activation_offloading", "dynamic_checkpoint", "torch_compile",
@@ -69,12 +69,12 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "dataset_shard_num", "dataset_shard_idx", "skip_prepare_dataset", "dataset_keep_in_memory",
     "dataloader_pin_memory", "dataloader_num_workers", "dataloader_prefetch_factor",
     "dataloader_drop_last", "remove_unused_columns", "push_dataset_to_hub", "min_sample_len",
-    "max_prompt_len", "sample_packing_group_size", "sample_packing_bin_size",
-    "sample_packing_sequentially", "sample_packing_eff_est", "sample_packing_mp_start_method",
-    "eval_sample_packing", "curriculum_sampling", "multipack_real_batches",
+    "max_prompt_len",
+    "sample_packing_sequentially", "sample_packing_mp_start_method",
+    "curriculum_sampling",
     "pretraining_sample_concatenation", "pretrain_multipack_buffer_size", "pretrain_multipack_attn",
     "use_pose", "pose_split_on_token_ids", "pose_max_context_len", "pose_num_chunks",
-    "group_by_length", "preprocess_iterable", "is_preprocess", "total_num_tokens",
+    "preprocess_iterable", "is_preprocess",
     "total_supervised_tokens", "axolotl_config_path", "max_packed_sequence_len", "streaming",
     "shuffle_before_merging_datasets", "image_size", "image_resize_algorithm",
     # optimizer / schedule extras
@@ -255,6 +255,14 @@ class MoltConfig(BaseModel):
     excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
     sample_packing: bool = False
     pad_to_sequence_len: bool | None = None  # filled in: defaults to sample_packing
+    eval_sample_packing: bool | None = None  # None: as sample_packing
+    multipack_real_batches: bool = False  # False: a packed bin is micro_batch_size x sequence_len tokens
+    sample_packing_group_size: int = Field(default=100_000, ge=1)
+    sample_packing_bin_size: int = Field(default=200, ge=1)
+    sample_packing_eff_est: float | None = Field(default=None, gt=0, le=1)
+    total_num_tokens: int | None = Field(default=None, ge=0)
+    batch_flattening: bool = False  # padding-free batches without packing
+    group_by_length: bool = False
     train_on_inputs: bool = False
 
     # chat templates and tokens

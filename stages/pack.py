@@ -1,75 +1,283 @@
 """pack: training rows laid out as model inputs, several samples per row when `sample_packing`.
 
-Reads `train.arrow` / `val.arrow` from mix. With packing, samples are placed first-fit-decreasing
-into rows of `sequence_len` tokens; `position_ids` restart at 0 for each sample, which is how the
-model tells samples apart (transformers builds a block-diagonal mask from them), and each
-sample's first label is masked so no token is trained to predict across a boundary. Writes
-`train.arrow` and `val.arrow` with input_ids, labels, position_ids.
+Reads `train.arrow` / `val.arrow` from mix. With `sample_packing` (and `eval_sample_packing`,
+which follows it unless set), samples are bin-packed by length, first-fit-decreasing, into bins:
+
+* `multipack_real_batches: false` (Axolotl's default): a bin holds `micro_batch_size ×
+  sequence_len` tokens and is written as ONE row; train then takes one row per micro-batch. A
+  micro-batch carries as many tokens as Axolotl's, and the bigger bins pack tighter.
+* `multipack_real_batches: true`: a bin holds `sequence_len` tokens (one row); train batches
+  `micro_batch_size` rows.
+
+Samples are packed in groups of `sample_packing_group_size` consecutive samples (in mix's seeded
+order) with at most `sample_packing_bin_size` samples per bin. Bins are then put in an order drawn
+from `seed`, so the artifact is deterministic. A fresh order each epoch is train's business: its
+sampler reshuffles the rows with `seed` and the epoch number (the bins' contents stay fixed).
+
+Inside a row each sample's `position_ids` restart at 0, which is how the model tells samples apart
+(transformers derives a block-diagonal causal mask, or flash-attention's cu_seqlens, from them
+when no attention mask is passed), and each sample's first label is -100 so no token is trained to
+predict across a boundary (alone, a sample's first token is never a target either).
+
+Writes `train.arrow` and `val.arrow` (input_ids, labels, position_ids, length = real tokens,
+samples = the mix row indices in the row), `layout.json` (per split: row capacity, rows per
+micro-batch, packed or not) and `bin_fill.png` (histogram of how full the rows are). The
+manifest reports the packing efficiency (real tokens / slots) and the micro-batches and
+optimizer steps per epoch (one process); with `sample_packing_eff_est` it also reports Axolotl's
+estimate of the steps from `total_num_tokens` (counted unless set).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel
 
-from stages.store import read_table, write_table
+from stages.store import DataError, read_table, write_table
 
-SCHEMA = 1
-LIBRARIES = ("pyarrow", "numpy")
+SCHEMA = 2
+LIBRARIES = ("pyarrow", "numpy", "matplotlib")
 IGNORE = -100
 
 
 class Params(BaseModel, frozen=True):
     sample_packing: bool = False
+    eval_sample_packing: bool | None = None  # None: as sample_packing
     sequence_len: int
+    micro_batch_size: int = 1
+    eval_batch_size: int | None = None  # None: micro_batch_size
+    gradient_accumulation_steps: int = 1
+    multipack_real_batches: bool = False
+    sample_packing_group_size: int = 100_000
+    sample_packing_bin_size: int = 200
+    sample_packing_eff_est: float | None = None
+    total_num_tokens: int | None = None
+    seed: int = 42
 
 
-def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+# -- bin packing -----------------------------------------------------------------------------
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int, max_items: int | None = None) -> np.ndarray:
+    """The bin of each item: items in decreasing length (ties in input order), each into the
+    first bin with room for it and fewer than `max_items` items. O(n log n): a max-tree over the
+    bins' free room finds the first bin that fits in log(bins) steps."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if lengths.max() > capacity or lengths.min() < 1:
+        raise DataError(f"sample lengths must be between 1 and the bin capacity {capacity}; got {int(lengths.min())}..{int(lengths.max())}")
+    max_items = max_items or n
     order = np.argsort(-lengths, kind="stable")
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order.tolist():
-        n = int(lengths[i])
-        for b, free in enumerate(room):
-            if n <= free:
-                bins[b].append(i)
-                room[b] -= n
+    sorted_len = lengths[order]
+    # Items over half the capacity never share a bin with each other: in decreasing order each
+    # opens the next bin, so they are placed without a search.
+    big = int((sorted_len > capacity // 2).sum())
+    size = 1 << max(0, (n - 1).bit_length())
+    leaves = np.full(size, capacity, dtype=np.int64)
+    leaves[:big] = capacity - sorted_len[:big]
+    count = [0] * n
+    for b in range(min(big, n)):
+        count[b] = 1
+    if max_items == 1:
+        leaves[:big] = -1
+    # the tree: tree[1] is the root, tree[size + b] the room left in bin b
+    levels = [leaves]
+    while len(levels[-1]) > 1:
+        prev = levels[-1]
+        levels.append(np.maximum(prev[0::2], prev[1::2]))
+    tree = [0] * (2 * size)
+    for depth, level in enumerate(reversed(levels)):
+        start = 1 << depth
+        tree[start:start + len(level)] = level.tolist()
+    bins = [0] * n
+    bins[:big] = range(big)
+    for i, need in enumerate(sorted_len[big:].tolist(), start=big):
+        node = 1
+        while node < size:
+            node <<= 1
+            if tree[node] < need:
+                node += 1
+        b = node - size
+        bins[i] = b
+        count[b] += 1
+        tree[node] = tree[node] - need if count[b] < max_items else -1
+        node >>= 1
+        while node:
+            left, right = tree[2 * node], tree[2 * node + 1]
+            best = left if left > right else right
+            if tree[node] == best:
                 break
-        else:
-            bins.append([i])
-            room.append(capacity - n)
-    return bins
+            tree[node] = best
+            node >>= 1
+    out = np.empty(n, dtype=np.int64)
+    out[order] = bins
+    return out
 
 
-def _layout(table, bins: list[list[int]]):
+def first_fit_in_order(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """First-fit in arrival order (no sort): what a streaming packer does; the benchmark's baseline."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    size = 1 << max(0, (n - 1).bit_length())
+    tree = [capacity] * (2 * size)
+    bins = [0] * n
+    for k, need in enumerate(lengths.tolist()):
+        node = 1
+        while node < size:
+            node <<= 1
+            if tree[node] < need:
+                node += 1
+        bins[k] = node - size
+        tree[node] -= need
+        node >>= 1
+        while node:
+            left, right = tree[2 * node], tree[2 * node + 1]
+            best = left if left > right else right
+            if tree[node] == best:
+                break
+            tree[node] = best
+            node >>= 1
+    return np.asarray(bins, dtype=np.int64)
+
+
+def pack_groups(lengths: np.ndarray, capacity: int, group_size: int, max_items: int, seed: int) -> list[np.ndarray]:
+    """Bins (arrays of item indices) for consecutive groups of `group_size` items, each group
+    packed first-fit-decreasing; the bins in an order drawn from `seed`."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    bins: list[np.ndarray] = []
+    for start in range(0, len(lengths), max(1, group_size)):
+        stop = min(len(lengths), start + max(1, group_size))
+        of = first_fit_decreasing(lengths[start:stop], capacity, max_items)
+        order = np.argsort(of, kind="stable")  # items grouped by bin, in placement order
+        members = order + start
+        cuts = np.flatnonzero(np.diff(of[order])) + 1
+        bins.extend(np.split(members, cuts))
+    rng = np.random.default_rng(seed)
+    return [bins[i] for i in rng.permutation(len(bins))]
+
+
+# -- layout ----------------------------------------------------------------------------------
+
+
+def _layout(table, bins: list[np.ndarray]):
+    """One row per bin: the members' tokens concatenated, position_ids restarting at 0, each
+    member's first label -100. Vectorised over the flat token buffers."""
     import pyarrow as pa
 
-    ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
-    out = {"input_ids": [], "labels": [], "position_ids": []}
-    for members in bins:
-        row_ids, row_labels, row_pos = [], [], []
-        for i in members:
-            row_ids += ids[i]
-            row_labels += [IGNORE] + labels[i][1:]
-            row_pos += range(len(ids[i]))
-        out["input_ids"].append(row_ids)
-        out["labels"].append(row_labels)
-        out["position_ids"].append(row_pos)
-    return pa.table({k: pa.array(v, type=pa.list_(pa.int32())) for k, v in out.items()})
+    n_rows = len(bins)
+    items = np.concatenate(bins) if bins else np.zeros(0, dtype=np.int64)
+    per_row = np.array([len(b) for b in bins], dtype=np.int64)
+    ids_col = table.column("input_ids").combine_chunks()
+    lab_col = table.column("labels").combine_chunks()
+    offsets = ids_col.offsets.to_numpy().astype(np.int64)
+    ids = ids_col.values.to_numpy()
+    labels = lab_col.values.to_numpy()
+    if len(lab_col.offsets) and not np.array_equal(lab_col.offsets.to_numpy(), ids_col.offsets.to_numpy()):
+        raise DataError("input_ids and labels differ in length in some rows")
+    lens = offsets[items + 1] - offsets[items] if len(items) else np.zeros(0, np.int64)
+    first = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else np.zeros(0, np.int64)
+    total = int(lens.sum())
+    within = np.arange(total, dtype=np.int64) - np.repeat(first, lens)
+    gather = np.repeat(offsets[items], lens) + within
+    new_ids = ids[gather].astype(np.int32)
+    new_labels = labels[gather].astype(np.int32)
+    new_labels[first] = IGNORE
+    positions = within.astype(np.int32)
+    item_row_end = np.cumsum(per_row)
+    row_tokens = np.add.reduceat(lens, item_row_end - per_row) if n_rows else np.zeros(0, np.int64)
+    row_offsets = np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int32)
+    item_offsets = np.concatenate([[0], item_row_end]).astype(np.int32)
+
+    def lists(values, offs):
+        return pa.ListArray.from_arrays(pa.array(offs, type=pa.int32()), pa.array(values))
+
+    return pa.table({
+        "input_ids": lists(new_ids, row_offsets),
+        "labels": lists(new_labels, row_offsets),
+        "position_ids": lists(positions, row_offsets),
+        "length": pa.array(row_tokens.astype(np.int32)),
+        "samples": lists(items.astype(np.int32), item_offsets),
+    }), row_tokens
+
+
+def plan_split(params: Params, split: str, lengths: np.ndarray) -> tuple[list[np.ndarray], dict]:
+    """The bins of a split and how train batches them."""
+    packed = params.sample_packing if split == "train" else (params.sample_packing if params.eval_sample_packing is None else params.eval_sample_packing)
+    batch = params.micro_batch_size if split == "train" else (params.eval_batch_size or params.micro_batch_size)
+    if packed and not params.multipack_real_batches:
+        capacity, rows_per_batch = params.sequence_len * batch, 1
+    else:
+        capacity, rows_per_batch = params.sequence_len, batch
+    if packed:
+        bins = pack_groups(lengths, capacity, params.sample_packing_group_size, params.sample_packing_bin_size, params.seed)
+    else:
+        bins = [np.array([i]) for i in range(len(lengths))]
+    return bins, {"packed": bool(packed), "capacity": int(capacity), "rows_per_batch": int(rows_per_batch), "sequence_len": params.sequence_len}
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
-    stats = {}
+    stats, layout, fills = {}, {}, {}
     for split in ("train", "val"):
         table = read_table(inputs["dataset"] / f"{split}.arrow")
-        lengths = table.column("length").to_numpy()
-        if params.sample_packing:
-            bins = first_fit_decreasing(lengths, params.sequence_len)
-        else:
-            bins = [[i] for i in range(table.num_rows)]
-        write_table(_layout(table, bins), out / f"{split}.arrow")
-        slots = len(bins) * params.sequence_len
-        stats[split] = {"samples": int(table.num_rows), "rows": len(bins), "tokens": int(lengths.sum()), "efficiency": round(float(lengths.sum()) / slots, 4) if slots else None}
-    return {"rows": stats["train"]["rows"], "packing": stats}
+        lengths = table.column("length").to_numpy().astype(np.int64)
+        if len(lengths) and lengths.max() > params.sequence_len:
+            raise DataError(f"{split}: a sample of {int(lengths.max())} tokens is over sequence_len {params.sequence_len}")
+        bins, layout[split] = plan_split(params, split, lengths)
+        packed_table, row_tokens = _layout(table, bins)
+        write_table(packed_table, out / f"{split}.arrow")
+        capacity, per_batch = layout[split]["capacity"], layout[split]["rows_per_batch"]
+        slots = len(bins) * capacity
+        tokens = int(lengths.sum())
+        fills[split] = row_tokens / capacity
+        micro_batches = math.ceil(len(bins) / per_batch) if bins else 0
+        stats[split] = {
+            "samples": int(table.num_rows), "rows": len(bins), "tokens": tokens, "row_capacity": capacity,
+            "efficiency": round(tokens / slots, 4) if slots else None,
+            "micro_batches_per_epoch": micro_batches,
+        }
+        if split == "val" and layout[split]["packed"] and 0 < len(bins) < per_batch:
+            raise DataError(
+                f"the validation split is too small for eval_sample_packing: its {table.num_rows} samples "
+                f"({tokens} tokens) pack into {len(bins)} rows of {capacity} tokens, fewer than one batch of "
+                f"eval_batch_size {per_batch} rows; add validation rows, lower eval_batch_size, or set eval_sample_packing: false"
+            )
+    train = stats["train"]
+    train["steps_per_epoch"] = math.ceil(train["micro_batches_per_epoch"] / params.gradient_accumulation_steps)
+    if params.sample_packing_eff_est:
+        total = params.total_num_tokens if params.total_num_tokens is not None else train["tokens"]
+        per_step = params.sample_packing_eff_est * params.sequence_len * params.micro_batch_size * params.gradient_accumulation_steps
+        train["estimated_steps_per_epoch"] = max(1, math.ceil(total / per_step))
+        train["sample_packing_eff_est"] = params.sample_packing_eff_est
+    if params.total_num_tokens is not None:
+        train["total_num_tokens_given"] = params.total_num_tokens
+    (out / "layout.json").write_text(json.dumps(layout, indent=1, sort_keys=True))
+    _plot_fill(fills, layout, out / "bin_fill.png")
+    return {"rows": train["rows"], "packing": stats}
+
+
+def _plot_fill(fills: dict[str, np.ndarray], layout: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    edges = np.linspace(0, 1, 41)
+    for split, fill in fills.items():
+        if len(fill):
+            eff = float(fill.mean())
+            ax.hist(fill, bins=edges, alpha=0.6, label=f"{split}: {len(fill)} rows of {layout[split]['capacity']}, {eff:.1%} full")
+    ax.set_xlabel("fill of a row (real tokens / capacity)")
+    ax.set_ylabel("rows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)

@@ -1,15 +1,28 @@
 """train: the base model fine-tuned on the packed data, full or with a LoRA adapter.
 
-Reads the fetched model, the tokenizer and pack's `train.arrow` / `val.arrow`. Trains with the
-transformers Trainer (peft for LoRA); measures the validation loss before and after. Writes
-`model/` (the full model, or the adapter, with the tokenizer and its chat template),
+Reads the fetched model, the tokenizer and pack's `train.arrow` / `val.arrow` / `layout.json`.
+Trains with the transformers Trainer (peft for LoRA); measures the validation loss before and
+after. Writes `model/` (the full model, or the adapter, with the tokenizer and its chat template),
 `metrics.json` (loss per logged step, eval loss before/after) and `loss.png`.
+
+Batches: a micro-batch is `layout.rows_per_batch` rows (1 row of `micro_batch_size × sequence_len`
+tokens when pack made multipack bins, else `micro_batch_size` rows). `epoch_batches` deals them
+out: each epoch a fresh order drawn from `seed` and the epoch, every rank the same number of
+micro-batches (no rank waits at the end of an epoch), every row on exactly one rank once.
+`collate` pads to the longest row rounded up to 8, or to the row capacity with
+`pad_to_sequence_len`; `batch_flattening` concatenates a micro-batch into one row.
+
+Loss: summed over trained tokens, divided by the trained tokens of the whole optimizer step
+(all micro-batches of the accumulation, all ranks): packing changes neither the loss nor the
+gradients. The validation loss is token-weighted the same way.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import time
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -17,7 +30,7 @@ from pydantic import BaseModel
 from stages.store import DataError, list_files, read_table
 from stages.ui import console, progress
 
-SCHEMA = 1
+SCHEMA = 2
 LIBRARIES = ("torch", "transformers", "peft", "accelerate")
 IGNORE = -100
 
@@ -48,21 +61,156 @@ class Params(BaseModel, frozen=True):
     max_grad_norm: float | None = None
     logging_steps: int | None = None
     seed: int = 42
+    pad_to_sequence_len: bool | None = None
+    batch_flattening: bool = False
+    group_by_length: bool = False
 
 
-def collate(rows: list[dict], pad_id: int) -> dict:
-    """Pad to the longest row. No attention mask: position_ids restarting at 0 mark where each
-    sample (and the padding) begins, and transformers derives a block-diagonal causal mask."""
+# -- batches ---------------------------------------------------------------------------------
+
+PAD_MULTIPLE = 8
+
+
+def collate(rows: list[dict], pad_id: int, width: int | None = None, multiple_of: int = PAD_MULTIPLE, flatten: bool = False) -> dict:
+    """Rows to tensors. No attention mask: position_ids restarting at 0 mark where each sample
+    (and the padding) begins, and transformers derives a block-diagonal causal mask from them
+    (cu_seqlens for flash-attention). `flatten` concatenates the rows into one (padding-free
+    batches, `batch_flattening`); `width` pads to a constant length (`pad_to_sequence_len`),
+    otherwise to the longest row rounded up to `multiple_of`. Padding has label -100 and
+    position_ids of its own, so it is a separate block that nothing attends to."""
     import torch
 
-    width = max(len(r["input_ids"]) for r in rows)
+    ids = [list(r["input_ids"]) for r in rows]
+    labels = [list(r["labels"]) for r in rows]
+    pos = [list(r["position_ids"]) for r in rows]
+    if flatten:
+        ids, pos = [sum(ids, [])], [sum(pos, [])]
+        labels = [sum(([IGNORE] + lab[1:] for lab in labels), [])]  # each row's first label: never a target
+    longest = max(len(r) for r in ids)
+    target = max(width or 0, longest)
+    if width is None and multiple_of > 1:
+        target = -(-target // multiple_of) * multiple_of
     batch = {"input_ids": [], "labels": [], "position_ids": []}
-    for r in rows:
-        pad = width - len(r["input_ids"])
-        batch["input_ids"].append(list(r["input_ids"]) + [pad_id] * pad)
-        batch["labels"].append(list(r["labels"]) + [IGNORE] * pad)
-        batch["position_ids"].append(list(r["position_ids"]) + list(range(pad)))
+    for i, lab, p in zip(ids, labels, pos):
+        pad = target - len(i)
+        batch["input_ids"].append(i + [pad_id] * pad)
+        batch["labels"].append(lab + [IGNORE] * pad)
+        batch["position_ids"].append(p + list(range(pad)))
     return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def token_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy summed over the trained tokens, divided by the number of trained tokens of
+    the whole optimizer step (`num_items_in_batch`: every micro-batch of the accumulation and, by
+    the Trainer, every rank), or of this batch when not given. So a packed batch and the same
+    samples in any other batching give the same loss and the same gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    targets = labels[..., 1:].reshape(-1).to(logits.device)
+    total = F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (targets != IGNORE).sum()
+    if torch.is_tensor(num_items_in_batch):
+        return total / num_items_in_batch.to(total.device).clamp(min=1)
+    return total / max(1, num_items_in_batch)
+
+
+def epoch_batches(lengths, rows_per_batch: int, world_size: int, seed: int, epoch: int, shuffle: bool = True, group_by_length: bool = False) -> list[list[list[int]]]:
+    """Each rank's micro-batches for one epoch, as row indices; an index >= len(lengths) is an
+    empty row (no tokens, nothing trained). Every rank gets the same number of batches, every row
+    appears exactly once across the ranks, and batches differ in size by at most one row; only
+    when there are fewer rows than batches are empty rows added. The order is drawn from `seed`
+    and `epoch` (the same on every rank). `group_by_length` sorts rows by length within
+    mega-batches of 50 batches, so a batch holds rows of similar length (less padding)."""
+    import numpy as np
+
+    n = len(lengths)
+    per_rank = max(1, -(-n // (rows_per_batch * world_size)))
+    total = per_rank * world_size
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    chunks = np.array_split(order, total)
+    if group_by_length and n:
+        lengths = np.asarray(lengths)
+        mega = 50 * world_size
+        chunks = []
+        for start in range(0, total, mega):
+            k = min(mega, total - start)
+            lo = (n * start) // total
+            hi = (n * (start + k)) // total
+            part = order[lo:hi]
+            part = part[np.argsort(-lengths[part], kind="stable")]
+            chunks += np.array_split(part, k)
+    batches = [c.tolist() if len(c) else [n] for c in chunks]
+    return [batches[r::world_size] for r in range(world_size)]
+
+
+class RankBatches:
+    """A batch sampler over `epoch_batches` for one rank; the Trainer calls `set_epoch`."""
+
+    def __init__(self, lengths, rows_per_batch: int, world_size: int, rank: int, seed: int, shuffle: bool = True, group_by_length: bool = False):
+        self.lengths, self.rows_per_batch, self.world_size, self.rank = list(lengths), rows_per_batch, world_size, rank
+        self.seed, self.shuffle, self.group_by_length, self.epoch = seed, shuffle, group_by_length, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return max(1, -(-len(self.lengths) // (self.rows_per_batch * self.world_size)))
+
+    def __iter__(self):
+        yield from epoch_batches(self.lengths, self.rows_per_batch, self.world_size, self.seed, self.epoch, self.shuffle, self.group_by_length)[self.rank]
+
+
+class Rows:
+    """Packed rows from an Arrow table; an index past the end is an empty row (see epoch_batches)."""
+
+    def __init__(self, table, pad_id: int):
+        self.table, self.pad_id = table, pad_id
+        self.lengths = table.column("length").to_pylist() if "length" in table.column_names else [len(r) for r in table.column("input_ids").to_pylist()]
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> dict:
+        if i >= self.table.num_rows:
+            return {"input_ids": [self.pad_id], "labels": [IGNORE], "position_ids": [0]}
+        row = self.table.slice(i, 1)
+        return {k: row.column(k)[0].as_py() for k in ("input_ids", "labels", "position_ids")}
+
+
+def _loader(trainer, rows: Rows, sampler: RankBatches, collate_fn):
+    from torch.utils.data import DataLoader
+
+    loader = trainer.accelerator.prepare(DataLoader(rows, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0))
+    # the sampler already picks this rank's batches: accelerate's shard wrapper must pass them through
+    shard = getattr(loader, "batch_sampler", None)
+    if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
+        shard.num_processes, shard.process_index = 1, 0
+    return loader
+
+
+def evaluation_loss(trainer, loader) -> float | None:
+    """Token-weighted validation loss: summed over every trained token of every batch on every
+    rank, divided by their number (not a mean of per-batch means)."""
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    device = trainer.args.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            n = (labels[..., 1:] != IGNORE).sum()
+            total += torch.stack([token_loss({"logits": logits}, labels, 1).double(), n.double()])
+    total = trainer.accelerator.reduce(total, reduction="sum") if trainer.accelerator.num_processes > 1 else total
+    model.train(was_training)
+    return float(total[0] / total[1]) if total[1] > 0 else None
 
 
 def _load_model(params: Params, model_dir: Path, vocab_size: int):
@@ -95,23 +243,30 @@ def _load_model(params: Params, model_dir: Path, vocab_size: int):
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
-    import datasets
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     set_seed(params.seed)
     tokenizer_info = json.loads((inputs["tokenizer"] / "molt_tokenizer.json").read_text())
-    train_set = datasets.Dataset(read_table(inputs["packed"] / "train.arrow"))
-    val_set = datasets.Dataset(read_table(inputs["packed"] / "val.arrow"))
+    pad_id = tokenizer_info["pad_token_id"]
+    layout = json.loads((inputs["packed"] / "layout.json").read_text())
+    train_rows = Rows(read_table(inputs["packed"] / "train.arrow"), pad_id)
+    val_rows = Rows(read_table(inputs["packed"] / "val.arrow"), pad_id)
+    if len(train_rows) == 0:
+        raise DataError("no training rows: every sample was dropped before packing")
     model = _load_model(params, inputs["model"], tokenizer_info["vocab_size"])
 
-    per_step = params.micro_batch_size * params.gradient_accumulation_steps
-    steps_per_epoch = max(1, -(-len(train_set) // per_step))
-    total_steps = params.max_steps or max(1, int(steps_per_epoch * params.num_epochs + 0.999))
+    def collator(split: str):
+        width = layout[split]["capacity"] * (layout[split]["rows_per_batch"] if params.batch_flattening else 1)
+        width = width if params.pad_to_sequence_len else None
+        return lambda rows: collate(rows, pad_id, width=width, flatten=params.batch_flattening)
+
+    train_batch = layout["train"]["rows_per_batch"]
+    eval_batch = layout["val"]["rows_per_batch"]
     warmup = params.warmup_steps if params.warmup_steps is not None else (params.warmup_ratio or 0.0)
     args = TrainingArguments(
         output_dir=str(out / "_scratch"),  # checkpoints are not part of the artifact
-        per_device_train_batch_size=params.micro_batch_size,
-        per_device_eval_batch_size=params.eval_batch_size or params.micro_batch_size,
+        per_device_train_batch_size=train_batch,
+        per_device_eval_batch_size=eval_batch,
         gradient_accumulation_steps=params.gradient_accumulation_steps,
         num_train_epochs=params.num_epochs,
         max_steps=params.max_steps or -1,
@@ -121,7 +276,6 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         warmup_steps=warmup,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm if params.max_grad_norm is not None else 1.0,
-        logging_steps=params.logging_steps or max(1, total_steps // 20),
         seed=params.seed,
         data_seed=params.seed,
         save_strategy="no",
@@ -131,7 +285,25 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
+        average_tokens_across_devices=True,  # the loss divides by the trained tokens of all ranks
     )
+    world = max(1, args.world_size)
+    batches_per_epoch = RankBatches(train_rows.lengths, train_batch, world, 0, params.seed).__len__()
+    steps_per_epoch = max(1, -(-batches_per_epoch // params.gradient_accumulation_steps))
+    total_steps = params.max_steps or max(1, math.ceil(steps_per_epoch * params.num_epochs))
+    args.logging_steps = params.logging_steps or max(1, total_steps // 20)
+
+    class MoltTrainer(Trainer):
+        """Batches from epoch_batches (every rank the same count, each row once per epoch)."""
+
+        def get_train_dataloader(self):
+            sampler = RankBatches(train_rows.lengths, train_batch, world, args.process_index, params.seed, group_by_length=params.group_by_length)
+            return _loader(self, train_rows, sampler, collator("train"))
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            sampler = RankBatches(val_rows.lengths, eval_batch, world, args.process_index, params.seed, shuffle=False)
+            return _loader(self, val_rows, sampler, collator("val"))
+
     history: list[dict] = []
 
     class Report(TrainerCallback):
@@ -146,15 +318,16 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
                 history.append({"step": state.global_step, "loss": round(float(logs["loss"]), 6)})
                 console.print(f"  step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}")
 
-    pad_id = tokenizer_info["pad_token_id"]
     with progress("train", total_steps) as advance:
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set if len(val_set) else None, data_collator=lambda rows: collate(rows, pad_id), callbacks=[Report(advance)])
+        trainer = MoltTrainer(model=model, args=args, train_dataset=train_rows, compute_loss_func=token_loss, callbacks=[Report(advance)])
         trainer.remove_callback(PrinterCallback)  # Report prints the loss; no raw dicts
-        before = trainer.evaluate()["eval_loss"] if len(val_set) else None
+        before = evaluation_loss(trainer, trainer.get_eval_dataloader()) if len(val_rows) else None
         if before is not None:
             console.print(f"  eval loss before training: {before:.4f}")
+        started = time.perf_counter()
         result = trainer.train()
-        after = trainer.evaluate()["eval_loss"] if len(val_set) else None
+        seconds = time.perf_counter() - started
+        after = evaluation_loss(trainer, trainer.get_eval_dataloader()) if len(val_rows) else None
         if after is not None:
             console.print(f"  eval loss after training:  {after:.4f}")
 
@@ -170,12 +343,16 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         "loss_history": history,
         "eval_loss_before": before,
         "eval_loss_after": after,
-        "train_rows": len(train_set),
-        "val_rows": len(val_set),
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+        "steps_per_epoch": steps_per_epoch,
+        "micro_batches_per_epoch": batches_per_epoch,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _plot(history, before, after, out / "loss.png")
-    return {"metrics": {k: v for k, v in metrics.items() if k != "loss_history"}, "adapter": params.adapter}
+    trained_tokens = sum(train_rows.lengths)
+    # timings go in the manifest, not in metrics.json: the artifact's bytes stay reproducible
+    return {"metrics": {k: v for k, v in metrics.items() if k != "loss_history"}, "adapter": params.adapter, "train_seconds": round(seconds, 3), "tokens_per_epoch": trained_tokens}
 
 
 def _plot(history: list[dict], before, after, path: Path) -> None:
