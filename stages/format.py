@@ -1,9 +1,15 @@
 """format: one dataset's rows rendered by its prompt strategy into text segments.
 
 Reads the fetched rows (`data.arrow`) and the tokenizer's `molt_tokenizer.json` (chat template,
-special token strings). Writes `formatted.arrow`: per row, `segments` (text, trained?) and the
-source `row` number. The prompt strategy module for the dataset's `type` is part of this stage's
-code fingerprint, so editing one strategy reformats only the datasets that use it.
+special token strings). Writes `formatted.arrow`: per row, `segments` (text, trained?), how
+tokenize encodes them (`mode`: joined / separate / chunk / tokens), `input_ids` and `labels` for
+pretokenized rows, and the source `row` number.
+
+`type:` names a prompt strategy the way Axolotl does: `alpaca`, `alpaca:chatml` (a prompt style),
+`alpaca_chat.load_qa` (a loader of a strategy), a mapping (a user-defined prompt) or nothing
+(pretokenized rows). The name resolves to one module in stages/formats/ (several Axolotl names
+share a module, see ALIASES), and only that module is in this stage's code fingerprint, so
+editing one strategy reformats only the datasets that use it.
 """
 
 from __future__ import annotations
@@ -17,14 +23,24 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, BeforeValidator
 
 from stages.chat_templates import TemplateChoiceError
-from stages.formats.rows import RowError
+from stages.formats.rows import MODES, Kind, RowError, Tokens, UnknownKind
 from stages.store import DataError, read_table, write_table
 from stages.ui import progress
 
-SCHEMA = 1
-LIBRARIES = ("pyarrow", "jinja2")
-STRATEGIES = ("alpaca", "chat_template")
+SCHEMA = 2
+LIBRARIES = ("pyarrow", "jinja2", "pyyaml")
 BATCH = 1024
+FORMATS_DIR = Path(__file__).resolve().parent / "formats"
+HELPERS = frozenset({"__init__", "rows"})  # modules of stages/formats/ that are not strategies
+# Axolotl type names served by a module of another name
+ALIASES = {
+    **dict.fromkeys(
+        ("jeopardy", "oasst", "gpteacher", "reflection", "explainchoice", "concisechoice", "summarizetldr",
+         "alpaca_chat", "alpaca_w_system", "context_qa", "metharme", "user_defined"),
+        "alpaca",
+    ),
+    **dict.fromkeys(("input_output", "completion", "pretokenized"), "raw"),
+}
 
 
 def _or(default):
@@ -33,9 +49,11 @@ def _or(default):
 
 class Spec(BaseModel, frozen=True):
     type: str | dict | None = None
+    field: str | None = None
     field_messages: Annotated[str, _or("messages")] = "messages"
     message_property_mappings: Annotated[dict[str, str], _or({"role": "role", "content": "content"})] = {"role": "role", "content": "content"}
     message_field_training: str | None = None
+    message_field_training_detail: str | None = None
     roles: dict[str, list[str] | str] | None = None
     roles_to_train: Annotated[list[str], _or(["assistant"])] = ["assistant"]
     train_on_eos: Annotated[str, _or("turn")] = "turn"
@@ -48,38 +66,95 @@ class Params(BaseModel, frozen=True):
     dataset: Spec
 
 
-def strategy_name(spec: Spec) -> str:
-    if not isinstance(spec.type, str) or not spec.type:
-        raise DataError(f"dataset type {spec.type!r}: molt formats these types so far: {', '.join(STRATEGIES)}")
-    name = spec.type
-    if name not in STRATEGIES:
-        raise DataError(f"dataset type {name!r}: unknown; molt formats these types so far: {', '.join(STRATEGIES)}")
-    return name
+def strategies() -> list[str]:
+    return sorted(p.stem for p in FORMATS_DIR.glob("*.py") if p.stem not in HELPERS)
+
+
+def parse_type(value) -> Kind:
+    """`type:` as (name, loader, style): `a.load_x:style` -> (a, load_x, style)."""
+    if isinstance(value, dict):
+        return Kind("user_defined")
+    if value in (None, ""):
+        return Kind("pretokenized")
+    if not isinstance(value, str):
+        raise DataError(f"dataset type {value!r}: expected a name or a mapping")
+    name, _, style = value.partition(":")
+    loader = "load"
+    base, _, last = name.rpartition(".")
+    if base and last.startswith("load"):
+        name, loader = base, last
+    return Kind(name, loader, style or None)
+
+
+def resolve(spec: Spec) -> tuple[str, Kind]:
+    """(module, kind) for a dataset's `type:`; unknown names are refused with the known ones."""
+    kind = parse_type(spec.type)
+    module = ALIASES.get(kind.name, kind.name)
+    if module not in strategies():
+        import difflib
+
+        modules = [m for m in strategies() if m not in ALIASES.values() or m == "alpaca"]
+        shared = sorted(k for k, v in ALIASES.items() if v == "alpaca" and k != "user_defined")
+        close = difflib.get_close_matches(kind.name, modules + list(ALIASES), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise DataError(
+            f"dataset type {spec.type!r}: unknown type {kind.name!r}{hint}; molt formats: {', '.join(modules)}, "
+            f"input_output, completion, pretokenized (empty type), a user-defined mapping, and alpaca's relatives {', '.join(shared)}"
+        )
+    return f"stages.formats.{module}", kind
 
 
 def code_modules(params: Params) -> list[str]:
-    return [f"stages.formats.{strategy_name(params.dataset)}"]
+    formatter(params.dataset)  # an unknown loader, prompt style or user-defined key stops at plan time
+    return [resolve(params.dataset)[0]]
+
+
+def formatter(spec: Spec):
+    module, kind = resolve(spec)
+    try:
+        made = importlib.import_module(module).build(kind, spec)
+    except UnknownKind as error:
+        raise DataError(f"dataset type {spec.type!r}: {error}") from None
+    assert made.mode in MODES, made.mode
+    return made
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     import pyarrow as pa
 
     spec = params.dataset
-    strategy = importlib.import_module(code_modules(params)[0])
+    made = formatter(spec)
     tokenizer = json.loads((inputs["tokenizer"] / "molt_tokenizer.json").read_text())
     table = read_table(inputs["data"] / "data.arrow")
     segments: list = []
-    with progress(f"format {spec.type}", table.num_rows) as advance:
+    ids: list = []
+    labels: list = []
+    label = spec.type if isinstance(spec.type, str) and spec.type else "user-defined" if spec.type else "pretokenized"
+    with progress(f"format {label}", table.num_rows) as advance:
         for offset in range(0, table.num_rows, BATCH):
             for i, row in enumerate(table.slice(offset, BATCH).to_pylist(), offset):
                 try:
-                    segments.append([{"text": t, "train": trained} for t, trained in strategy.format_row(row, spec, tokenizer)])
+                    result = made.row(row, tokenizer)
                 except RowError as error:
                     raise DataError(f"row {i}: {error}") from None
                 except (TemplateChoiceError, TemplateError) as error:
                     raise DataError(f"row {i}: chat template: {error}") from None
+                if isinstance(result, Tokens):
+                    segments.append([])
+                    ids.append(result.input_ids)
+                    labels.append(result.labels)
+                else:
+                    segments.append([{"text": t, "train": trained} for t, trained in result])
+                    ids.append(None)
+                    labels.append(None)
             advance(min(BATCH, table.num_rows - offset))
     segment_type = pa.list_(pa.struct([("text", pa.string()), ("train", pa.bool_())]))
-    result = pa.table({"segments": pa.array(segments, type=segment_type), "row": pa.array(range(table.num_rows), type=pa.int64())})
+    result = pa.table({
+        "segments": pa.array(segments, type=segment_type),
+        "mode": pa.array([made.mode] * table.num_rows, type=pa.string()),
+        "input_ids": pa.array(ids, type=pa.list_(pa.int64())),
+        "labels": pa.array(labels, type=pa.list_(pa.int64())),
+        "row": pa.array(range(table.num_rows), type=pa.int64()),
+    })
     write_table(result, out / "formatted.arrow")
     return {"rows": result.num_rows}

@@ -5,7 +5,11 @@ no model code is loaded). Each row's segments are joined and encoded in one call
 offsets; a token is trained when it covers a trained character, otherwise its label is -100
 (`train_on_inputs` trains every token). Rows longer than `sequence_len` are dropped, truncated
 or refused (`excess_length_strategy`); rows under 2 tokens or with nothing to train are dropped
-and counted. Writes `tokenized.arrow` (input_ids, labels, length, row).
+and counted. The format stage says per row how to encode (`mode`): joined as above; `separate`
+encodes each segment on its own (input_output); `chunk` splits a long text into `sequence_len`
+pieces instead of dropping it (completion); `tokens` takes the row's own input_ids / labels
+(pretokenized), checked against the vocabulary. Writes `tokenized.arrow` (input_ids, labels,
+length, row).
 """
 
 from __future__ import annotations
@@ -43,25 +47,72 @@ def labels_for(segments: list[dict], offsets: list[tuple[int, int]], ids: list[i
     return np.where(hit, ids, IGNORE)
 
 
+def _encode(tokenizer, segments_batch: list[list[dict]], modes: list[str], train_all: bool) -> list[tuple[list[int], np.ndarray]]:
+    """(ids, labels) per row, one batched encode call per mode: joined rows (and chunked ones)
+    encode their whole text with character offsets; separate rows encode each segment alone."""
+    out: list = [None] * len(modes)
+    joined = [i for i, m in enumerate(modes) if m in ("joined", "chunk")]
+    encodings = tokenizer.encode_batch(["".join(s["text"] for s in segments_batch[i]) for i in joined], add_special_tokens=False)
+    for i, enc in zip(joined, encodings):
+        out[i] = (enc.ids, labels_for(segments_batch[i], enc.offsets, enc.ids, train_all))
+    separate = [i for i, m in enumerate(modes) if m == "separate"]
+    pieces = [s for i in separate for s in segments_batch[i]]
+    encoded = iter(tokenizer.encode_batch([s["text"] for s in pieces], add_special_tokens=False) if pieces else [])
+    for i in separate:
+        ids, labels = [], []
+        for segment in segments_batch[i]:
+            piece = next(encoded).ids
+            ids += piece
+            labels += piece if segment["train"] or train_all else [IGNORE] * len(piece)
+        out[i] = (ids, np.asarray(labels, dtype=np.int64))
+    return out
+
+
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     import pyarrow as pa
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(inputs["tokenizer"] / "tokenizer.json"))
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     table = read_table(inputs["formatted"] / "formatted.arrow")
     strategy = params.excess_length_strategy or "drop"
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "row": []}
     dropped = {"too_long": 0, "too_short": 0, "nothing_trained": 0}
-    truncated = 0
+    truncated = chunked = 0
+
+    def keep(source_row: int, ids, labels) -> None:
+        if len(ids) < 2:
+            dropped["too_short"] += 1
+        elif not (np.asarray(labels) != IGNORE).any():
+            dropped["nothing_trained"] += 1
+        else:
+            columns["input_ids"].append(ids)
+            columns["labels"].append(labels)
+            columns["length"].append(len(ids))
+            columns["row"].append(source_row)
+
     with progress("tokenize", table.num_rows) as advance:
         for offset in range(0, table.num_rows, BATCH):
             batch = table.slice(offset, BATCH)
             rows = batch.column("row").to_pylist()
+            modes = batch.column("mode").to_pylist()
             all_segments = batch.column("segments").to_pylist()
-            encodings = tokenizer.encode_batch(["".join(s["text"] for s in segs) for segs in all_segments], add_special_tokens=False)
-            for source_row, segments, enc in zip(rows, all_segments, encodings):
-                ids = enc.ids
-                labels = labels_for(segments, enc.offsets, ids, params.train_on_inputs)
+            encoded = _encode(tokenizer, all_segments, modes, params.train_on_inputs)
+            given_ids = batch.column("input_ids").to_pylist() if "tokens" in modes else None
+            given_labels = batch.column("labels").to_pylist() if "tokens" in modes else None
+            for k, (source_row, mode) in enumerate(zip(rows, modes)):
+                if mode == "tokens":
+                    ids = given_ids[k]
+                    if max(ids) >= vocab:
+                        raise DataError(f"row {source_row}: field 'input_ids': token id {max(ids)} is outside the tokenizer's vocabulary of {vocab}")
+                    labels = np.asarray(ids if params.train_on_inputs else given_labels[k], dtype=np.int64)
+                else:
+                    ids, labels = encoded[k]
+                if mode == "chunk":  # completion: every piece of sequence_len tokens becomes a row
+                    chunked += len(ids) > params.sequence_len
+                    for c in range(0, len(ids), params.sequence_len):
+                        keep(source_row, ids[c : c + params.sequence_len], labels[c : c + params.sequence_len])
+                    continue
                 if len(ids) > params.sequence_len:
                     if strategy == "raise":
                         raise DataError(f"row {source_row}: {len(ids)} tokens, over sequence_len {params.sequence_len} (excess_length_strategy: raise)")
@@ -70,16 +121,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
                         continue
                     ids, labels = ids[: params.sequence_len], labels[: params.sequence_len]
                     truncated += 1
-                if len(ids) < 2:
-                    dropped["too_short"] += 1
-                    continue
-                if not (labels != IGNORE).any():
-                    dropped["nothing_trained"] += 1
-                    continue
-                columns["input_ids"].append(ids)
-                columns["labels"].append(labels)
-                columns["length"].append(len(ids))
-                columns["row"].append(source_row)
+                keep(source_row, ids, labels)
             advance(batch.num_rows)
     result = pa.table(
         {
@@ -92,4 +134,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     if result.num_rows == 0:
         raise DataError(f"no rows left after tokenizing (dropped: {dropped}); check sequence_len and the dataset's trained turns")
     write_table(result, out / "tokenized.arrow")
-    return {"rows": result.num_rows, "dropped": dropped, "truncated": truncated, "tokens": int(sum(columns["length"]))}
+    stats = {"rows": result.num_rows, "dropped": dropped, "truncated": truncated, "tokens": int(sum(columns["length"]))}
+    if chunked:
+        stats["chunked"] = chunked
+    return stats

@@ -9,7 +9,7 @@ cannot misplace a boundary.
 from __future__ import annotations
 
 from stages import chat_templates
-from stages.formats.rows import RowError
+from stages.formats.rows import Formatter, Kind, RowError, UnknownKind
 
 DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]}
 # Turn-end markers of common templates; the EOS token is always one too.
@@ -49,10 +49,37 @@ def messages_of(row: dict, spec) -> list[dict]:
         message = {"role": roles[role], "content": content}
         if spec.message_field_training and m.get(spec.message_field_training) is not None:
             message["train"] = bool(m[spec.message_field_training])
+        if spec.message_field_training_detail and m.get(spec.message_field_training_detail) is not None:
+            message["detail"] = _detail(m[spec.message_field_training_detail], content, f"{field}[{i}].{spec.message_field_training_detail}")
         messages.append(message)
     if spec.default_system_message and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": spec.default_system_message})
     return messages
+
+
+def _detail(value, content: str, where: str) -> list[tuple[int, int]]:
+    """Trained character ranges [begin, end) of a turn's content, from Axolotl-style
+    `[{begin_offset, end_offset, train}]` with end_offset inclusive."""
+    if not isinstance(value, list):
+        raise RowError(where, f"expected a list of {{begin_offset, end_offset, train}}, got {type(value).__name__}")
+    spans = []
+    for j, d in enumerate(value):
+        if not isinstance(d, dict):
+            raise RowError(f"{where}[{j}]", f"expected an object, got {type(d).__name__}")
+        begin, end, train = d.get("begin_offset"), d.get("end_offset"), d.get("train")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (begin, end)) or not 0 <= begin <= end < len(content):
+            raise RowError(f"{where}[{j}]", f"offsets {begin!r}..{end!r} are not inside the content (0..{len(content) - 1})")
+        if not isinstance(train, bool):
+            raise RowError(f"{where}[{j}].train", f"expected true or false, got {train!r}")
+        if train:
+            spans.append((begin, end + 1))
+    return spans
+
+
+def build(kind: Kind, spec) -> Formatter:
+    if kind.style or kind.loader != "load":
+        raise UnknownKind("chat_template takes no loader or prompt style")
+    return Formatter(lambda row, tokenizer: format_row(row, spec, tokenizer))
 
 
 def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
@@ -69,10 +96,15 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
     eots: list[tuple[int, int, bool]] = []  # (start, end, after a trained turn)
     for i, message in enumerate(messages):
         trained = message.get("train", message["role"] in spec.roles_to_train)
+        detail = message.get("detail")
+        if detail is not None:  # character ranges decide inside the content; the turn counts as trained for its EOS
+            trained = trained or bool(detail)
         if not trained and spec.train_on_eos != "all":
             continue
         start, end = _locate(template, plain, i, text, special)
-        if trained:
+        if detail is not None:
+            spans += _detail_spans(detail, start, end, text, message["content"])
+        elif trained:
             spans.append((start, end))
         eot = _turn_end(text, end, turn_ends)
         if eot:
@@ -99,6 +131,12 @@ def _locate(template: str, messages: list[dict], i: int, text: str, special: dic
     if rendered[:start] != text[:start] or rendered[len(rendered) - tail:] != text[end:] or end < start:
         raise RowError(f"messages[{i}]", "the chat template renders this turn's surroundings differently depending on its content")
     return start, end
+
+
+def _detail_spans(detail: list[tuple[int, int]], start: int, end: int, text: str, content: str) -> list[tuple[int, int]]:
+    if text[start:end] != content:
+        raise RowError("messages", "message_field_training_detail needs a template that renders the content unchanged (this one trims or escapes it)")
+    return [(start + b, start + e) for b, e in detail]
 
 
 def _turn_end(text: str, end: int, turn_ends: tuple[str, ...]) -> tuple[int, int] | None:
