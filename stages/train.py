@@ -99,6 +99,14 @@ def collate(rows: list[dict], pad_id: int, width: int | None = None, multiple_of
     return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
+def make_collator(split_layout: dict, pad_id: int, pad_to_sequence_len: bool, batch_flattening: bool):
+    """The collate of a split (pack's layout.json entry): constant width = the row capacity (times
+    the rows of a micro-batch when they are flattened into one) with pad_to_sequence_len."""
+    width = split_layout["capacity"] * (split_layout["rows_per_batch"] if batch_flattening else 1)
+    width = width if pad_to_sequence_len else None
+    return lambda rows: collate(rows, pad_id, width=width, flatten=batch_flattening)
+
+
 def token_loss(outputs, labels, num_items_in_batch=None):
     """Cross-entropy summed over the trained tokens, divided by the number of trained tokens of
     the whole optimizer step (`num_items_in_batch`: every micro-batch of the accumulation and, by
@@ -109,7 +117,10 @@ def token_loss(outputs, labels, num_items_in_batch=None):
 
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
     targets = labels[..., 1:].reshape(-1).to(logits.device)
-    total = F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE, reduction="sum")
+    logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # bf16/fp16 logits: the softmax in fp32
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
     if num_items_in_batch is None:
         num_items_in_batch = (targets != IGNORE).sum()
     if torch.is_tensor(num_items_in_batch):
@@ -256,9 +267,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     model = _load_model(params, inputs["model"], tokenizer_info["vocab_size"])
 
     def collator(split: str):
-        width = layout[split]["capacity"] * (layout[split]["rows_per_batch"] if params.batch_flattening else 1)
-        width = width if params.pad_to_sequence_len else None
-        return lambda rows: collate(rows, pad_id, width=width, flatten=params.batch_flattening)
+        return make_collator(layout[split], pad_id, bool(params.pad_to_sequence_len), params.batch_flattening)
 
     train_batch = layout["train"]["rows_per_batch"]
     eval_batch = layout["val"]["rows_per_batch"]
