@@ -3,7 +3,9 @@ share its prompt builder (Axolotl's Alpaca-style prompters): jeopardy, oasst, gp
 reflection, explainchoice, concisechoice, summarizetldr, alpaca_chat(.load_qa / .load_concise /
 .load_camel_ai / .load_no_prompt), alpaca_w_system(.load_instruct / .load_chat / .load_open_orca /
 .load_open_orca_chatml), context_qa(.load_v2 / .load_404), metharme, and the user-defined form
-(`type:` as a mapping). The prompt (with BOS) is masked, the response and its EOS are trained.
+(`type:` as a mapping). The prompt (with BOS) is masked, the response and its EOS are trained;
+prompt and response are encoded separately, as Axolotl does, so a prompt ending in a space keeps
+its own space token.
 
 A prompt is `system_format` around the system text (left out when that text is empty) followed
 by the turn format, which has an input slot or not depending on whether the row's input is
@@ -214,18 +216,18 @@ def build(kind: Kind, spec) -> Formatter:
     if kind.name == "user_defined":
         if kind.style:
             raise UnknownKind("a user-defined type takes no prompt style")
-        return Formatter(_user_defined(spec.type))
+        return Formatter(_user_defined(spec.type), "separate")
     if kind.style is not None and kind.style not in STYLES:
         raise UnknownKind(f"prompt style {kind.style!r}: known styles are {', '.join(STYLES)}")
     if key == "reflection.load":
         style = kind.style or "instruct"
         if style not in REFLECT_LABEL:
             raise UnknownKind(f"reflection takes the prompt styles {', '.join(REFLECT_LABEL)}")
-        return Formatter(_reflection(style))
+        return Formatter(_reflection(style))  # Axolotl encodes prompt and label in one piece here
     if key in WITH_SYSTEM:
         if kind.style:
             raise UnknownKind(f"{key} has a fixed prompt style")
-        return Formatter(_with_system(WITH_SYSTEM[key], "open_orca" in kind.loader))
+        return Formatter(_with_system(WITH_SYSTEM[key], "open_orca" in kind.loader), "separate")
     if key not in RECIPES:
         known = sorted(RECIPES) + sorted(WITH_SYSTEM) + ["reflection.load"]
         raise UnknownKind(f"no loader {key!r}; this module has {', '.join(known)}")
@@ -235,4 +237,4 @@ def build(kind: Kind, spec) -> Formatter:
             raise UnknownKind(f"{kind.name} has a fixed prompt style")
     else:
         style = STYLES[kind.style or style]
-    return Formatter(_instruction(fields, system, style, eos_count))
+    return Formatter(_instruction(fields, system, style, eos_count), "separate")

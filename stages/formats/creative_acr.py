@@ -74,4 +74,4 @@ LOADERS = {"load_answer": _answer, "load_critique": _critique, "load_revise": _r
 def build(kind: Kind, spec) -> Formatter:
     if kind.style or kind.loader not in LOADERS:
         raise UnknownKind(f"creative_acr loaders: {', '.join(LOADERS)} (no prompt style)")
-    return Formatter(LOADERS[kind.loader])
+    return Formatter(LOADERS[kind.loader], "separate")

@@ -39,4 +39,4 @@ def _row(row: dict, tokenizer: dict) -> list[tuple[str, bool]]:
 def build(kind: Kind, spec) -> Formatter:
     if kind.style or kind.loader != "load":
         raise UnknownKind("pygmalion takes no loader or prompt style")
-    return Formatter(_row)
+    return Formatter(_row, "separate")
