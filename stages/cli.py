@@ -34,7 +34,7 @@ def cache_option(f):
 class Session:
     """A config loaded with its overrides, its stage plan and a runner over the store."""
 
-    def __init__(self, config_path: str, extra_args: list[str], cache_dir: str, published: Path | None = None, quiet: bool = False):
+    def __init__(self, config_path: str, extra_args: list[str], cache_dir: str, published: Path | None = Path("artifacts"), quiet: bool = False):
         warnings.simplefilter("ignore", MoltConfigWarning)  # printed below, once, in our own words
         try:
             self.config = load_config(config_path, parse_cli_overrides(list(extra_args)))
@@ -289,6 +289,95 @@ def stage(config, stage, index, test, publish_dir, cache_dir):
     done = session.resolve(nodes)
     dest = dag.publish_node(done[name], Path(publish_dir))
     console.print(f"published {escape(name)} at {dest}")
+
+
+@main.command()
+@click.argument("config")
+@cache_option
+def verify(config, cache_dir):
+    """Recompute the data stages into a scratch store and compare with the stored artifacts."""
+    import tempfile
+
+    from rich.table import Table
+
+    session = Session(config, [], cache_dir, quiet=True)
+    nodes = session.plan("pack")
+    stored = session.resolve(nodes, run=False)
+    with tempfile.TemporaryDirectory(prefix="molt-verify-") as scratch:
+        fresh = dag.Runner(Store(scratch), on_event=lambda how, node, key: how == "start" and console.print(f"  recomputing {escape(node.name)}"))
+        try:
+            recomputed = {n.name: fresh.resolve(n) for n in nodes}
+        except dag.StageFailed as failure:
+            fail(f"recomputing {failure.node}: {failure.error}", code=1)
+        table = Table("stage", "stored", "recomputed", "match")
+        first_bad, missing = None, []
+        for n in nodes:
+            new = recomputed[n.name].artifact
+            path = session.store.artifact_dir(n.stage, new.key)
+            old = dag.stored_content(path)
+            if old is None:
+                missing.append(n.name)
+                verdict = "[yellow]not built[/]"
+            elif old == new.content:
+                verdict = "[green]yes[/]"
+            else:
+                verdict = "[red]NO[/]"
+                first_bad = first_bad or (n, path, new.path)
+            table.add_row(escape(n.name), (old or "-")[:16], new.content[:16], verdict)
+        console.print(table)
+        if first_bad:
+            node, old_dir, new_dir = first_bad
+            fail(f"{node.name} does not reproduce: {dag.first_difference(old_dir, new_dir)}", code=1)
+        if missing:
+            fail(f"not in the store, nothing to compare: {', '.join(missing)} (run `molt preprocess {config}` first)", code=1)
+    console.print("[green]every data stage reproduces[/]")
+
+
+@main.command()
+@click.argument("target")
+@cache_option
+def lineage(target, cache_dir):
+    """The chain from an artifact (key, key prefix or path) back to its source files."""
+    store = Store(cache_dir)
+    try:
+        chain = dag.lineage(store, target)
+    except LookupError as error:
+        fail(str(error))
+    for depth, artifact in chain:
+        m = artifact.manifest
+        pad = "  " * depth
+        console.print(f"{pad}[bold]{m['stage']}[/] {artifact.key}  content {m['content'][:16]}")
+        if m.get("params"):
+            console.print(f"{pad}  params {escape(json.dumps(m['params'], sort_keys=True))}")
+        console.print(f"{pad}  code {escape(', '.join(f'{f}@{h[:8]}' for f, h in m['code']['files'].items()))}")
+        if m["code"].get("libs"):
+            console.print(f"{pad}  libs {escape(', '.join(f'{k}=={v}' for k, v in m['code']['libs'].items()))}")
+        for role, content in m.get("inputs", {}).items():
+            console.print(f"{pad}  input {role} {content[:16]}")
+        for label, digest in m.get("sources", {}).items():
+            console.print(f"{pad}  source {escape(label)} {digest}")
+
+
+@main.command(context_settings=OVERRIDES)
+@click.pass_context
+def push(ctx):
+    """`dvc push --run-cache`: published artifacts and the run records that point at them."""
+    _dvc(["push", "--run-cache", *ctx.args])
+
+
+@main.command(context_settings=OVERRIDES)
+@click.pass_context
+def pull(ctx):
+    """`dvc pull --run-cache`; molt then adopts the pulled artifacts instead of recomputing."""
+    _dvc(["pull", "--run-cache", *ctx.args])
+
+
+def _dvc(args: list[str]) -> None:
+    import subprocess
+
+    dvc = Path(sys.executable).parent / "dvc"
+    done = subprocess.run([str(dvc) if dvc.exists() else "dvc", *args])
+    sys.exit(done.returncode)
 
 
 @main.command("dvc-yaml")

@@ -387,6 +387,65 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def stored_content(path: Path) -> str | None:
+    """The hash of an artifact directory's files as they are now (None: no such artifact)."""
+    from stages.store import hash_tree
+
+    return hash_tree(path) if (path / "manifest.json").exists() else None
+
+
+def first_difference(old: Path, new: Path) -> str:
+    """Where two versions of an artifact first differ: a file, and for Arrow files a row."""
+    from stages.store import hash_file, list_files, read_table
+
+    old_files = {p.relative_to(old).as_posix(): p for p in list_files(old) if p.name != "manifest.json"}
+    new_files = {p.relative_to(new).as_posix(): p for p in list_files(new) if p.name != "manifest.json"}
+    if set(old_files) != set(new_files):
+        return f"files differ: stored {sorted(old_files)}, recomputed {sorted(new_files)}"
+    for name in sorted(old_files):
+        if hash_file(old_files[name]) == hash_file(new_files[name]):
+            continue
+        if name.endswith(".arrow"):
+            try:
+                a, b = read_table(old_files[name]), read_table(new_files[name])
+            except Exception as error:  # a hand-edited file may not parse at all
+                return f"{name} is not a readable Arrow file ({error})"
+            if a.schema != b.schema:
+                return f"{name}: schema differs"
+            for i in range(min(a.num_rows, b.num_rows)):
+                if a.slice(i, 1).to_pylist() != b.slice(i, 1).to_pylist():
+                    return f"{name}: first differing row {i}"
+            return f"{name}: {a.num_rows} stored rows vs {b.num_rows} recomputed"
+        return f"{name} differs"
+    return "the manifest's content hash does not match its files"
+
+
+def lineage(store: Store, target: str) -> list[tuple[int, Artifact]]:
+    """(depth, artifact) from `target` (key, key prefix, artifact or published directory) back
+    through its inputs, found in the store by content hash, down to the stages with sources."""
+    artifacts = list(store.artifacts())
+    path = Path(target)
+    if (path / "manifest.json").exists():
+        key = json.loads((path / "manifest.json").read_text())["key"]
+        start = [a for a in artifacts if a.key == key]
+    else:
+        start = [a for a in artifacts if a.key.startswith(target)]
+    if len(start) != 1:
+        raise LookupError(f"{target!r}: {'no' if not start else 'more than one'} artifact in {store.root} matches")
+    by_content = {a.manifest.get("content"): a for a in artifacts}
+    chain, todo, seen = [], [(0, start[0])], set()
+    while todo:
+        depth, artifact = todo.pop()
+        if artifact.key in seen:
+            continue
+        seen.add(artifact.key)
+        chain.append((depth, artifact))
+        for role, content in sorted(artifact.manifest.get("inputs", {}).items(), reverse=True):
+            if content in by_content:
+                todo.append((depth + 1, by_content[content]))
+    return chain
+
+
 def publish_node(res: Resolution, root: Path) -> Path:
     dest = root / res.node.dvc_name
     publish(res.artifact, dest)

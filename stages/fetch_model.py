@@ -81,7 +81,9 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
 def _convert_gguf(gguf: Path, out: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # tqdm bars per tensor would flood logs; the stage line says enough
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantized on load; without this save_pretrained would claim they are GGUF.

@@ -103,3 +103,22 @@ def test_committed_dvc_yaml_is_generated_from_params(tmp_path):
     out = tmp_path / "dvc.yaml"
     sh(REPO, "molt", "dvc-yaml", "params.yaml", "--output", str(out))
     assert out.read_text() == (REPO / "dvc.yaml").read_text(), "dvc.yaml is stale: run `molt dvc-yaml params.yaml`"
+
+
+def test_two_clones_share_artifacts_through_a_dvc_remote(dvc_repo, tmp_path):
+    remote = tmp_path / "remote"
+    sh(dvc_repo, "dvc", "remote", "add", "-d", "shared", str(remote))
+    sh(dvc_repo, "dvc", "repro")
+    sh(dvc_repo, "molt", "push")
+    sh(dvc_repo, "git", "add", "-A")
+    sh(dvc_repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "built")
+
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(dvc_repo), str(clone))
+    sh(clone, "molt", "pull")
+    assert "up to date" in sh(clone, "dvc", "status").lower()
+    out = sh(clone, "molt", "preprocess", "params.yaml")
+    assert "building" not in out and "adopted" in out
+    out = sh(clone, "molt", "train", "params.yaml")
+    assert "building" not in out
+    assert (clone / "out" / "adapter_config.json").exists()
