@@ -10,7 +10,8 @@ which follows it unless set), samples are bin-packed by length, first-fit-decrea
   `micro_batch_size` rows.
 
 Samples are packed in groups of `sample_packing_group_size` consecutive samples (in mix's seeded
-order) with at most `sample_packing_bin_size` samples per bin. Bins are then put in an order drawn
+order) with at most `sample_packing_bin_size` samples per bin (first-fit in mix's order replaces
+FFD for a group where that cap makes it need more bins). Bins are then put in an order drawn
 from `seed`, so the artifact is deterministic. A fresh order each epoch is train's business: its
 sampler reshuffles the rows with `seed` and the epoch number (the bins' contents stay fixed).
 
@@ -119,14 +120,20 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int, max_items: int | No
     return out
 
 
-def first_fit_in_order(lengths: np.ndarray, capacity: int) -> np.ndarray:
-    """First-fit in arrival order (no sort): what a streaming packer does; the benchmark's baseline."""
+def first_fit_in_order(lengths: np.ndarray, capacity: int, max_items: int | None = None) -> np.ndarray:
+    """First-fit in arrival order (no sort): each item into the first bin with room for it and
+    fewer than `max_items` items. What a streaming packer does (the benchmark's baseline), and
+    the fallback when the bin-size cap spoils first-fit-decreasing (see pack_group)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
+    if lengths.max() > capacity or lengths.min() < 1:
+        raise DataError(f"sample lengths must be between 1 and the bin capacity {capacity}; got {int(lengths.min())}..{int(lengths.max())}")
+    max_items = max_items or n
     size = 1 << max(0, (n - 1).bit_length())
     tree = [capacity] * (2 * size)
+    count = [0] * n
     bins = [0] * n
     for k, need in enumerate(lengths.tolist()):
         node = 1
@@ -134,8 +141,10 @@ def first_fit_in_order(lengths: np.ndarray, capacity: int) -> np.ndarray:
             node <<= 1
             if tree[node] < need:
                 node += 1
-        bins[k] = node - size
-        tree[node] -= need
+        b = node - size
+        bins[k] = b
+        count[b] += 1
+        tree[node] = tree[node] - need if count[b] < max_items else -1
         node >>= 1
         while node:
             left, right = tree[2 * node], tree[2 * node + 1]
@@ -147,14 +156,31 @@ def first_fit_in_order(lengths: np.ndarray, capacity: int) -> np.ndarray:
     return np.asarray(bins, dtype=np.int64)
 
 
+def pack_group(lengths: np.ndarray, capacity: int, max_items: int) -> np.ndarray:
+    """The bin of each item of one group: first-fit-decreasing, unless it needs more bins than
+    the lower bound and first-fit in the given (seeded, shuffled) order needs fewer. That happens
+    when the bin-size cap binds: FFD leaves the smallest samples for last, and bins made only
+    of them fill up with `max_items` samples long before they fill up with tokens."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        return np.zeros(0, dtype=np.int64)
+    bins = first_fit_decreasing(lengths, capacity, max_items)
+    bound = max(-(-int(lengths.sum()) // capacity), -(-len(lengths) // max_items))
+    if int(bins.max()) + 1 > bound:
+        other = first_fit_in_order(lengths, capacity, max_items)
+        if other.max() < bins.max():
+            return other
+    return bins
+
+
 def pack_groups(lengths: np.ndarray, capacity: int, group_size: int, max_items: int, seed: int) -> list[np.ndarray]:
     """Bins (arrays of item indices) for consecutive groups of `group_size` items, each group
-    packed first-fit-decreasing; the bins in an order drawn from `seed`."""
+    packed by pack_group; the bins in an order drawn from `seed`."""
     lengths = np.asarray(lengths, dtype=np.int64)
     bins: list[np.ndarray] = []
     for start in range(0, len(lengths), max(1, group_size)):
         stop = min(len(lengths), start + max(1, group_size))
-        of = first_fit_decreasing(lengths[start:stop], capacity, max_items)
+        of = pack_group(lengths[start:stop], capacity, max_items)
         order = np.argsort(of, kind="stable")  # items grouped by bin, in placement order
         members = order + start
         cuts = np.flatnonzero(np.diff(of[order])) + 1

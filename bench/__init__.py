@@ -1,0 +1,1 @@
+"""molt's benchmarks (not tests): `python -m bench.packing`, `python -m bench.throughput`."""
