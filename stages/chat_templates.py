@@ -35,7 +35,63 @@ BUILTIN = {
         "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
         "{% endfor %}" + _GEN + "{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
     ),
+    "phi_35": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% endfor %}" + _GEN + "{{ '<|assistant|>\\n' }}{% endif %}"
+    ),
+    "qwen_25": (
+        "{% if messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}" + _GEN + "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    # Gemma 3 has no system role: the system text opens the first user turn
+    "gemma3": (
+        "{{ bos_token }}{% set ns = namespace(system='') %}"
+        "{% for message in messages %}{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
+        "{% else %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\\n' + (ns.system if loop.index0 == 1 or (loop.first and not ns.system) else '') + message['content'] | trim + '<end_of_turn>\\n' }}"
+        "{% endif %}{% endfor %}" + _GEN + "{{ '<start_of_turn>model\\n' }}{% endif %}"
+    ),
+    # Mistral v2/v3: [INST] user[/INST] assistant</s>, the system text before the last user turn's text
+    "mistral": (
+        "{{ bos_token }}{% set ns = namespace(system='') %}"
+        "{% for message in messages %}{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
+        "{% elif message['role'] == 'user' %}{{ '[INST] ' + ns.system + message['content'] + '[/INST]' }}{% set ns.system = '' %}"
+        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+    # Llama 2 / Mistral v1 style: <s>[INST] user [/INST] assistant</s><s>[INST] ...
+    "inst": (
+        "{% set ns = namespace(system='') %}"
+        "{% for message in messages %}{% if message['role'] == 'system' %}{% set ns.system = '<<SYS>>\\n' + message['content'] + '\\n<</SYS>>\\n\\n' %}"
+        "{% elif message['role'] == 'user' %}{{ bos_token + '[INST] ' + ns.system + message['content'] + ' [/INST]' }}{% set ns.system = '' %}"
+        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+    "cohere": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% set token = {'system': '<|SYSTEM_TOKEN|>', 'user': '<|USER_TOKEN|>', 'assistant': '<|CHATBOT_TOKEN|>'}[message['role']] %}"
+        "{{ '<|START_OF_TURN_TOKEN|>' + token + message['content'] + '<|END_OF_TURN_TOKEN|>' }}"
+        "{% endfor %}" + _GEN + "{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}"
+    ),
+    "deepseek_v2": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
+        "{% else %}{{ 'Assistant: ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}" + _GEN + "{{ 'Assistant:' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction: ' + message['content'] + '\\n\\n' }}"
+        "{% else %}{{ '### Response: ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}" + _GEN + "{{ '### Response: ' }}{% endif %}"
+    ),
 }
+BUILTIN["llama3_2_vision"] = BUILTIN["llama3"].replace(
+    "message['content'] | trim",
+    "(message['content'] if message['content'] is string else message['content'] | map(attribute='text', default='<|image|>') | join('')) | trim",
+)
+BUILTIN["mistral_v2v3"] = BUILTIN["mistral"]
 
 FALLBACK_PREFIX = "tokenizer_default_fallback_"
 FIXED_DATE = datetime(2024, 1, 1)

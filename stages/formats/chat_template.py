@@ -13,8 +13,8 @@ from stages.formats.rows import Formatter, Kind, RowError, UnknownKind
 
 DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]}
 # Turn-end markers of common templates; the EOS token is always one too.
-TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
-EOT_WINDOW = 16  # characters after a turn's content in which its end marker may appear
+TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|END_OF_TURN_TOKEN|>", "<｜end▁of▁sentence｜>")
+EOT_WINDOW = 16  # characters after a turn's content in which its end marker may start
 PLACEHOLDER = "\ue000molt-turn\ue001"  # private-use characters: no real content holds them
 
 
@@ -140,8 +140,8 @@ def _detail_spans(detail: list[tuple[int, int]], start: int, end: int, text: str
 
 
 def _turn_end(text: str, end: int, turn_ends: tuple[str, ...]) -> tuple[int, int] | None:
-    window = text[end : end + EOT_WINDOW]
-    found = [(window.find(t), t) for t in turn_ends if t in window]
+    window = text[end : end + EOT_WINDOW + max(map(len, turn_ends))]  # a marker must start within EOT_WINDOW
+    found = [(window.find(t), t) for t in turn_ends if 0 <= window.find(t) < EOT_WINDOW]
     if not found:
         return None
     offset, token = min(found)
