@@ -1,13 +1,19 @@
 """fetch_data: one entry of `datasets:` snapshotted to a canonical Arrow table.
 
-Reads local json / jsonl / csv / parquet / arrow files, folders of them, and `save_to_disk`
-folders (`path`, `data_files`, `ds_type`, `split`). Writes `data.arrow`. The source files'
-bytes are hashed into the key, so editing a data file reruns exactly what depends on it.
+Reads local json / jsonl / csv / parquet / arrow / text files, folders of them, and `save_to_disk`
+folders (`path`, `data_files`, `ds_type`, `split` or `train_on_split`), and the same through
+fsspec URLs (`file://`, `memory://`, `s3://`, ...: remote files are copied into a local
+content cache first, `MOLT_REMOTE_CACHE` or ~/.cache/molt/remote). `shards` + `shards_idx` keep
+one contiguous shard of the rows, as `datasets.Dataset.shard` does. Writes `data.arrow`. The
+source files' bytes are hashed into the key, so editing a data file reruns exactly what depends
+on it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -16,7 +22,7 @@ from stages.store import DataError, list_files, write_table
 
 SCHEMA = 1
 LIBRARIES = ("pyarrow",)
-SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 
 
 class Source(BaseModel, frozen=True):
@@ -24,7 +30,41 @@ class Source(BaseModel, frozen=True):
     ds_type: str | None = None
     data_files: str | list[str] | None = None
     split: str = "train"
+    train_on_split: str | None = None
     name: str | None = None
+    shards: int | None = None
+    shards_idx: int | None = None
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def _fetch_remote(url: str) -> Path:
+    """A remote file or folder copied into the local content cache (the copy's bytes are what
+    the key hashes, so a changed remote file reruns what depends on it)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.exists(root):
+        raise DataError(f"dataset path {url!r}: not found")
+    cache = Path(os.environ.get("MOLT_REMOTE_CACHE") or Path.home() / ".cache" / "molt" / "remote")
+    dest = cache / hashlib.sha256(url.encode()).hexdigest()[:24]
+    names = sorted(fs.find(root)) if fs.isdir(root) else [root]
+    for name in names:
+        rel = Path(name).relative_to(root).as_posix() if fs.isdir(root) else Path(name).name
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = fs.cat_file(name)
+        if not target.exists() or target.read_bytes() != data:
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+    return dest if fs.isdir(root) else dest / Path(root).name
 
 
 class Params(BaseModel, frozen=True):
@@ -34,10 +74,12 @@ class Params(BaseModel, frozen=True):
 def _files(source: Source) -> list[Path]:
     if source.data_files:
         names = [source.data_files] if isinstance(source.data_files, str) else source.data_files
-        base = Path(source.path) if Path(source.path).is_dir() else Path(".")
+        names = [_fetch_remote(n) if _is_url(_local(n)) else Path(_local(n)) for n in names]
+        root = _root(source)
+        base = root if root.is_dir() else Path(".")
         files = [p if p.is_absolute() or p.exists() else base / p for p in map(Path, names)]
     else:
-        root = Path(source.path).expanduser()
+        root = _root(source)
         if not root.exists():
             raise DataError(f"dataset path {source.path!r}: no such file or directory (hub datasets must be in the local cache; molt makes no network calls)")
         if root.is_file() or _is_saved_dataset(root):
@@ -51,14 +93,18 @@ def _files(source: Source) -> list[Path]:
     return files
 
 
+def _root(source: Source) -> Path:
+    path = _local(source.path)
+    return _fetch_remote(path) if _is_url(path) else Path(path).expanduser()
+
+
 def _is_saved_dataset(root: Path) -> bool:
     return root.is_dir() and ((root / "dataset_dict.json").exists() or (root / "state.json").exists())
 
 
-def _label(f: Path, source: Source) -> str:
+def _label(f: Path, source: Source, root: Path) -> str:
     """A file's name in the key: unique within the dataset (two `part.jsonl` in different
     subfolders must not share one) and the same on every machine (no absolute paths)."""
-    root = Path(source.path).expanduser()
     if root.is_dir() and f != root and f.is_relative_to(root):
         return f.relative_to(root).as_posix()
     return f.name if f.is_absolute() or f == root else f.as_posix()
@@ -66,8 +112,9 @@ def _label(f: Path, source: Source) -> str:
 
 def sources(params: Params) -> list[tuple[str, Path]]:
     out = []
+    root = _root(params.dataset)
     for f in _files(params.dataset):
-        label = _label(f, params.dataset)
+        label = _label(f, params.dataset, root)
         if f.is_dir():
             out += [(f"{label}/{p.relative_to(f).as_posix()}", p) for p in list_files(f)]
         else:
@@ -85,8 +132,21 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         raise DataError(f"dataset {params.dataset.path!r}: its files have incompatible columns ({error})") from None
     if table.num_rows == 0:
         raise DataError(f"dataset {params.dataset.path!r}: no rows")
+    table = _shard(table, params.dataset)
     write_table(table, out / "data.arrow")
     return {"rows": table.num_rows}
+
+
+def _shard(table, source: Source):
+    """Shard `shards_idx` (default 0) of `shards` contiguous shards, sized as datasets' shard()."""
+    if not source.shards:
+        return table
+    index = source.shards_idx or 0
+    if not 0 <= index < source.shards:
+        raise DataError(f"dataset {source.path!r}: shards_idx {index} is not below shards {source.shards}")
+    size, extra = divmod(table.num_rows, source.shards)
+    start = size * index + min(index, extra)
+    return table.slice(start, size + (index < extra))
 
 
 def _read(path: Path, source: Source):
@@ -97,14 +157,17 @@ def _read(path: Path, source: Source):
 
         loaded = load_from_disk(str(path))
         if isinstance(loaded, DatasetDict):
-            if source.split not in loaded:
-                raise DataError(f"dataset {str(path)!r}: no split {source.split!r} (has {', '.join(loaded)})")
-            loaded = loaded[source.split]
+            split = source.train_on_split or source.split
+            if split not in loaded:
+                raise DataError(f"dataset {str(path)!r}: no split {split!r} (has {', '.join(loaded)})")
+            loaded = loaded[split]
         return loaded.data.table
     kind = source.ds_type or SUFFIXES.get(path.suffix)
     try:
         if kind == "json":
             return _read_json(path)
+        if kind == "text":  # one row per line, in a `text` column, as datasets' text loader
+            return pa.table({"text": pa.array(path.read_text(encoding="utf-8").splitlines(), type=pa.string())})
         if kind == "csv":
             import pyarrow.csv
 
@@ -120,7 +183,7 @@ def _read(path: Path, source: Source):
                 return pa.ipc.open_stream(pa.OSFile(str(path))).read_all()
     except pa.ArrowInvalid as error:
         raise DataError(f"{path}: cannot read as {kind}: {error}") from None
-    raise DataError(f"{path}: unknown data file type {path.suffix!r} (set ds_type to one of json, csv, parquet, arrow)")
+    raise DataError(f"{path}: unknown data file type {path.suffix!r} (set ds_type to one of json, csv, parquet, arrow, text)")
 
 
 def _read_json(path: Path):
