@@ -86,6 +86,12 @@ def _copy_dir(src: Path, dest: Path) -> None:
     copy_tree(src, dest, link=False, skip=("manifest.json",))
 
 
+def _write_card(session: Session, artifact, dest: Path) -> None:
+    card, chain = dag.model_card(session.store, artifact, f"{dest.name} (fine-tuned from {session.config.base_model})")
+    (dest / "README.md").write_text(card)
+    (dest / "lineage.json").write_text(json.dumps(chain, indent=1))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="molt")
 def main():
@@ -152,6 +158,7 @@ def train(ctx, config, cache_dir):
     _copy_dir(artifact.path / "model", session.output_dir())
     for extra in ("metrics.json", "loss.png"):
         shutil.copy2(artifact.path / extra, session.output_dir() / extra)
+    _write_card(session, artifact, session.output_dir())
     metrics = artifact.manifest.get("metrics", {})
     console.print(f"model written to {session.output_dir()}  (loss curve: {session.output_dir() / 'loss.png'})")
     if metrics.get("eval_loss_before") is not None:
@@ -171,6 +178,7 @@ def merge_lora(ctx, config, cache_dir):
     done = session.resolve(session.plan("merge"))
     dest = session.output_dir() / "merged"
     _copy_dir(done["merge"].artifact.path, dest)
+    _write_card(session, done["merge"].artifact, dest)
     console.print(f"merged model written to {dest}")
 
 

@@ -446,6 +446,23 @@ def lineage(store: Store, target: str) -> list[tuple[int, Artifact]]:
     return chain
 
 
+def model_card(store: Store, artifact: Artifact, title: str) -> tuple[str, list[dict]]:
+    """A README for a trained or merged model: what produced it, stage by stage, down to the
+    content hashes of the raw files; plus the same chain as data (for lineage.json)."""
+    chain = [
+        {"depth": d, "stage": a.manifest["stage"], "key": a.key, "content": a.manifest["content"], "params": a.manifest.get("params", {}),
+         "code": a.manifest["code"], "inputs": a.manifest.get("inputs", {}), "sources": a.manifest.get("sources", {})}
+        for d, a in lineage(store, artifact.key)
+    ]
+    lines = [f"# {title}", "", "Produced by molt. Every artifact below is named by the hash of what it was made from;",
+             "`molt lineage <key>` prints the same chain from the store.", "", "| stage | key | params | sources |", "|---|---|---|---|"]
+    for link in chain:
+        params = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(link["params"].items()) if v not in (None, [], {}))
+        sources = ", ".join(f"{label} ({digest[:12]})" for label, digest in link["sources"].items())
+        lines.append(f"| {'↳ ' * min(link['depth'], 1)}{link['stage']} | `{link['key'][:16]}` | {params.replace('|', '/')[:300]} | {sources[:300]} |")
+    return "\n".join(lines) + "\n", chain
+
+
 def publish_node(res: Resolution, root: Path) -> Path:
     dest = root / res.node.dvc_name
     publish(res.artifact, dest)

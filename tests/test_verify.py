@@ -59,3 +59,15 @@ def test_a_library_upgrade_is_the_reason_a_stage_is_stale(warm, molt, monkeypatc
     assert rows["tokenize[0]"]["state"] == "stale"
     assert any(r.startswith("tokenizers ") and r.endswith("→ 99.0") for r in rows["tokenize[0]"]["why"])
     assert rows["fetch_data[0]"]["state"] == "cached"
+
+
+def test_the_model_card_names_every_stage_back_to_the_data(warm, molt):
+    config = warm()
+    assert molt("merge-lora", config).exit_code == 0
+    card = (Path("out") / "merged" / "README.md").read_text()
+    chain = json.loads((Path("out") / "merged" / "lineage.json").read_text())
+    stages = [link["stage"] for link in chain]
+    assert stages[0] == "merge" and {"train", "pack", "mix", "format", "fetch_data", "fetch_model"} <= set(stages)
+    assert "alpaca.jsonl" in card and "chat.jsonl" in card
+    assert molt("train", config).exit_code == 0
+    assert "| train |" in (Path("out") / "README.md").read_text()
