@@ -149,6 +149,18 @@ def base_config(model_dir: Path) -> dict:
     }
 
 
+def write_config(path: Path, model_dir: Path, changes: dict) -> Path:
+    """The base config with `changes` applied (a None value deletes the key), written to path."""
+    config = base_config(model_dir)
+    for k, v in changes.items():
+        if v is None:
+            config.pop(k, None)
+        else:
+            config[k] = v
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """tmp_path as the working directory (relative data paths and output_dir land there)."""
@@ -165,15 +177,7 @@ def make_config(workdir, tiny_model_dir):
         if not (workdir / "data" / "alpaca.jsonl").exists():
             write_jsonl(workdir / "data" / "alpaca.jsonl", ALPACA_ROWS)
             write_jsonl(workdir / "data" / "chat.jsonl", CHAT_ROWS)
-        config = base_config(tiny_model_dir)
-        for k, v in changes.items():
-            if v is None:
-                config.pop(k, None)
-            else:
-                config[k] = v
-        path = workdir / name
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
+        return write_config(workdir / name, tiny_model_dir, changes)
 
     return make
 
@@ -272,15 +276,7 @@ def warm(warm_pipeline, workdir, tiny_model_dir, molt):
     assert result.exit_code == 0, result
 
     def write(**changes) -> Path:
-        config = base_config(tiny_model_dir)
-        for k, v in changes.items():
-            if v is None:
-                config.pop(k, None)
-            else:
-                config[k] = v
-        path = workdir / "config.yml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
+        return write_config(workdir / "config.yml", tiny_model_dir, changes)
 
     return write
 
