@@ -10,12 +10,13 @@ mode's median real tokens/s and its ratio to "unpacked, pad to longest" measured
 rounds. Modes use molt's own code (stages.pack bins and layout, stages.train collate, loss and
 epoch batches):
 
-* packed: multipack bins of micro_batch_size x seq_len tokens, one row per micro-batch;
+* packed: multipack bins of micro_batch_size x seq_len tokens, one row per micro-batch (with
+  --real-batches: bins of seq_len, micro_batch_size rows per micro-batch);
 * unpacked, pad to longest: micro_batch_size samples per micro-batch, padded to the longest
   (rounded up to 8), as molt trains without sample_packing;
 * unpacked, pad to sequence_len: the same with pad_to_sequence_len.
 
-Writes throughput.md under --out and prints it. A timing, not a test.
+Writes throughput-<seq_len>-mbs<micro_batch_size>[-real].md under --out and prints it. A timing, not a test.
 """
 
 from __future__ import annotations
@@ -53,13 +54,13 @@ def make_table(lengths: np.ndarray, vocab: int, seed: int = 0):
                      "length": pa.array(lengths.astype(np.int32))})
 
 
-def batches_for(mode: str, table, lengths: np.ndarray, seq_len: int, mbs: int) -> list[dict]:
+def batches_for(mode: str, table, lengths: np.ndarray, seq_len: int, mbs: int, real_batches: bool = False) -> list[dict]:
     from stages.pack import _layout, pack_groups
     from stages.train import collate, epoch_batches
 
     if mode == "packed":
-        bins = pack_groups(lengths, seq_len * mbs, 100_000, 200, seed=0)
-        per_batch, width = 1, None
+        bins = pack_groups(lengths, seq_len * (1 if real_batches else mbs), 100_000, 200, seed=0)
+        per_batch, width = (mbs if real_batches else 1), None
     else:
         bins = [np.array([i]) for i in range(len(lengths))]
         per_batch, width = mbs, (seq_len if mode == "unpacked, pad to sequence_len" else None)
@@ -90,14 +91,14 @@ def epoch(model, optimizer, batches: list[dict], device: str) -> float:
 MODES = ("packed", "unpacked, pad to longest", "unpacked, pad to sequence_len")
 
 
-def run(samples: int = 256, seq_len: int = 512, mbs: int = 4, rounds: int = 3, vocab: int = 4096, attn: str = "sdpa", device: str = "cpu") -> dict:
+def run(samples: int = 256, seq_len: int = 512, mbs: int = 4, rounds: int = 3, vocab: int = 4096, attn: str = "sdpa", device: str = "cpu", real_batches: bool = False) -> dict:
     import torch
 
     lengths = alpaca_like_lengths(samples)
     lengths = lengths[lengths <= seq_len]
     table = make_table(lengths, vocab)
     real = int(lengths.sum())
-    prepared = {m: batches_for(m, table, lengths, seq_len, mbs) for m in MODES}
+    prepared = {m: batches_for(m, table, lengths, seq_len, mbs, real_batches) for m in MODES}
     models = {m: tiny_model(vocab, seq_len, attn).to(device) for m in MODES}
     optimizers = {m: torch.optim.AdamW(models[m].parameters(), lr=1e-4) for m in MODES}
     for m in MODES:  # warm-up: allocator, kernels
@@ -110,7 +111,7 @@ def run(samples: int = 256, seq_len: int = 512, mbs: int = 4, rounds: int = 3, v
     base = "unpacked, pad to longest"
     return {
         "samples": len(lengths), "real_tokens": real, "seq_len": seq_len, "micro_batch_size": mbs, "rounds": rounds,
-        "device": device, "attn": attn, "threads": torch.get_num_threads(),
+        "device": device, "attn": attn, "threads": torch.get_num_threads(), "real_batches": real_batches,
         "modes": {m: {"micro_batches": len(prepared[m]),
                       "slots": int(sum(b["input_ids"].numel() for b in prepared[m])),
                       "tokens_per_s": statistics.median(rates[m]),
@@ -122,6 +123,7 @@ def table(result: dict) -> str:
     lines = [
         f"Training throughput, tiny Llama ({result['attn']}, {result['device']}, {result['threads']} threads), {result['samples']} alpaca-like samples "
         f"({result['real_tokens']} real tokens), sequence_len {result['seq_len']}, micro_batch_size {result['micro_batch_size']}, "
+        f"multipack_real_batches {str(result['real_batches']).lower()}, "
         f"median of {result['rounds']} interleaved rounds (`python -m bench.throughput`)",
         "",
         "| mode | micro-batches / epoch | real tokens / slots | real tokens/s | ratio to unpacked, pad to longest (same rounds) |",
@@ -140,12 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--real-batches", action="store_true", help="packed bins of seq-len, micro-batch-size rows per batch")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
-    result = run(args.samples, args.seq_len, args.micro_batch_size, args.rounds, attn=args.attn, device=args.device)
+    result = run(args.samples, args.seq_len, args.micro_batch_size, args.rounds, attn=args.attn, device=args.device, real_batches=args.real_batches)
     text = table(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "throughput.md").write_text(text + "\n")
+    name = f"throughput-{args.seq_len}-mbs{args.micro_batch_size}{'-real' if args.real_batches else ''}.md"
+    (args.out / name).write_text(text + "\n")
     print(text)
     return result
 

@@ -24,4 +24,4 @@ def test_throughput_benchmark_runs_every_mode_on_the_same_tokens(tmp_path):
     assert modes["packed"]["micro_batches"] < modes["unpacked, pad to longest"]["micro_batches"]
     assert modes["packed"]["slots"] < modes["unpacked, pad to sequence_len"]["slots"]
     assert all(m["tokens_per_s"] > 0 for m in modes.values())
-    assert "| packed |" in (tmp_path / "throughput.md").read_text()
+    assert "| packed |" in (tmp_path / "throughput-128-mbs2.md").read_text()
