@@ -498,6 +498,27 @@ def _one_distributed_backend(cfg: MoltConfig) -> None:
 
 
 @_rule
+def _early_stopping_needs_evaluation(cfg: MoltConfig) -> None:
+    # The best checkpoint is judged at evaluations and must have been saved at one (Axolotl's rule).
+    if cfg.early_stopping_patience is None:
+        return
+    if not (cfg.eval_steps and cfg.save_steps):
+        raise ValueError(
+            f"early_stopping_patience ({cfg.early_stopping_patience}) needs evaluation and saving at fixed steps: "
+            f"set eval_steps and save_steps (got eval_steps: {cfg.eval_steps!r}, save_steps: {cfg.save_steps!r})"
+        )
+    if cfg.save_steps % cfg.eval_steps:
+        raise ValueError(f"early_stopping_patience: save_steps ({cfg.save_steps}) must be a multiple of eval_steps ({cfg.eval_steps})")
+
+
+@_rule
+def _relora_not_sharded(cfg: MoltConfig) -> None:
+    relora = (cfg.model_extra or {}).get("relora_steps")
+    if relora and (cfg.fsdp or cfg.fsdp_config):
+        raise ValueError(f"relora_steps ({relora}) does not work with fsdp: ReLoRA merges and resets adapters on one process")
+
+
+@_rule
 def _no_packing_for_rl(cfg: MoltConfig) -> None:
     if cfg.sample_packing and cfg.rl:
         raise ValueError(f"sample_packing: true is not supported with rl: {cfg.rl}; set sample_packing: false")

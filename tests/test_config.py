@@ -153,6 +153,9 @@ def test_model_dump_json_round_trip(tmp_path):
     ({"val_set_size": -0.1}, ["val_set_size", "-0.1", "greater than or equal to 0"]),
     ({"adapter": "dora"}, ["adapter", "'dora'"]),
     ({"micro_batch_size": 0}, ["micro_batch_size", "0"]),
+    ({"early_stopping_patience": 3}, ["early_stopping_patience", "eval_steps", "save_steps"]),
+    ({"early_stopping_patience": 3, "eval_steps": 10, "save_steps": 15}, ["save_steps (15)", "multiple of eval_steps (10)"]),
+    ({"relora_steps": 100, "fsdp": ["full_shard"], "adapter": "lora"}, ["relora_steps", "fsdp"]),
 ])
 def test_rule_violations(tmp_path, keys, names):
     message = load_error(tmp_path, **keys)
