@@ -62,49 +62,33 @@ class Params(BaseModel, frozen=True):
 # -- bin packing -----------------------------------------------------------------------------
 
 
-def first_fit_decreasing(lengths: np.ndarray, capacity: int, max_items: int | None = None) -> np.ndarray:
-    """The bin of each item: items in decreasing length (ties in input order), each into the
-    first bin with room for it and fewer than `max_items` items. O(n log n): a max-tree over the
-    bins' free room finds the first bin that fits in log(bins) steps."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    n = len(lengths)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
+def _check(lengths: np.ndarray, capacity: int) -> None:
     if lengths.max() > capacity or lengths.min() < 1:
         raise DataError(f"sample lengths must be between 1 and the bin capacity {capacity}; got {int(lengths.min())}..{int(lengths.max())}")
-    max_items = max_items or n
-    order = np.argsort(-lengths, kind="stable")
-    sorted_len = lengths[order]
-    # Items over half the capacity never share a bin with each other: in decreasing order each
-    # opens the next bin, so they are placed without a search.
-    big = int((sorted_len > capacity // 2).sum())
-    size = 1 << max(0, (n - 1).bit_length())
-    leaves = np.full(size, capacity, dtype=np.int64)
-    leaves[:big] = capacity - sorted_len[:big]
-    count = [0] * n
-    for b in range(min(big, n)):
-        count[b] = 1
-    if max_items == 1:
-        leaves[:big] = -1
-    # the tree: tree[1] is the root, tree[size + b] the room left in bin b
-    levels = [leaves]
+
+
+def _first_fit(needs: list[int], room: np.ndarray, count: list[int], max_items: int) -> list[int]:
+    """Each item into the first bin with room for it and fewer than `max_items` items, given the
+    bins' starting room (`room`, a power-of-two length; -1 marks a closed bin) and item counts.
+    A max-tree over the room finds that bin in log(bins) steps instead of a scan."""
+    size = len(room)
+    levels = [room]
     while len(levels[-1]) > 1:
         prev = levels[-1]
         levels.append(np.maximum(prev[0::2], prev[1::2]))
-    tree = [0] * (2 * size)
+    tree = [0] * (2 * size)  # tree[1] is the root, tree[size + b] the room left in bin b
     for depth, level in enumerate(reversed(levels)):
         start = 1 << depth
         tree[start:start + len(level)] = level.tolist()
-    bins = [0] * n
-    bins[:big] = range(big)
-    for i, need in enumerate(sorted_len[big:].tolist(), start=big):
+    bins = []
+    for need in needs:
         node = 1
         while node < size:
             node <<= 1
             if tree[node] < need:
                 node += 1
         b = node - size
-        bins[i] = b
+        bins.append(b)
         count[b] += 1
         tree[node] = tree[node] - need if count[b] < max_items else -1
         node >>= 1
@@ -115,6 +99,27 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int, max_items: int | No
                 break
             tree[node] = best
             node >>= 1
+    return bins
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int, max_items: int | None = None) -> np.ndarray:
+    """The bin of each item: items in decreasing length (ties in input order), each into the
+    first bin with room for it and fewer than `max_items` items. O(n log n)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    _check(lengths, capacity)
+    max_items = max_items or n
+    order = np.argsort(-lengths, kind="stable")
+    sorted_len = lengths[order]
+    # Items over half the capacity never share a bin with each other: in decreasing order each
+    # opens the next bin, so they are placed without a search.
+    big = int((sorted_len > capacity // 2).sum())
+    room = np.full(1 << max(0, (n - 1).bit_length()), capacity, dtype=np.int64)
+    room[:big] = -1 if max_items == 1 else capacity - sorted_len[:big]
+    count = [1] * big + [0] * (n - big)
+    bins = list(range(big)) + _first_fit(sorted_len[big:].tolist(), room, count, max_items)
     out = np.empty(n, dtype=np.int64)
     out[order] = bins
     return out
@@ -128,32 +133,9 @@ def first_fit_in_order(lengths: np.ndarray, capacity: int, max_items: int | None
     n = len(lengths)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    if lengths.max() > capacity or lengths.min() < 1:
-        raise DataError(f"sample lengths must be between 1 and the bin capacity {capacity}; got {int(lengths.min())}..{int(lengths.max())}")
-    max_items = max_items or n
-    size = 1 << max(0, (n - 1).bit_length())
-    tree = [capacity] * (2 * size)
-    count = [0] * n
-    bins = [0] * n
-    for k, need in enumerate(lengths.tolist()):
-        node = 1
-        while node < size:
-            node <<= 1
-            if tree[node] < need:
-                node += 1
-        b = node - size
-        bins[k] = b
-        count[b] += 1
-        tree[node] = tree[node] - need if count[b] < max_items else -1
-        node >>= 1
-        while node:
-            left, right = tree[2 * node], tree[2 * node + 1]
-            best = left if left > right else right
-            if tree[node] == best:
-                break
-            tree[node] = best
-            node >>= 1
-    return np.asarray(bins, dtype=np.int64)
+    _check(lengths, capacity)
+    room = np.full(1 << max(0, (n - 1).bit_length()), capacity, dtype=np.int64)
+    return np.asarray(_first_fit(lengths.tolist(), room, [0] * n, max_items or n), dtype=np.int64)
 
 
 def pack_group(lengths: np.ndarray, capacity: int, max_items: int) -> np.ndarray:
