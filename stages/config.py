@@ -61,7 +61,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "lora_target_parameters", "lora_on_cpu", "peft", "peft_layers_to_transform", "peft_layers_pattern",
     "peft_use_dora", "peft_use_rslora", "peft_layer_replication", "peft_init_lora_weights",
     "peft_trainable_token_indices", "peft_ensure_weight_tying", "peft_autocast_adapter_dtype",
-    "qlora_sharded_model_loading", "bnb_config_kwargs", "loraplus_lr_ratio", "loraplus_lr_embedding",
+    "qlora_sharded_model_loading", "loraplus_lr_ratio", "loraplus_lr_embedding",
     "merge_lora", "merge_method", "relora", "unfrozen_parameters",
     # quantization / low precision
     "fp8", "fp8_enable_fsdp_float8_all_gather", "qat", "quantization", "bfloat16", "float16", "float32",
@@ -284,6 +284,7 @@ class MoltConfig(BaseModel):
     lora_model_dir: str | None = None
     load_in_4bit: bool = False
     load_in_8bit: bool = False
+    bnb_config_kwargs: dict[str, Any] | None = None
 
     # batch and schedule
     micro_batch_size: int = Field(default=1, ge=1)

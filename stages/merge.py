@@ -2,6 +2,8 @@
 
 Reads the fetched base model and train's `model/` (adapter, tokenizer). Writes a standalone
 model directory (safetensors, config, tokenizer with its chat template) that loads without peft.
+A QLoRA / 8-bit adapter is merged into the base loaded in full precision (as Axolotl's merge-lora
+switches load_in_4bit/8bit off): folding into quantized weights would round the update away.
 """
 
 from __future__ import annotations

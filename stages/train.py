@@ -31,7 +31,7 @@ from stages.store import DataError, list_files, read_table
 from stages.ui import console, progress
 
 SCHEMA = 2
-LIBRARIES = ("torch", "transformers", "peft", "accelerate")
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
 IGNORE = -100
 
 
@@ -46,6 +46,7 @@ class Params(BaseModel, frozen=True):
     lora_fan_in_fan_out: bool | None = None
     load_in_4bit: bool = False
     load_in_8bit: bool = False
+    bnb_config_kwargs: dict | None = None
     trust_remote_code: bool = False
     micro_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -224,16 +225,46 @@ def evaluation_loss(trainer, loader) -> float | None:
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
+def quantization_config(params: Params):
+    """bitsandbytes settings for `load_in_4bit` (QLoRA: nf4, double quantization, fp32 compute on
+    CPU, as Axolotl's defaults; `bnb_config_kwargs` overrides them) or `load_in_8bit`; None when
+    the model is loaded in full precision."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if params.load_in_4bit:
+        settings = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": torch.float32}
+        settings.update(params.bnb_config_kwargs or {})
+        if isinstance(settings["bnb_4bit_compute_dtype"], str):
+            settings["bnb_4bit_compute_dtype"] = getattr(torch, settings["bnb_4bit_compute_dtype"])
+        return BitsAndBytesConfig(load_in_4bit=True, **settings)
+    if params.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, **(params.bnb_config_kwargs or {}))
+    return None
+
+
 def _load_model(params: Params, model_dir: Path, vocab_size: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    if params.load_in_4bit or params.load_in_8bit:
-        raise DataError("load_in_4bit / load_in_8bit (QLoRA, 8-bit LoRA): not supported yet")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=params.trust_remote_code)
+    quantized = quantization_config(params)
+    extra = {}
+    if quantized is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise DataError("load_in_4bit / load_in_8bit need bitsandbytes: pip install bitsandbytes") from None
+        # the quantized weights must stay where bitsandbytes put them; the Trainer does not move them
+        extra = {"quantization_config": quantized, "device_map": {"": "cuda:0" if torch.cuda.is_available() else "cpu"}}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=params.trust_remote_code, **extra)
     model.config.use_cache = False  # a KV cache would also switch off packed-sequence masking
     if vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
+    if quantized is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # freezes the quantized base, upcasts norms and the head to fp32; checkpointing is set by the Trainer
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if params.adapter in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
