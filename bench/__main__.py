@@ -27,7 +27,7 @@ from bench import packing, pipeline, throughput
 
 SIZES = {
     "quick": {"alpaca": 3000, "chats": 1200, "quarter": 1000, "growth": [1000, 5000, 20000], "status": [10, 100, 1000],
-              "tokenize_rounds": 3, "packing_samples": 52000, "throughput": ["--samples", "64", "--rounds", "1"]},
+              "tokenize_rounds": 3, "packing_samples": 52000, "throughput": ["--samples", "48", "--rounds", "1"]},
     "full": {"alpaca": 50000, "chats": 20000, "quarter": 10000, "growth": [10000, 50000, 200000], "status": [10, 100, 1000],
              "tokenize_rounds": 3, "packing_samples": 52000, "throughput": ["--samples", "256", "--rounds", "3"]},
     "tiny": {"alpaca": 40, "chats": 20, "quarter": 10, "growth": [20, 40], "status": [12, 14],

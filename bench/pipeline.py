@@ -2,7 +2,7 @@
 partial `molt preprocess`, cost growth with rows and `molt status` time with cache size.
 
 Every `molt` run here is a subprocess (`python -m stages.cli`) in a scratch directory, timed by
-wall clock, with its peak RSS from `os.wait4`. The base model is a tiny random Llama with the
+wall clock, with its peak RSS (the child's own VmHWM). The base model is a tiny random Llama with the
 SmolLM2 tokenizer (the test fixtures', cached under .pytest_cache/molt-fixtures/), the data are
 synthetic alpaca-like rows and multi-turn chats (seeded). A timing, not a test.
 """
@@ -127,25 +127,39 @@ def write_config(path: Path, model_dir: Path, datasets: list[dict], **extra) -> 
         "output_dir": "out",
     }
     config.update(extra)
+    config = {k: v for k, v in config.items() if v is not None}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
 # -- running molt --------------------------------------------------------------------------------
 
+# The child reports its own peak RSS (VmHWM of the exec'd process): os.wait4's ru_maxrss would
+# count the parent's memory too, since a forked child starts with the parent's pages.
+LAUNCHER = """
+import atexit, os, sys
+def _hwm():
+    with open('/proc/self/status') as f:
+        kib = next((l.split()[1] for l in f if l.startswith('VmHWM')), '0')
+    with open(os.environ['MOLT_BENCH_HWM'], 'w') as f:
+        f.write(kib)
+atexit.register(_hwm)
+from stages.cli import main
+main(prog_name='molt')
+"""
+
+
 def molt(args: list, cwd: Path, cache: Path, python_flags: tuple[str, ...] = ()) -> dict:
     """`molt ARGS` as a subprocess in cwd: seconds, peak RSS (MiB), stdout, stderr."""
-    cmd = [sys.executable, *python_flags, "-m", "stages.cli", *map(str, args), "--cache-dir", str(cache)]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), COLUMNS="200")
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    start = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, env=env)
-    _, status, usage = os.wait4(p.pid, 0)
-    seconds = time.perf_counter() - start
-    p.returncode = os.waitstatus_to_exitcode(status)
-    out.seek(0), err.seek(0)
-    result = {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "stdout": out.read().decode(errors="replace"),
-              "stderr": err.read().decode(errors="replace")}
+    cmd = [sys.executable, *python_flags, "-c", LAUNCHER, *map(str, args), "--cache-dir", str(cache)]
+    with tempfile.TemporaryDirectory() as tmp:
+        hwm = Path(tmp) / "hwm"
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), COLUMNS="200", MOLT_BENCH_HWM=str(hwm))
+        start = time.perf_counter()
+        p = subprocess.run(cmd, cwd=cwd, capture_output=True, env=env)
+        seconds = time.perf_counter() - start
+        kib = int(hwm.read_text() or 0) if hwm.exists() else 0
+    result = {"seconds": seconds, "peak_rss_mib": kib / 1024, "stdout": p.stdout.decode(errors="replace"), "stderr": p.stderr.decode(errors="replace")}
     if p.returncode != 0:
         raise RuntimeError(f"molt {' '.join(map(str, args))} exited {p.returncode}:\n{result['stdout'][-3000:]}\n{result['stderr'][-3000:]}")
     return result
