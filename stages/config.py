@@ -58,11 +58,11 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "tiled_mlp_use_original_mlp", "activation_offloading", "dynamic_checkpoint", "torch_compile",
     "torch_compile_backend", "torch_compile_mode", "gc_steps",
     # PEFT beyond plain LoRA / QLoRA
-    "lora_target_parameters", "lora_on_cpu", "peft", "peft_layers_to_transform", "peft_layers_pattern",
-    "peft_use_dora", "peft_use_rslora", "peft_layer_replication", "peft_init_lora_weights",
+    "lora_target_parameters", "lora_on_cpu", "peft", "peft_layers_pattern",
+    "peft_use_rslora", "peft_layer_replication", "peft_init_lora_weights",
     "peft_trainable_token_indices", "peft_ensure_weight_tying", "peft_autocast_adapter_dtype",
-    "qlora_sharded_model_loading", "loraplus_lr_ratio", "loraplus_lr_embedding",
-    "merge_lora", "merge_method", "relora", "unfrozen_parameters",
+    "qlora_sharded_model_loading",
+    "merge_lora", "merge_method", "relora",
     # quantization / low precision
     "fp8", "fp8_enable_fsdp_float8_all_gather", "qat", "quantization", "bfloat16", "float16", "float32",
     # data pipeline
@@ -81,7 +81,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "auto_find_batch_size", "embedding_lr", "embedding_lr_scale", "optim_args",
     "optim_target_modules", "torchdistx_path", "lr_scheduler_kwargs", "lr_quadratic_warmup",
     "cosine_min_lr_ratio", "cosine_constant_lr_ratio", "lr_div_factor", "lr_groups", "adam_epsilon",
-    "adam_epsilon2", "adam_beta1", "adam_beta2", "adam_beta3", "neftune_noise_alpha",
+    "adam_epsilon2", "adam_beta1", "adam_beta2", "adam_beta3",
     "noisy_embedding_alpha", "gradient_checkpointing_kwargs",
     # evaluation / checkpoints / output
     "eval_strategy", "evaluation_strategy", "save_strategy", "save_total_limit", "save_only_model",
@@ -282,6 +282,12 @@ class MoltConfig(BaseModel):
     lora_modules_to_save: list[str] | None = None
     lora_fan_in_fan_out: bool | None = None
     lora_model_dir: str | None = None
+    peft_use_dora: bool | None = None
+    peft_layers_to_transform: list[int] | int | None = None
+    loraplus_lr_ratio: float | None = Field(default=None, gt=0)
+    loraplus_lr_embedding: float | None = Field(default=None, gt=0)
+    unfrozen_parameters: list[str] | None = None
+    neftune_noise_alpha: float | None = Field(default=None, gt=0)
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     bnb_config_kwargs: dict[str, Any] | None = None

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from stages.store import DataError, list_files, read_table
 from stages.ui import console, progress
 
-SCHEMA = 2
+SCHEMA = 3
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
 IGNORE = -100
 
@@ -44,6 +44,13 @@ class Params(BaseModel, frozen=True):
     lora_target_linear: bool | None = None
     lora_modules_to_save: list[str] | None = None
     lora_fan_in_fan_out: bool | None = None
+    lora_model_dir: str | None = None
+    peft_use_dora: bool | None = None
+    peft_layers_to_transform: list[int] | int | None = None
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float | None = None
+    unfrozen_parameters: list[str] | None = None
+    neftune_noise_alpha: float | None = None
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     bnb_config_kwargs: dict | None = None
@@ -266,22 +273,79 @@ def _load_model(params: Params, model_dir: Path, vocab_size: int):
         # freezes the quantized base, upcasts norms and the head to fp32; checkpointing is set by the Trainer
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if params.adapter in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model
-
-        targets = params.lora_target_modules or ("all-linear" if params.lora_target_linear else None)
-        config = LoraConfig(
-            r=params.lora_r,
-            lora_alpha=params.lora_alpha,
-            lora_dropout=params.lora_dropout,
-            target_modules=targets,
-            modules_to_save=params.lora_modules_to_save,
-            fan_in_fan_out=bool(params.lora_fan_in_fan_out),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, config)
+        model = _with_adapter(params, model)
     elif params.adapter:
         raise DataError(f"adapter {params.adapter!r}: molt trains lora, qlora or (no adapter) full models")
+    elif params.unfrozen_parameters:
+        freeze_except(model, params.unfrozen_parameters)
     return model
+
+
+def _with_adapter(params: Params, model):
+    """A new LoRA adapter, or the one in `lora_model_dir` made trainable again (continued training:
+    its own r, targets and layers, so the config's lora_* keys do not apply to it)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if params.unfrozen_parameters:
+        raise DataError("unfrozen_parameters selects weights for full fine-tuning; with an adapter only the adapter trains (unset adapter or unfrozen_parameters)")
+    if params.lora_model_dir:
+        if not (Path(params.lora_model_dir) / "adapter_config.json").exists():
+            raise DataError(f"lora_model_dir {params.lora_model_dir}: no adapter_config.json there (not a peft adapter)")
+        return PeftModel.from_pretrained(model, params.lora_model_dir, is_trainable=True)
+    # a string is a regex that peft matches against whole module names; a list names modules
+    targets = params.lora_target_modules or ("all-linear" if params.lora_target_linear else None)
+    layers = params.peft_layers_to_transform
+    if layers is not None and isinstance(targets, str) and targets != "all-linear":
+        raise DataError("peft_layers_to_transform needs lora_target_modules as a list of module names, not a regex")
+    config = LoraConfig(
+        r=params.lora_r,
+        lora_alpha=params.lora_alpha,
+        lora_dropout=params.lora_dropout,
+        target_modules=targets,
+        modules_to_save=params.lora_modules_to_save,
+        fan_in_fan_out=bool(params.lora_fan_in_fan_out),
+        use_dora=bool(params.peft_use_dora),
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def freeze_except(model, patterns: list[str]) -> None:
+    """Full fine-tuning of only the parameters whose name matches one of the regexes (re.match from
+    the start of the name, as Axolotl); a pattern that matches nothing is a config error, not a no-op."""
+    import re
+
+    compiled = [re.compile(p) for p in patterns]
+    used = set()
+    for name, param in model.named_parameters():
+        hits = {p.pattern for p in compiled if p.match(name)}
+        param.requires_grad_(bool(hits))
+        used |= hits
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise DataError(f"unfrozen_parameters: {', '.join(unused)} match no parameter of the model (names look like {next(iter(dict(model.named_parameters())))})")
+
+
+def sources(params: Params) -> list[tuple[str, Path]]:
+    """The adapter continued from (`lora_model_dir`): its content is part of the key."""
+    if not params.lora_model_dir:
+        return []
+    root = Path(params.lora_model_dir)
+    if not root.is_dir():
+        raise DataError(f"lora_model_dir {root}: not a directory")
+    return [(f"lora_model_dir/{p.relative_to(root).as_posix()}", p) for p in list_files(root)]
+
+
+def loraplus_optimizer(trainer, params: Params):
+    """LoRA+: the B matrices learn `loraplus_lr_ratio` times faster than A (peft's grouping), with
+    the optimizer class and settings the Trainer would have used."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    extra = {"loraplus_lr_embedding": params.loraplus_lr_embedding} if params.loraplus_lr_embedding is not None else {}
+    return create_loraplus_optimizer(trainer.model, cls, lr=trainer.args.learning_rate, loraplus_lr_ratio=params.loraplus_lr_ratio, loraplus_weight_decay=trainer.args.weight_decay, **extra, **kwargs)
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
@@ -296,6 +360,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     if len(train_rows) == 0:
         raise DataError("no training rows: every sample was dropped before packing")
     model = _load_model(params, inputs["model"], tokenizer_info["vocab_size"])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def collator(split: str):
         return make_collator(layout[split], pad_id, bool(params.pad_to_sequence_len), params.batch_flattening)
@@ -326,6 +391,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         average_tokens_across_devices=True,  # the loss divides by the trained tokens of all ranks
+        neftune_noise_alpha=params.neftune_noise_alpha,
     )
     world = max(1, args.world_size)
     batches_per_epoch = RankBatches(train_rows.lengths, train_batch, world, 0, params.seed).__len__()
@@ -343,6 +409,14 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         def get_eval_dataloader(self, eval_dataset=None):
             sampler = RankBatches(val_rows.lengths, eval_batch, world, args.process_index, params.seed, shuffle=False)
             return _loader(self, val_rows, sampler, collator("val"))
+
+        def create_optimizer(self, model=None):
+            if params.loraplus_lr_ratio is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            if not params.adapter:
+                raise DataError("loraplus_lr_ratio needs an adapter (lora or qlora)")
+            self.optimizer = loraplus_optimizer(self, params)
+            return self.optimizer
 
     history: list[dict] = []
 
@@ -387,6 +461,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         "val_rows": len(val_rows),
         "steps_per_epoch": steps_per_epoch,
         "micro_batches_per_epoch": batches_per_epoch,
+        "trainable_parameters": trainable,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _plot(history, before, after, out / "loss.png")
