@@ -6,7 +6,8 @@
 2. preprocess: cold `molt preprocess` (wall, peak RSS), warm no-change rerun (and whether it
    imports torch), partial rerun after changing the template of one of four equal datasets;
 3. packing: bench.packing (molt's packer vs first-fit in order vs unpacked);
-4. throughput: bench.throughput (tiny Llama, packed vs unpacked), multipack real batches;
+4. throughput: bench.throughput (tiny Llama, packed vs unpacked), multipack real batches; in the
+   full run also bench.lora (SmolLM2-135M LoRA: molt packed / unpacked vs a plain Trainer);
 5. growth: preprocess time at growing row counts, `molt status` time at 10/100/1000 artifacts.
 
 Writes bench.md (every table) and bench.png under --out, plus packing.md/png and the throughput
@@ -23,17 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import packing, pipeline, throughput
+from bench import lora, packing, pipeline, throughput
 
 SIZES = {
     "quick": {"alpaca": 3000, "chats": 1200, "quarter": 1000, "growth": [1000, 5000, 20000], "status": [10, 100, 1000],
               "tokenize_rounds": 3, "packing_samples": 52000, "throughput": ["--samples", "48", "--rounds", "1"]},
     "full": {"alpaca": 50000, "chats": 20000, "quarter": 10000, "growth": [10000, 50000, 200000], "status": [10, 100, 1000],
-             "tokenize_rounds": 3, "packing_samples": 52000, "throughput": ["--samples", "256", "--rounds", "3"]},
+             "tokenize_rounds": 2, "packing_samples": 52000, "throughput": ["--samples", "128", "--rounds", "2"], "lora_rows": 32},
     "tiny": {"alpaca": 40, "chats": 20, "quarter": 10, "growth": [20, 40], "status": [12, 14],
              "tokenize_rounds": 1, "packing_samples": 2000, "throughput": ["--samples", "8", "--rounds", "1", "--seq-len", "128"]},
 }
-STEPS = ("preprocess", "tokenize", "packing", "throughput", "growth", "status")
+STEPS = ("preprocess", "tokenize", "packing", "throughput", "growth", "status", "lora")
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -69,6 +70,8 @@ def report(results: dict, mode: str, seconds: float) -> str:
         lines += ["## 3. Packing efficiency (real tokens / slots)", "", packing.table(results["packing"]).strip(), ""]
     if "throughput" in results:
         lines += ["## 4. Training throughput, tiny Llama on CPU", "", throughput.table(results["throughput"]).strip(), ""]
+    if "lora" in results:
+        lines += ["## 4b. SmolLM2 LoRA training throughput on CPU: molt vs a plain transformers Trainer", "", lora.table(results["lora"]).strip(), ""]
     if "growth" in results:
         lines += ["## 5a. Preprocess cost growth (one alpaca dataset; model and tokenizer cached)", "",
                   "| rows | wall s | stage seconds | µs / row | per row vs smallest | peak RSS MiB |", "|---:|---:|---:|---:|---:|---:|"]
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         step("throughput", lambda: throughput.main([*sizes["throughput"], "--micro-batch-size", "8", "--real-batches", "--out", str(args.out)]))
         step("growth", lambda: pipeline.growth_bench(work / "growth", sizes["growth"], cache))
         step("status", lambda: pipeline.status_bench(work / "status", sizes["status"], cache))
+        if "lora_rows" in sizes:  # SmolLM2 LoRA on CPU: minutes per mode on 2 cores, so the full run only
+            step("lora", lambda: lora.run(rows=sizes["lora_rows"], work=work / "lora"))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
