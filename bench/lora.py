@@ -97,7 +97,7 @@ def run(rows: int = 96, seq_len: int = 512, mbs: int = 2, work: Path | None = No
         status = pipeline.molt(["status", cfg, "--json"], work, cache)["stdout"]
         keys = {r["stage"]: r["key"] for r in json.JSONDecoder().raw_decode(status[status.index("["):])[0]}
         model_dir = cache / "fetch_model" / keys["fetch_model"]
-        tokenized = [str(cache / "tokenize" / k) for s, k in keys.items() if s.startswith("tokenize")]
+        tokenized = [str(cache / "tokenize" / k) for s, k in keys.items() if s == "tokenize" or s.startswith("tokenize[")]
         result_path = work / "baseline.json"
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         code = f"from bench.lora import baseline; baseline({str(model_dir)!r}, {tokenized!r}, {mbs}, {str(result_path)!r})"
