@@ -78,11 +78,11 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "total_supervised_tokens", "axolotl_config_path", "max_packed_sequence_len", "streaming",
     "shuffle_before_merging_datasets", "image_size", "image_resize_algorithm",
     # optimizer / schedule extras
-    "auto_find_batch_size", "embedding_lr", "embedding_lr_scale", "optim_args",
-    "optim_target_modules", "torchdistx_path", "lr_scheduler_kwargs", "lr_quadratic_warmup",
-    "cosine_min_lr_ratio", "cosine_constant_lr_ratio", "lr_div_factor", "lr_groups", "adam_epsilon",
-    "adam_epsilon2", "adam_beta1", "adam_beta2", "adam_beta3",
-    "noisy_embedding_alpha", "gradient_checkpointing_kwargs",
+    "auto_find_batch_size", "embedding_lr", "embedding_lr_scale",
+    "optim_target_modules", "torchdistx_path", "lr_quadratic_warmup",
+    "cosine_constant_lr_ratio", "lr_groups",
+    "adam_epsilon2", "adam_beta3",
+    "noisy_embedding_alpha",
     # evaluation / checkpoints / output
     "eval_strategy", "evaluation_strategy", "save_strategy", "save_total_limit", "save_only_model",
     "save_safetensors", "save_first_step", "load_best_model_at_end", "metric_for_best_model",
@@ -302,6 +302,13 @@ class MoltConfig(BaseModel):
     learning_rate: float | None = None  # Axolotl has no default (required there); the trainer decides
     optimizer: str = "adamw_torch"
     lr_scheduler: str = "cosine"
+    cosine_min_lr_ratio: float | None = Field(default=None, ge=0, le=1)
+    lr_div_factor: float | None = Field(default=None, gt=0)
+    lr_scheduler_kwargs: dict[str, Any] | None = None
+    adam_beta1: float | None = Field(default=None, ge=0, lt=1)
+    adam_beta2: float | None = Field(default=None, ge=0, lt=1)
+    adam_epsilon: float | None = Field(default=None, ge=0)
+    optim_args: str | dict[str, Any] | None = None
     warmup_steps: int | None = Field(default=None, ge=0)
     warmup_ratio: float | None = Field(default=None, ge=0, le=1)
     weight_decay: float = 0.0
@@ -314,6 +321,7 @@ class MoltConfig(BaseModel):
     fp16: bool | None = None
     tf32: bool | None = None
     gradient_checkpointing: Literal["offload", "offload_disk", "unsloth"] | bool = False
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None
 
     # evaluation, checkpoints, output
     output_dir: str = "./model-out"

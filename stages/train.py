@@ -65,6 +65,15 @@ class Params(BaseModel, frozen=True):
     lr_scheduler: str = "cosine"
     warmup_steps: int | None = None
     warmup_ratio: float | None = None
+    cosine_min_lr_ratio: float | None = None
+    lr_div_factor: float | None = None
+    lr_scheduler_kwargs: dict | None = None
+    adam_beta1: float | None = None
+    adam_beta2: float | None = None
+    adam_epsilon: float | None = None
+    optim_args: str | dict | None = None
+    gradient_checkpointing: str | bool = False
+    gradient_checkpointing_kwargs: dict | None = None
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     logging_steps: int | None = None
@@ -348,6 +357,62 @@ def loraplus_optimizer(trainer, params: Params):
     return create_loraplus_optimizer(trainer.model, cls, lr=trainer.args.learning_rate, loraplus_lr_ratio=params.loraplus_lr_ratio, loraplus_weight_decay=trainer.args.weight_decay, **extra, **kwargs)
 
 
+def schedule_settings(params: Params) -> dict:
+    """TrainingArguments for the learning-rate schedule. Names are transformers' (linear, cosine,
+    constant, constant_with_warmup, cosine_with_restarts, polynomial, inverse_sqrt, ...);
+    `cosine_min_lr_ratio` turns cosine into cosine_with_min_lr (the floor a fraction of the peak);
+    `one_cycle` is torch's OneCycleLR, built in MoltTrainer.create_scheduler."""
+    name, kwargs = params.lr_scheduler, dict(params.lr_scheduler_kwargs or {})
+    if name == "cosine" and params.cosine_min_lr_ratio is not None:
+        name, kwargs = "cosine_with_min_lr", {"min_lr_rate": params.cosine_min_lr_ratio, **kwargs}
+    elif params.cosine_min_lr_ratio is not None:
+        raise DataError(f"cosine_min_lr_ratio applies to lr_scheduler: cosine, not {name}")
+    if params.lr_div_factor is not None and name != "one_cycle":
+        raise DataError(f"lr_div_factor applies to lr_scheduler: one_cycle, not {name}")
+    if name == "one_cycle":
+        return {"lr_scheduler_type": "constant"}  # replaced by create_scheduler
+    from transformers import SchedulerType
+
+    if name not in {s.value for s in SchedulerType}:
+        raise DataError(f"lr_scheduler: {name!r} is not a scheduler; use one of one_cycle, {', '.join(s.value for s in SchedulerType)}")
+    return {"lr_scheduler_type": name, "lr_scheduler_kwargs": kwargs}
+
+
+def one_cycle(optimizer, params: Params, total_steps: int, warmup_steps: int):
+    """Axolotl's one_cycle: up from lr / lr_div_factor to lr over the warm-up (30% of the steps
+    when none is set), then cosine annealing down."""
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    pct_start = warmup_steps / total_steps if warmup_steps else 0.3
+    return OneCycleLR(optimizer, max_lr=params.learning_rate, total_steps=total_steps, pct_start=min(max(pct_start, 1e-6), 1.0), div_factor=params.lr_div_factor or 25.0, anneal_strategy="cos")
+
+
+def optimizer_settings(params: Params) -> dict:
+    """TrainingArguments for the optimizer: Adam's betas and epsilon where given, `optim_args` as
+    transformers' "k=v,k=v" string (Axolotl also takes a mapping)."""
+    settings = {name: getattr(params, name) for name in ("adam_beta1", "adam_beta2", "adam_epsilon") if getattr(params, name) is not None}
+    if isinstance(params.optim_args, dict):
+        settings["optim_args"] = ",".join(f"{k}={v}" for k, v in params.optim_args.items())
+    elif params.optim_args:
+        settings["optim_args"] = params.optim_args
+    return settings
+
+
+def checkpointing_settings(params: Params, model) -> dict:
+    """Activation checkpointing: recompute each layer's activations in the backward pass (less
+    memory, same gradients). Non-reentrant by default, which needs no input gradients; with the
+    reentrant variant a frozen embedding would cut the graph, so the inputs are made to need grads."""
+    mode = params.gradient_checkpointing
+    if not mode:
+        return {}
+    if mode is not True:
+        raise DataError(f"gradient_checkpointing: {mode}: not supported yet (use true)")
+    kwargs = {"use_reentrant": False, **(params.gradient_checkpointing_kwargs or {})}
+    if kwargs["use_reentrant"] and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": kwargs}
+
+
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
@@ -377,7 +442,9 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         max_steps=params.max_steps or -1,
         learning_rate=params.learning_rate,
         optim=params.optimizer,
-        lr_scheduler_type=params.lr_scheduler,
+        **optimizer_settings(params),
+        **schedule_settings(params),
+        **checkpointing_settings(params, model),
         warmup_steps=warmup,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm if params.max_grad_norm is not None else 1.0,
@@ -410,6 +477,12 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
             sampler = RankBatches(val_rows.lengths, eval_batch, world, args.process_index, params.seed, shuffle=False)
             return _loader(self, val_rows, sampler, collator("val"))
 
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if params.lr_scheduler != "one_cycle" or self.lr_scheduler is not None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            self.lr_scheduler = one_cycle(optimizer or self.optimizer, params, num_training_steps, self.args.get_warmup_steps(num_training_steps))
+            return self.lr_scheduler
+
         def create_optimizer(self, model=None):
             if params.loraplus_lr_ratio is None or self.optimizer is not None:
                 return super().create_optimizer(model)
@@ -429,7 +502,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                history.append({"step": state.global_step, "loss": round(float(logs["loss"]), 6)})
+                history.append({"step": state.global_step, "loss": round(float(logs["loss"]), 6), "lr": float(logs.get("learning_rate", 0.0))})
                 console.print(f"  step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}")
 
     with progress("train", total_steps) as advance:
