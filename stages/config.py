@@ -84,10 +84,10 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "adam_epsilon2", "adam_beta3",
     "noisy_embedding_alpha",
     # evaluation / checkpoints / output
-    "eval_strategy", "evaluation_strategy", "save_strategy", "save_total_limit", "save_only_model",
+    "eval_strategy", "evaluation_strategy", "save_strategy", "save_only_model",
     "save_safetensors", "save_first_step", "load_best_model_at_end", "metric_for_best_model",
-    "greater_is_better", "resume_from_checkpoint", "auto_resume_from_checkpoints",
-    "loss_watchdog_threshold", "loss_watchdog_patience", "include_tokens_per_second", "include_tkps",
+    "greater_is_better", "auto_resume_from_checkpoints",
+    "include_tokens_per_second", "include_tkps",
     "profiler_steps", "profiler_steps_start", "use_tensorboard", "eval_table_size",
     "eval_max_new_tokens", "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval",
     "bench_dataset", "bench_split", "hub_strategy", "hub_revision", "accelerator_config",
@@ -331,6 +331,10 @@ class MoltConfig(BaseModel):
     save_steps: int | float | None = None
     saves_per_epoch: int | None = Field(default=None, ge=1)
     early_stopping_patience: int | None = Field(default=None, ge=1)
+    save_total_limit: int | None = Field(default=None, ge=1)
+    loss_watchdog_threshold: float | None = None
+    loss_watchdog_patience: int | None = Field(default=None, ge=1)
+    resume_from_checkpoint: str | None = None
     hub_model_id: str | None = None
 
     # distributed

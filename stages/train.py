@@ -77,6 +77,15 @@ class Params(BaseModel, frozen=True):
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     logging_steps: int | None = None
+    eval_steps: int | float | None = None
+    evals_per_epoch: int | None = None
+    save_steps: int | float | None = None
+    saves_per_epoch: int | None = None
+    save_total_limit: int | None = None
+    early_stopping_patience: int | None = None
+    loss_watchdog_threshold: float | None = None
+    loss_watchdog_patience: int | None = None
+    resume_from_checkpoint: str | None = None
     seed: int = 42
     pad_to_sequence_len: bool | None = None
     batch_flattening: bool = False
@@ -337,13 +346,16 @@ def freeze_except(model, patterns: list[str]) -> None:
 
 
 def sources(params: Params) -> list[tuple[str, Path]]:
-    """The adapter continued from (`lora_model_dir`): its content is part of the key."""
-    if not params.lora_model_dir:
-        return []
-    root = Path(params.lora_model_dir)
-    if not root.is_dir():
-        raise DataError(f"lora_model_dir {root}: not a directory")
-    return [(f"lora_model_dir/{p.relative_to(root).as_posix()}", p) for p in list_files(root)]
+    """The adapter continued from (`lora_model_dir`) and the checkpoint resumed from
+    (`resume_from_checkpoint`): their content is part of the key."""
+    out = []
+    for key in ("lora_model_dir", "resume_from_checkpoint"):
+        if getattr(params, key):
+            root = Path(getattr(params, key))
+            if not root.is_dir():
+                raise DataError(f"{key} {root}: not a directory")
+            out += [(f"{key}/{p.relative_to(root).as_posix()}", p) for p in list_files(root)]
+    return out
 
 
 def loraplus_optimizer(trainer, params: Params):
@@ -413,6 +425,49 @@ def checkpointing_settings(params: Params, model) -> dict:
     return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": kwargs}
 
 
+def every(steps: int | float | None, per_epoch: int | None, steps_per_epoch: int) -> int | float | None:
+    """An evaluation or save interval in optimizer steps (a float < 1 stays a fraction of the run,
+    which the Trainer resolves), from `*_steps` or `*s_per_epoch`; None: never."""
+    if per_epoch:
+        return max(1, steps_per_epoch // per_epoch)
+    return steps
+
+
+def schedule_checkpoints(args, params: Params, steps_per_epoch: int, has_val: bool) -> None:
+    """Evaluation and saving during training. Checkpoints go to the artifact's `checkpoints/` (a
+    later run resumes from one with `resume_from_checkpoint`); early stopping keeps the best one
+    by eval loss and ends with its weights."""
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+    eval_every = every(params.eval_steps, params.evals_per_epoch, steps_per_epoch)
+    save_every = every(params.save_steps, params.saves_per_epoch, steps_per_epoch)
+    if eval_every and not has_val:
+        raise DataError("eval_steps / evals_per_epoch: there is no validation split (set val_set_size or test_datasets)")
+    if eval_every:
+        args.eval_strategy, args.eval_steps = IntervalStrategy.STEPS, eval_every
+    if save_every:
+        args.save_strategy, args.save_steps = SaveStrategy.STEPS, save_every
+        args.save_total_limit = params.save_total_limit
+    if params.early_stopping_patience:
+        args.load_best_model_at_end, args.metric_for_best_model, args.greater_is_better = True, "eval_loss", False
+
+
+class LossWatchdog:
+    """Stops a run whose logged training loss stays above `threshold` for `patience` logs in a row
+    (Axolotl's loss watchdog): a diverged run is an error, not a model."""
+
+    def __init__(self, threshold: float, patience: int):
+        self.threshold, self.patience, self.strikes = threshold, patience, 0
+
+    def check(self, step: int, loss: float) -> None:
+        self.strikes = self.strikes + 1 if loss > self.threshold else 0
+        if self.strikes >= self.patience:
+            raise DataError(
+                f"loss watchdog: training loss {loss:.4f} above loss_watchdog_threshold ({self.threshold}) "
+                f"for {self.strikes} logged steps in a row (step {step}); training aborted"
+            )
+
+
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
@@ -434,7 +489,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     eval_batch = layout["val"]["rows_per_batch"]
     warmup = params.warmup_steps if params.warmup_steps is not None else (params.warmup_ratio or 0.0)
     args = TrainingArguments(
-        output_dir=str(out / "_scratch"),  # checkpoints are not part of the artifact
+        output_dir=str(out / "checkpoints"),  # kept only when saves are scheduled
         per_device_train_batch_size=train_batch,
         per_device_eval_batch_size=eval_batch,
         gradient_accumulation_steps=params.gradient_accumulation_steps,
@@ -465,6 +520,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     steps_per_epoch = max(1, -(-batches_per_epoch // params.gradient_accumulation_steps))
     total_steps = params.max_steps or max(1, math.ceil(steps_per_epoch * params.num_epochs))
     args.logging_steps = params.logging_steps or max(1, total_steps // 20)
+    schedule_checkpoints(args, params, steps_per_epoch, len(val_rows) > 0)
 
     class MoltTrainer(Trainer):
         """Batches from epoch_batches (every rank the same count, each row once per epoch)."""
@@ -476,6 +532,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         def get_eval_dataloader(self, eval_dataset=None):
             sampler = RankBatches(val_rows.lengths, eval_batch, world, args.process_index, params.seed, shuffle=False)
             return _loader(self, val_rows, sampler, collator("val"))
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """The token-weighted loss of evaluation_loss (not a mean of batch means)."""
+            metrics = {f"{metric_key_prefix}_loss": evaluation_loss(self, self.get_eval_dataloader())}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
 
         def create_scheduler(self, num_training_steps, optimizer=None):
             if params.lr_scheduler != "one_cycle" or self.lr_scheduler is not None:
@@ -492,6 +555,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
             return self.optimizer
 
     history: list[dict] = []
+    evals: list[dict] = []
+    watchdog = LossWatchdog(params.loss_watchdog_threshold, params.loss_watchdog_patience or 3) if params.loss_watchdog_threshold is not None else None
+    callbacks = []
+    if params.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
 
     class Report(TrainerCallback):
         def __init__(self, advance):
@@ -501,18 +571,23 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
             self.advance(1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "eval_loss" in logs:
+                evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
+                console.print(f"  step {state.global_step:>5}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}")
+            if logs and "loss" in logs and watchdog:
+                watchdog.check(state.global_step, float(logs["loss"]))
             if logs and "loss" in logs:
                 history.append({"step": state.global_step, "loss": round(float(logs["loss"]), 6), "lr": float(logs.get("learning_rate", 0.0))})
                 console.print(f"  step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}")
 
     with progress("train", total_steps) as advance:
-        trainer = MoltTrainer(model=model, args=args, train_dataset=train_rows, compute_loss_func=token_loss, callbacks=[Report(advance)])
+        trainer = MoltTrainer(model=model, args=args, train_dataset=train_rows, compute_loss_func=token_loss, eval_dataset=val_rows, callbacks=[Report(advance), *callbacks])
         trainer.remove_callback(PrinterCallback)  # Report prints the loss; no raw dicts
         before = evaluation_loss(trainer, trainer.get_eval_dataloader()) if len(val_rows) else None
         if before is not None:
             console.print(f"  eval loss before training: {before:.4f}")
         started = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=params.resume_from_checkpoint)
         seconds = time.perf_counter() - started
         after = evaluation_loss(trainer, trainer.get_eval_dataloader()) if len(val_rows) else None
         if after is not None:
@@ -523,11 +598,14 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     for p in list_files(inputs["tokenizer"]):
         if p.name != "manifest.json":
             shutil.copy2(p, model_dir / p.name)
-    shutil.rmtree(out / "_scratch", ignore_errors=True)
+    if not params.save_steps and not params.saves_per_epoch:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     metrics = {
         "steps": result.global_step,
         "train_loss": round(float(result.training_loss), 6),
         "loss_history": history,
+        "eval_history": evals,
+        "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")),
         "eval_loss_before": before,
         "eval_loss_after": after,
         "train_rows": len(train_rows),
@@ -540,7 +618,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     _plot(history, before, after, out / "loss.png")
     trained_tokens = sum(train_rows.lengths)
     # timings go in the manifest, not in metrics.json: the artifact's bytes stay reproducible
-    return {"metrics": {k: v for k, v in metrics.items() if k != "loss_history"}, "adapter": params.adapter, "train_seconds": round(seconds, 3), "tokens_per_epoch": trained_tokens}
+    return {"metrics": {k: v for k, v in metrics.items() if k not in ("loss_history", "eval_history")}, "adapter": params.adapter, "train_seconds": round(seconds, 3), "tokens_per_epoch": trained_tokens}
 
 
 def _plot(history: list[dict], before, after, path: Path) -> None:
