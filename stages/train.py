@@ -1,9 +1,11 @@
 """train: the base model fine-tuned on the packed data, full or with a LoRA adapter.
 
 Reads the fetched model, the tokenizer and pack's `train.arrow` / `val.arrow` / `layout.json`.
-Trains with the transformers Trainer (peft for LoRA); measures the validation loss before and
-after. Writes `model/` (the full model, or the adapter, with the tokenizer and its chat template),
-`metrics.json` (loss per logged step, eval loss before/after) and `loss.png`.
+Trains with the transformers Trainer (peft for LoRA / DoRA / LoRA+, bitsandbytes for a 4-bit
+(QLoRA) or 8-bit base); measures the validation loss before and after, and at `eval_steps`.
+Writes `model/` (the full model, or the adapter, with the tokenizer and its chat template),
+`metrics.json` (loss and learning rate per logged step, eval losses), `loss.png`, and
+`checkpoints/` when saves are scheduled (what `resume_from_checkpoint` points at).
 
 Batches: a micro-batch is `layout.rows_per_batch` rows (1 row of `micro_batch_size × sequence_len`
 tokens when pack made multipack bins, else `micro_batch_size` rows). `epoch_batches` deals them

@@ -66,3 +66,17 @@ def test_loss_watchdog_aborts_with_the_reason(warm, molt, cache_dir):
     assert result.exit_code == 2, result
     assert "loss watchdog" in result.output and "loss_watchdog_threshold (1.0)" in result.output
     assert set(cache_dir.glob("train/*/manifest.json")) == {p / "manifest.json" for p in before if (p / "manifest.json").exists()}
+
+
+def test_intervals_per_epoch_and_watchdog_patience():
+    from stages.store import DataError
+    from stages.train import LossWatchdog, every
+
+    assert every(None, 4, 10) == 2 and every(None, 20, 10) == 1  # at least every step
+    assert every(0.25, None, 10) == 0.25 and every(None, None, 10) is None
+    dog = LossWatchdog(threshold=2.0, patience=2)
+    dog.check(1, 3.0)
+    dog.check(2, 1.0)  # back under: the count starts again
+    dog.check(3, 3.0)
+    with pytest.raises(DataError, match="2 logged steps in a row"):
+        dog.check(4, 3.0)
