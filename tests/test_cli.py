@@ -8,10 +8,10 @@ from conftest import ALL_NODES, artifact_dirs, status_rows
 
 
 def test_keys_no_stage_reads_are_named_not_dropped(warm, molt):
-    config = warm(rl="dpo", sample_packing=False, gradient_checkpointing=True, attn_implementation="sdpa")
+    config = warm(rl="dpo", sample_packing=False, tf32=True, attn_implementation="sdpa")
     result = molt("status", config)
     assert result.exit_code == 0, result
-    for key in ("rl", "gradient_checkpointing", "attn_implementation"):
+    for key in ("rl", "tf32", "attn_implementation"):
         assert f"ignored: {key} — not supported yet" in result.output
     assert result.output.count("ignored: attn_implementation") == 1
 
