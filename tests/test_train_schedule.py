@@ -30,6 +30,9 @@ def test_schedules_shape_the_learning_rate(warm, molt, cache_dir):
     # each step logs the rate it used: from LR down, never under half of it (plain cosine ends at 0.15 LR)
     assert floor == sorted(floor, reverse=True) and floor[0] == pytest.approx(LR) and 0.5 * LR < floor[-1] < 0.6 * LR, floor
 
+    restarts = [h["lr"] for h in logged(molt, cache_dir, warm(**base, lr_scheduler="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 2}))]
+    assert restarts[2] == pytest.approx(LR) and restarts[1] < LR, restarts  # lr_scheduler_kwargs: a second cycle restarts at LR
+
     cycle = [h["lr"] for h in logged(molt, cache_dir, warm(**base, lr_scheduler="one_cycle", lr_div_factor=10, warmup_steps=2))]
     # up from LR/10 to LR at the end of the warm-up, then annealed towards zero
     assert cycle[0] == pytest.approx(LR / 10) and max(cycle) == pytest.approx(LR) and cycle[3] < LR / 2, cycle
