@@ -152,6 +152,10 @@ def show_examples(arrow: Path, tokenizer_json: Path, count: int, text_only: bool
 @click.pass_context
 def train(ctx, config, cache_dir):
     """Prepare the data if needed and fine-tune; the model lands in output_dir."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank would take the train stage's key lock in turn, and the first would wait
+        # forever for the others inside the Trainer: refuse rather than hang.
+        fail("molt train under a multi-process launcher (WORLD_SIZE > 1) is not supported yet; run `molt train CONFIG` as one process")
     session = Session(config, ctx.args, cache_dir)
     done = session.resolve(session.plan("train"))
     artifact = done["train"].artifact
