@@ -70,13 +70,22 @@ def _encode(tokenizer, segments_batch: list[list[dict]], modes: list[str], train
 
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     import pyarrow as pa
+    import pyarrow.compute  # noqa: F401  (pa.compute below)
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(inputs["tokenizer"] / "tokenizer.json"))
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     table = read_table(inputs["formatted"] / "formatted.arrow")
     strategy = params.excess_length_strategy or "drop"
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "row": []}
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32()), ("row", pa.int64())])
+    columns: dict[str, list] = {name: [] for name in schema.names}
+    batches: list = []
+
+    def flush() -> None:  # one Arrow batch per input batch: Python lists never hold the whole dataset
+        batches.append(pa.record_batch([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema))
+        for values in columns.values():
+            values.clear()
+
     dropped = {"too_long": 0, "too_short": 0, "nothing_trained": 0}
     truncated = chunked = 0
 
@@ -122,19 +131,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
                     ids, labels = ids[: params.sequence_len], labels[: params.sequence_len]
                     truncated += 1
                 keep(source_row, ids, labels)
+            flush()
             advance(batch.num_rows)
-    result = pa.table(
-        {
-            "input_ids": pa.array(columns["input_ids"], type=pa.list_(pa.int32())),
-            "labels": pa.array(columns["labels"], type=pa.list_(pa.int32())),
-            "length": pa.array(columns["length"], type=pa.int32()),
-            "row": pa.array(columns["row"], type=pa.int64()),
-        }
-    )
+    result = pa.Table.from_batches(batches, schema=schema)
     if result.num_rows == 0:
         raise DataError(f"no rows left after tokenizing (dropped: {dropped}); check sequence_len and the dataset's trained turns")
     write_table(result, out / "tokenized.arrow")
-    stats = {"rows": result.num_rows, "dropped": dropped, "truncated": truncated, "tokens": int(sum(columns["length"]))}
+    stats = {"rows": result.num_rows, "dropped": dropped, "truncated": truncated, "tokens": int(pa.compute.sum(result.column("length")).as_py() or 0)}
     if chunked:
         stats["chunked"] = chunked
     return stats
