@@ -22,7 +22,7 @@ from typing import Callable
 
 from pydantic import BaseModel
 
-from stages.store import Artifact, Store, canonical_json, hash_text, now, publish
+from stages.store import Artifact, Store, canonical_json, hash_file, hash_text, hash_tree, list_files, now, publish, read_table
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -184,6 +184,16 @@ class Node:
     def module(self):
         return stage_module(self.stage)
 
+    def code_modules(self) -> list[str]:
+        """The stage module plus any it loads dynamically for these params (a prompt strategy)."""
+        extra = getattr(self.module, "code_modules", None)
+        return [f"stages.{self.stage}"] + (list(extra(self.params)) if extra else [])
+
+    def sources(self) -> list[tuple[str, Path]]:
+        """(label, path) of the external files the stage reads for these params."""
+        hook = getattr(self.module, "sources", None)
+        return list(hook(self.params)) if hook else []
+
 
 def _node(stage: str, config: dict, inputs: dict[str, Node] | None = None, index: int | None = None, split: str = "datasets") -> Node:
     module = stage_module(stage)
@@ -261,11 +271,8 @@ class Runner:
     # the record is everything the key hashes; it is also written into the manifest
     def record(self, node: Node, inputs: dict[str, Artifact]) -> dict:
         module = node.module
-        modules = [f"stages.{node.stage}"] + list(getattr(module, "code_modules", lambda p: [])(node.params))
-        sources = {}
-        if hasattr(module, "sources"):
-            for label, path in module.sources(node.params):
-                sources[label] = self.store.index.hash(path)
+        modules = node.code_modules()
+        sources = {label: self.store.index.hash(path) for label, path in node.sources()}
         return {
             "stage": node.stage,
             "schema": module.SCHEMA,
@@ -389,15 +396,11 @@ def _short(value) -> str:
 
 def stored_content(path: Path) -> str | None:
     """The hash of an artifact directory's files as they are now (None: no such artifact)."""
-    from stages.store import hash_tree
-
     return hash_tree(path) if (path / "manifest.json").exists() else None
 
 
 def first_difference(old: Path, new: Path) -> str:
     """Where two versions of an artifact first differ: a file, and for Arrow files a row."""
-    from stages.store import hash_file, list_files, read_table
-
     old_files = {p.relative_to(old).as_posix(): p for p in list_files(old) if p.name != "manifest.json"}
     new_files = {p.relative_to(new).as_posix(): p for p in list_files(new) if p.name != "manifest.json"}
     if set(old_files) != set(new_files):
@@ -482,10 +485,9 @@ def dvc_yaml(nodes: list[Node], config_path: str, config_keys: set[str], publish
 
     stages = {}
     for n in nodes:
-        module = n.module
-        modules = [f"stages.{n.stage}"] + list(getattr(module, "code_modules", lambda p: [])(n.params)) + CORE_MODULES
+        modules = n.code_modules() + CORE_MODULES
         deps = [str(module_path(m).relative_to(REPO_DIR)) for m in import_closure(modules)]
-        for _, path in getattr(module, "sources", lambda p: [])(n.params):
+        for _, path in n.sources():
             path = Path(path)
             if not path.is_absolute() and ".." not in path.parts:
                 deps.append(path.as_posix())
