@@ -87,6 +87,14 @@ BUILTIN = {
         "{% endfor %}" + _GEN + "{{ '### Response: ' }}{% endif %}"
     ),
 }
+# AI21 Jamba 1.5: every turn is <|bom|><|role|> content, turns joined and closed by <|eom|>;
+# the system turn is always there, empty when the conversation has none
+BUILTIN["jamba"] = (
+    "{{ '<|startoftext|><|bom|><|system|> ' }}{% set ns = namespace(rest=messages) %}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set ns.rest = messages[1:] %}{% endif %}"
+    "{% for message in ns.rest %}{{ '<|eom|><|bom|><|' + message['role'] + '|> ' + message['content'] }}{% endfor %}"
+    "{{ '<|eom|>' }}" + _GEN + "{{ '<|bom|><|assistant|>' }}{% endif %}"
+)
 BUILTIN["llama3_2_vision"] = BUILTIN["llama3"].replace(
     "message['content'] | trim",
     "(message['content'] if message['content'] is string else message['content'] | map(attribute='text', default='<|image|>') | join('')) | trim",

@@ -25,6 +25,8 @@ RENDERED = {
               "<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>"
               "<|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Ciao<|END_OF_TURN_TOKEN|>",
     "deepseek_v2": "<s>Be terse.\n\nUser: Hi\n\nAssistant: Hello</s>User: Bye\n\nAssistant: Ciao</s>",
+    "jamba": "<|startoftext|><|bom|><|system|> Be terse.<|eom|><|bom|><|user|> Hi<|eom|><|bom|><|assistant|> Hello<|eom|>"
+             "<|bom|><|user|> Bye<|eom|><|bom|><|assistant|> Ciao<|eom|>",
     "alpaca": "Be terse.\n\n### Instruction: Hi\n\n### Response: Hello</s>### Instruction: Bye\n\n### Response: Ciao</s>",
     "llama3_2_vision": "<s><|start_header_id|>system<|end_header_id|>\n\nBe terse.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi"
                        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>user<|end_header_id|>"
@@ -41,6 +43,11 @@ def test_builtin_template_renders_the_model_format(name):
 def test_qwen_25_adds_its_default_system_prompt():
     text = chat_templates.render(chat_templates.BUILTIN["qwen_25"], CHAT[1:3])
     assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi")
+
+
+def test_jamba_without_system_has_an_empty_system_turn_and_a_generation_prompt():
+    text = chat_templates.render(chat_templates.BUILTIN["jamba"], CHAT[1:3], add_generation_prompt=True)
+    assert text == "<|startoftext|><|bom|><|system|> <|eom|><|bom|><|user|> Hi<|eom|><|bom|><|assistant|> Hello<|eom|><|bom|><|assistant|>"
 
 
 def test_llama3_2_vision_renders_image_parts():
@@ -65,7 +72,7 @@ def test_chosen_template_is_saved_with_the_tokenizer(cohere_tokenizer):
 
 
 TURN_END = {"cohere": "<|END_OF_TURN_TOKEN|>", "deepseek_v2": "<|im_end|>", "mistral": "<|im_end|>", "gemma3": "<end_of_turn>",
-            "phi_35": "<|end|>", "qwen_25": "<|im_end|>"}
+            "phi_35": "<|end|>", "qwen_25": "<|im_end|>", "jamba": "<|eom|>"}
 
 
 @pytest.mark.parametrize("template", sorted(TURN_END))

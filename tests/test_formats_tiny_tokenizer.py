@@ -25,6 +25,7 @@ OWN_TEMPLATE = (
 SPECIAL = [
     "<pad>", "<bos>", "<end_of_turn>", "<start_of_turn>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
     "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]",
+    "<|startoftext|>", "<|bom|>", "<|eom|>",
 ]
 CORPUS = [
     "Be terse. Hello there. Ciao, friend. Bye now. Hi!", "The sky is blue and the grass is green.",
@@ -199,6 +200,7 @@ BUILTIN_TRAINED = {
     # ' ' + content: the byte-level token " Hello" holds the space, and covers trained text
     "mistral": [" Hello there.<end_of_turn>", " Ciao, friend.<end_of_turn>"],
     "inst": [" Hello there.<end_of_turn>", " Ciao, friend.<end_of_turn>"],
+    "jamba": [" Hello there.<|eom|>", " Ciao, friend.<|eom|>"],
 }
 
 
@@ -219,7 +221,7 @@ def test_builtin_templates_through_the_tiny_tokenizer(pipeline, tiny, template):
             runs.append(current)
         current[1] = end
     assert [text[s:e] for s, e in runs] == BUILTIN_TRAINED[template]
-    assert ids.count(tiny.token_to_id("<bos>")) == (0 if template in ("chatml", "qwen_25", "phi_3", "phi_35") else 1 + (template == "inst"))
+    assert ids.count(tiny.token_to_id("<bos>")) == (0 if template in ("chatml", "qwen_25", "phi_3", "phi_35", "jamba") else 1 + (template == "inst"))
 
 
 def test_alpaca_prompt_gets_the_tokenizers_bos(pipeline, expect):

@@ -13,7 +13,7 @@ from stages.formats.rows import Formatter, Kind, RowError, UnknownKind
 
 DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]}
 # Turn-end markers of common templates; the EOS token is always one too.
-TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|END_OF_TURN_TOKEN|>", "<｜end▁of▁sentence｜>")
+TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|END_OF_TURN_TOKEN|>", "<｜end▁of▁sentence｜>", "<|eom|>")
 EOT_WINDOW = 16  # characters after a turn's content in which its end marker may start
 PLACEHOLDER = "\ue000molt-turn\ue001"  # private-use characters: no real content holds them
 
