@@ -256,7 +256,7 @@ class MoltConfig(BaseModel):
     sample_packing: bool = False
     pad_to_sequence_len: bool | None = None  # filled in: defaults to sample_packing
     eval_sample_packing: bool | None = None  # None: as sample_packing
-    multipack_real_batches: bool = False  # False: a packed bin is micro_batch_size x sequence_len tokens
+    multipack_real_batches: bool | None = None  # filled in: true unless a varlen attention (flash, flex, xformers)
     sample_packing_group_size: int = Field(default=100_000, ge=1)
     sample_packing_bin_size: int = Field(default=200, ge=1)
     sample_packing_eff_est: float | None = Field(default=None, gt=0, le=1)
@@ -548,6 +548,19 @@ def _packing_pads(cfg: MoltConfig) -> None:
     # Axolotl: packed batches are padded to sequence_len unless the user says otherwise.
     if cfg.pad_to_sequence_len is None:
         cfg.pad_to_sequence_len = cfg.sample_packing
+
+
+VARLEN_ATTENTION_KEYS = ("flash_attention", "flex_attention", "xformers_attention")
+
+
+@_rule
+def _real_batches_without_varlen_attention(cfg: MoltConfig) -> None:
+    # Axolotl: one micro_batch_size x sequence_len row per micro-batch only pays off where attention
+    # skips the other samples' blocks (varlen kernels); dense SDPA/eager attention over that row
+    # costs micro_batch_size times more, so without those kernels a micro-batch is rows of sequence_len.
+    if cfg.multipack_real_batches is None:
+        extra = cfg.model_extra or {}
+        cfg.multipack_real_batches = not any(getattr(cfg, k, None) or extra.get(k) for k in VARLEN_ATTENTION_KEYS)
 
 
 @_rule

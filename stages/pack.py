@@ -3,11 +3,11 @@
 Reads `train.arrow` / `val.arrow` from mix. With `sample_packing` (and `eval_sample_packing`,
 which follows it unless set), samples are bin-packed by length, first-fit-decreasing, into bins:
 
-* `multipack_real_batches: false` (Axolotl's default): a bin holds `micro_batch_size ×
-  sequence_len` tokens and is written as ONE row; train then takes one row per micro-batch. A
-  micro-batch carries as many tokens as Axolotl's, and the bigger bins pack tighter.
-* `multipack_real_batches: true`: a bin holds `sequence_len` tokens (one row); train batches
-  `micro_batch_size` rows.
+* `multipack_real_batches: false` (Axolotl's default with flash/flex/xformers attention): a bin
+  holds `micro_batch_size × sequence_len` tokens and is written as ONE row; train then takes one
+  row per micro-batch. The bigger bins pack tighter, and varlen attention keeps the cost per sample.
+* `multipack_real_batches: true` (the default otherwise, as in Axolotl): a bin holds
+  `sequence_len` tokens (one row); train batches `micro_batch_size` rows.
 
 Samples are packed in groups of `sample_packing_group_size` consecutive samples (in mix's seeded
 order) with at most `sample_packing_bin_size` samples per bin (first-fit in mix's order replaces
@@ -51,7 +51,7 @@ class Params(BaseModel, frozen=True):
     micro_batch_size: int = 1
     eval_batch_size: int | None = None  # None: micro_batch_size
     gradient_accumulation_steps: int = 1
-    multipack_real_batches: bool = False
+    multipack_real_batches: bool = False  # the config fills it in (see config._real_batches_without_varlen_attention)
     sample_packing_group_size: int = 100_000
     sample_packing_bin_size: int = 200
     sample_packing_eff_est: float | None = None

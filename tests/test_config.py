@@ -67,6 +67,16 @@ def test_sample_packing_implies_pad_to_sequence_len(tmp_path):
     assert load(tmp_path, sample_packing=True, pad_to_sequence_len=False).pad_to_sequence_len is False
 
 
+def test_real_batches_unless_varlen_attention(tmp_path):
+    # Axolotl: a micro-batch is one micro_batch_size x sequence_len row only with flash/flex/xformers attention
+    assert load(tmp_path, sample_packing=True).multipack_real_batches is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # attention keys may still be reported as ignored
+        assert load(tmp_path, sample_packing=True, flash_attention=True).multipack_real_batches is False
+        assert load(tmp_path, sample_packing=True, flash_attention=True, multipack_real_batches=True).multipack_real_batches is True
+    assert load(tmp_path, sample_packing=True, multipack_real_batches=False).multipack_real_batches is False
+
+
 def test_learning_rate_in_yaml11_exponent_form(tmp_path):
     # PyYAML reads 2e-5 (no dot) as a string
     path = write(tmp_path, "base_model: m\ndatasets: [{path: d}]\nlearning_rate: 2e-5\n")
