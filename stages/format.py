@@ -50,6 +50,7 @@ def _or(default):
 class Spec(BaseModel, frozen=True):
     type: str | dict | None = None
     field: str | None = None
+    conversation: str | None = None
     field_messages: Annotated[str, _or("messages")] = "messages"
     message_field_role: str | None = None  # folded into message_property_mappings by the config
     message_field_content: str | None = None
@@ -113,6 +114,9 @@ def code_modules(params: Params) -> list[str]:
 
 def formatter(spec: Spec):
     module, kind = resolve(spec)
+    if spec.conversation is not None and module != "stages.formats.alpaca":
+        raise DataError(f"dataset type {spec.type!r}: conversation: {spec.conversation!r} only picks the prompt style of `type: alpaca_chat`"
+                        + ("; a chat template is chosen with chat_template:" if kind.name == "chat_template" else ""))
     try:
         made = importlib.import_module(module).build(kind, spec)
     except UnknownKind as error:

@@ -198,3 +198,32 @@ def test_type_resolves_to_exactly_one_strategy_module(type_, module):
 def test_unknown_types_loaders_and_styles_are_refused_at_plan_time(type_, message):
     with pytest.raises(DataError, match=message):
         format_stage.code_modules(format_stage.Params(dataset=format_stage.Spec(type=type_)))
+
+
+# Axolotl's alpaca_chat.load reads `conversation:` as its prompt style (chat when absent)
+@pytest.mark.parametrize("conversation, prompt", [
+    ("chatml", f"<|im_start|>system\n{ALPACA_SYS}<|im_end|>\n<|im_start|>user\nSort the numbers.\n51 35 6<|im_end|>\n<|im_start|>assistant\n"),
+    ("instruct", f"{ALPACA_SYS}\n\n### Instruction:\nSort the numbers.\n\n### Input:\n51 35 6\n\n### Response:\n"),
+    ("chat", f"SYSTEM: {ALPACA_SYS}\nUSER: Sort the numbers.\n51 35 6\nASSISTANT:"),
+])
+def test_alpaca_chat_conversation_picks_the_prompt_style(pipeline, expect, conversation, prompt):
+    [(ids, labels)] = pipeline([SORT], type="alpaca_chat", conversation=conversation)
+    assert (ids, labels) == expect([(prompt, False), (" 6, 35, 51" + EOS, True)])
+
+
+@pytest.mark.parametrize("type_, conversation, message", [
+    ("alpaca_chat", "vicuna_v1.1", r"conversation: 'vicuna_v1.1': alpaca_chat's prompt styles are instruct, chat, chatml, phi"),
+    ("alpaca_chat.load_qa", "chatml", r"only picks the prompt style of `type: alpaca_chat`"),
+    ("chat_template", "chatml", r"only picks the prompt style of `type: alpaca_chat`; a chat template is chosen with chat_template:"),
+    ("completion", "chatml", r"only picks the prompt style of `type: alpaca_chat`"),
+])
+def test_conversation_elsewhere_is_refused_at_plan_time(type_, conversation, message):
+    with pytest.raises(DataError, match=message):
+        format_stage.code_modules(format_stage.Params(dataset=format_stage.Spec(type=type_, conversation=conversation)))
+
+
+def test_conversation_is_a_typed_dataset_key():
+    from stages.config import DATASET_UNSUPPORTED_KEYS, DatasetConfig
+
+    assert "conversation" not in DATASET_UNSUPPORTED_KEYS
+    assert DatasetConfig(path="x.jsonl", type="alpaca_chat", conversation="chatml").conversation == "chatml"

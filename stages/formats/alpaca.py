@@ -1,9 +1,9 @@
 """alpaca: instruction / input / output rows in the Stanford Alpaca prompt, and the types that
 share its prompt builder (Axolotl's Alpaca-style prompters): jeopardy, oasst, gpteacher,
 reflection, explainchoice, concisechoice, summarizetldr, alpaca_chat(.load_qa / .load_concise /
-.load_camel_ai / .load_no_prompt), alpaca_w_system(.load_instruct / .load_chat / .load_open_orca /
-.load_open_orca_chatml), context_qa(.load_v2 / .load_404), metharme, and the user-defined form
-(`type:` as a mapping). The prompt (with BOS) is masked, the response and its EOS are trained;
+.load_camel_ai / .load_no_prompt; its `conversation:` key picks the prompt style),
+alpaca_w_system(.load_instruct / .load_chat / .load_open_orca / .load_open_orca_chatml),
+context_qa(.load_v2 / .load_404), metharme, and the user-defined form (`type:` as a mapping). The prompt (with BOS) is masked, the response and its EOS are trained;
 prompt and response are encoded separately, as Axolotl does, so a prompt ending in a space keeps
 its own space token.
 
@@ -213,6 +213,13 @@ def _user_defined(spec_type: dict) -> Callable:
 
 def build(kind: Kind, spec) -> Formatter:
     key = f"{kind.name}.{kind.loader}"
+    if spec.conversation is not None:
+        # Axolotl reads `conversation:` only in alpaca_chat's plain loader, as its prompt style
+        if key != "alpaca_chat.load" or kind.style:
+            raise UnknownKind(f"conversation: {spec.conversation!r} only picks the prompt style of `type: alpaca_chat`; leave it out here")
+        if spec.conversation not in STYLES:
+            raise UnknownKind(f"conversation: {spec.conversation!r}: alpaca_chat's prompt styles are {', '.join(STYLES)}")
+        return Formatter(_instruction(_alpaca_fields, ALPACA_SYSTEM, STYLES[spec.conversation], 1), "separate")
     if kind.name == "user_defined":
         if kind.style:
             raise UnknownKind("a user-defined type takes no prompt style")
