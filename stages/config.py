@@ -112,7 +112,7 @@ UNSUPPORTED_PREFIXES: tuple[str, ...] = (
 
 # Keys of a `datasets:` entry that Axolotl knows and molt does not implement yet.
 DATASET_UNSUPPORTED_KEYS: frozenset[str] = frozenset({
-    "input_transform", "preprocess_shards", "conversation", "input_format", "field_human",
+    "input_transform", "preprocess_shards", "input_format", "field_human",
     "field_model", "field_tools", "field_thinking", "template_thinking_key", "split_thinking",
     "logprobs_field", "temperature", "drop_system_message", "trust_remote_code", "text_column",
     "skip", "step_separator", "max_completion_length", "train_on_last_step_only", "length",
@@ -166,6 +166,7 @@ class DatasetConfig(BaseModel):
     # dict of field_system / field_instruction / field_input / field_output / format ...
     type: str | dict[str, Any] | None = None
     field: str | None = None  # `completion`: the text column
+    conversation: str | None = None  # `alpaca_chat`: its prompt style (instruct, chat, chatml, phi)
 
     # `type: chat_template`; chat_template None means "use the top-level chat_template"
     chat_template: str | None = None
