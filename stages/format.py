@@ -1,8 +1,8 @@
 """format: one dataset's rows rendered by its prompt strategy into text segments.
 
 Reads the fetched rows (`data.arrow`) and the tokenizer's `molt_tokenizer.json` (chat template,
-special token strings). Writes `formatted.arrow`: per row, `segments` (text, trained?), how
-tokenize encodes them (`mode`: joined / separate / chunk / tokens), `input_ids` and `labels` for
+special token strings). Writes `formatted.arrow`: per row, `segments` (text, trained?, a training-detail span?),
+how tokenize encodes them (`mode`: joined / separate / prefix / chunk / tokens), `input_ids` and `labels` for
 pretokenized rows, and the source `row` number.
 
 `type:` names a prompt strategy the way Axolotl does: `alpaca`, `alpaca:chatml` (a prompt style),
@@ -23,11 +23,11 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, BeforeValidator
 
 from stages.chat_templates import TemplateChoiceError
-from stages.formats.rows import MODES, Kind, RowError, Tokens, UnknownKind
+from stages.formats.rows import MODES, Kind, RowError, Segment, Tokens, UnknownKind
 from stages.store import DataError, read_table, write_table
 from stages.ui import progress
 
-SCHEMA = 2
+SCHEMA = 3
 LIBRARIES = ("pyarrow", "jinja2", "pyyaml")
 BATCH = 1024
 FORMATS_DIR = Path(__file__).resolve().parent / "formats"
@@ -150,11 +150,11 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
                     ids.append(result.input_ids)
                     labels.append(result.labels)
                 else:
-                    segments.append([{"text": t, "train": trained} for t, trained in result])
+                    segments.append([Segment(*piece)._asdict() for piece in result])
                     ids.append(None)
                     labels.append(None)
             advance(min(BATCH, table.num_rows - offset))
-    segment_type = pa.list_(pa.struct([("text", pa.string()), ("train", pa.bool_())]))
+    segment_type = pa.list_(pa.struct([("text", pa.string()), ("train", pa.bool_()), ("detail", pa.bool_())]))
     result = pa.table({
         "segments": pa.array(segments, type=segment_type),
         "mode": pa.array([made.mode] * table.num_rows, type=pa.string()),

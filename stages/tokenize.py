@@ -3,10 +3,13 @@
 Reads `formatted.arrow` and the tokenizer (`tokenizer.json`, through the `tokenizers` library, so
 no model code is loaded). Each row's segments are joined and encoded in one call with character
 offsets; a token is trained when it covers a trained character, otherwise its label is -100
-(`train_on_inputs` trains every token). Rows longer than `sequence_len` are dropped, truncated
+(`train_on_inputs` trains every token; a message_field_training_detail span trains the tokens
+Axolotl's rule picks, see _detail_tokens). Rows longer than `sequence_len` are dropped, truncated
 or refused (`excess_length_strategy`); rows under 2 tokens or with nothing to train are dropped
 and counted. The format stage says per row how to encode (`mode`): joined as above; `separate`
-encodes each segment on its own (input_output); `chunk` splits a long text into `sequence_len`
+encodes each segment on its own (input_output); `prefix` as separate, but an untrained segment
+and the trained one after it are encoded in one piece, and as many leading tokens masked as the
+untrained text has alone (reflection, pygmalion); `chunk` splits a long text into `sequence_len`
 pieces instead of dropping it (completion); `tokens` takes the row's own input_ids / labels
 (pretokenized), checked against the vocabulary. Writes `tokenized.arrow` (input_ids, labels,
 length, row).
@@ -39,12 +42,38 @@ def labels_for(segments: list[dict], offsets: list[tuple[int, int]], ids: list[i
     ids = np.asarray(ids, dtype=np.int64)
     if train_all:
         return ids.copy()
-    trained = np.concatenate([np.full(len(s["text"]), s["train"], dtype=np.int32) for s in segments] + [np.zeros(1, np.int32)])
+    by_coverage = [s["train"] and not s.get("detail") for s in segments]
+    trained = np.concatenate([np.full(len(s["text"]), t, dtype=np.int32) for s, t in zip(segments, by_coverage)] + [np.zeros(1, np.int32)])
     covered = np.concatenate([[0], np.cumsum(trained)])
     spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     ends = np.maximum(spans[:, 1], spans[:, 0] + 1)
     hit = covered[ends] - covered[spans[:, 0]] > 0
+    start = 0
+    for s in segments:
+        if s["train"] and s.get("detail") and s["text"] and len(spans):
+            hit |= _detail_tokens(spans, start, start + len(s["text"]) - 1)
+        start += len(s["text"])
     return np.where(hit, ids, IGNORE)
+
+
+def _detail_tokens(spans: np.ndarray, begin: int, end: int) -> np.ndarray:
+    """Tokens a training-detail span [begin, end] (inclusive) trains, by Axolotl's rule: each token
+    reaches up to the next token's start; the span grows to the token holding `begin` unless
+    `begin` is that token's last character, and to the token holding `end` unless `end` is that
+    token's first character."""
+    starts = spans[:, 0]
+    last = np.append(starts[1:] - 1, spans[-1, 1] - 1)  # each token's last character
+    n = len(starts)
+    first = int(np.argmax(starts >= begin)) if (starts >= begin).any() else n
+    if first > 0 and last[first - 1] > begin:
+        first -= 1
+    within = np.nonzero(last <= end)[0]
+    final = int(within[-1]) if len(within) else -1
+    if final < n - 1 and starts[final + 1] < end:
+        final += 1
+    hit = np.zeros(n, dtype=bool)
+    hit[first : final + 1] = True
+    return hit
 
 
 def _encode(tokenizer, segments_batch: list[list[dict]], modes: list[str], train_all: bool) -> list[tuple[list[int], np.ndarray]]:
@@ -55,6 +84,9 @@ def _encode(tokenizer, segments_batch: list[list[dict]], modes: list[str], train
     encodings = tokenizer.encode_batch(["".join(s["text"] for s in segments_batch[i]) for i in joined], add_special_tokens=False)
     for i, enc in zip(joined, encodings):
         out[i] = (enc.ids, labels_for(segments_batch[i], enc.offsets, enc.ids, train_all))
+    prefixed = [i for i, m in enumerate(modes) if m == "prefix"]
+    if prefixed:
+        _encode_prefixed(tokenizer, segments_batch, prefixed, train_all, out)
     separate = [i for i, m in enumerate(modes) if m == "separate"]
     pieces = [s for i in separate for s in segments_batch[i]]
     encoded = iter(tokenizer.encode_batch([s["text"] for s in pieces], add_special_tokens=False) if pieces else [])
@@ -66,6 +98,32 @@ def _encode(tokenizer, segments_batch: list[list[dict]], modes: list[str], train
             labels += piece if segment["train"] or train_all else [IGNORE] * len(piece)
         out[i] = (ids, np.asarray(labels, dtype=np.int64))
     return out
+
+
+def _encode_prefixed(tokenizer, segments_batch: list[list[dict]], rows: list[int], train_all: bool, out: list) -> None:
+    """`prefix` rows: each piece (an untrained segment with the trained one after it, or a lone
+    segment) encoded alone; the first as many tokens as its untrained text has alone are masked."""
+    pieces: list[tuple[int, str, str]] = []  # (row, text, its masked head)
+    for i in rows:
+        segments, k = segments_batch[i], 0
+        while k < len(segments):
+            head = segments[k]
+            if not head["train"] and k + 1 < len(segments) and segments[k + 1]["train"]:
+                pieces.append((i, head["text"] + segments[k + 1]["text"], head["text"]))
+                k += 2
+            else:
+                pieces.append((i, head["text"], "" if head["train"] else head["text"]))
+                k += 1
+    texts = tokenizer.encode_batch([p[1] for p in pieces], add_special_tokens=False)
+    heads = tokenizer.encode_batch([p[2] for p in pieces], add_special_tokens=False)
+    built: dict[int, tuple[list, list]] = {i: ([], []) for i in rows}
+    for (i, _, _), text, head in zip(pieces, texts, heads):
+        ids, labels = built[i]
+        masked = 0 if train_all else min(len(head.ids), len(text.ids))
+        ids += text.ids
+        labels += [IGNORE] * masked + text.ids[masked:]
+    for i, (ids, labels) in built.items():
+        out[i] = (ids, np.asarray(labels, dtype=np.int64))
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:

@@ -87,11 +87,11 @@ def test_repeated_assistant_content_is_masked_per_turn(template):
     made = format_stage.formatter(format_stage.Spec(type="chat_template"))
     segments = made.row(row, tokenizer)
     merged: list[list] = []
-    for text, train in segments:
+    for text, train, _detail in segments:
         if merged and merged[-1][1] == train:
             merged[-1][0] += text
         else:
             merged.append([text, train])
     assert [t for t, train in merged if train] == ["The sky is blue." + TURN_END[template]] * 2
-    text = "".join(t for t, _ in segments)
+    text = "".join(s.text for s in segments)
     assert text == chat_templates.render(chat_templates.BUILTIN[template], row["messages"], bos_token="<|im_start|>", eos_token="<|im_end|>")

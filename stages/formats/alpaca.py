@@ -230,7 +230,8 @@ def build(kind: Kind, spec) -> Formatter:
         style = kind.style or "instruct"
         if style not in REFLECT_LABEL:
             raise UnknownKind(f"reflection takes the prompt styles {', '.join(REFLECT_LABEL)}")
-        return Formatter(_reflection(style))  # Axolotl encodes prompt and label in one piece here
+        # Axolotl encodes prompt and label in one piece and masks as many tokens as the prompt has alone
+        return Formatter(_reflection(style), "prefix")
     if key in WITH_SYSTEM:
         if kind.style:
             raise UnknownKind(f"{key} has a fixed prompt style")

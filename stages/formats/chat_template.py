@@ -3,13 +3,14 @@
 Each turn is located by rendering the conversation again with that turn's content replaced by a
 placeholder: the text before the placeholder and after it are exactly the template's text around
 the turn, so repeated content, template markers inside content and templates that trim content
-cannot misplace a boundary.
+cannot misplace a boundary. message_field_training_detail spans are marked as such: tokenize
+picks their tokens by Axolotl's rule rather than by character coverage.
 """
 
 from __future__ import annotations
 
 from stages import chat_templates
-from stages.formats.rows import Formatter, Kind, RowError, UnknownKind
+from stages.formats.rows import Formatter, Kind, RowError, Segment, UnknownKind
 
 DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]}
 # Turn-end markers of common templates; the EOS token is always one too.
@@ -50,18 +51,24 @@ def messages_of(row: dict, spec) -> list[dict]:
         if spec.message_field_training and m.get(spec.message_field_training) is not None:
             message["train"] = bool(m[spec.message_field_training])
         if spec.message_field_training_detail and m.get(spec.message_field_training_detail) is not None:
-            message["detail"] = _detail(m[spec.message_field_training_detail], content, f"{field}[{i}].{spec.message_field_training_detail}")
+            detail = _detail(m[spec.message_field_training_detail], content, f"{field}[{i}].{spec.message_field_training_detail}")
+            if detail is None:  # Axolotl: an empty list trains the turn only when its training flag says so
+                message.setdefault("train", False)
+            else:
+                message["detail"] = detail
         messages.append(message)
     if spec.default_system_message and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": spec.default_system_message})
     return messages
 
 
-def _detail(value, content: str, where: str) -> list[tuple[int, int]]:
+def _detail(value, content: str, where: str) -> list[tuple[int, int]] | None:
     """Trained character ranges [begin, end) of a turn's content, from Axolotl-style
-    `[{begin_offset, end_offset, train}]` with end_offset inclusive."""
+    `[{begin_offset, end_offset, train}]` with end_offset inclusive; None for an empty list."""
     if not isinstance(value, list):
         raise RowError(where, f"expected a list of {{begin_offset, end_offset, train}}, got {type(value).__name__}")
+    if not value:
+        return None
     spans = []
     for j, d in enumerate(value):
         if not isinstance(d, dict):
@@ -92,29 +99,28 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
     text = chat_templates.render(template, plain, **special)
     turn_ends = tuple(t for t in (special["eos_token"],) + TURN_ENDS if t)
 
-    spans: list[tuple[int, int]] = []
+    spans: list[tuple[int, int, bool]] = []  # (start, end, from a training detail)
     eots: list[tuple[int, int, bool]] = []  # (start, end, after a trained turn)
     for i, message in enumerate(messages):
-        trained = message.get("train", message["role"] in spec.roles_to_train)
         detail = message.get("detail")
-        if detail is not None:  # character ranges decide inside the content; the turn counts as trained for its EOS
-            trained = trained or bool(detail)
+        # as Axolotl: the turn's training flag, else "it has a training detail", else its role
+        trained = message.get("train", True if detail is not None else message["role"] in spec.roles_to_train)
         if not trained and spec.train_on_eos != "all":
             continue
         start, end = _locate(template, plain, i, text, special)
-        if detail is not None:
+        if trained and detail is not None:  # character ranges decide inside the content
             spans += _detail_spans(detail, start, end, text, message["content"])
         elif trained:
-            spans.append((start, end))
+            spans.append((start, end, False))
         eot = _turn_end(text, end, turn_ends)
         if eot:
             eots.append((*eot, trained))
     if spec.train_on_eos == "turn":
-        spans += [(s, e) for s, e, trained in eots if trained]
+        spans += [(s, e, False) for s, e, trained in eots if trained]
     elif spec.train_on_eos == "all":
-        spans += [(s, e) for s, e, _ in eots]
+        spans += [(s, e, False) for s, e, _ in eots]
     elif spec.train_on_eos == "last" and eots:
-        trained_eots = [(s, e) for s, e, trained in eots if trained]
+        trained_eots = [(s, e, False) for s, e, trained in eots if trained]
         spans += trained_eots[-1:]
     return _segments(text, spans)
 
@@ -133,10 +139,10 @@ def _locate(template: str, messages: list[dict], i: int, text: str, special: dic
     return start, end
 
 
-def _detail_spans(detail: list[tuple[int, int]], start: int, end: int, text: str, content: str) -> list[tuple[int, int]]:
+def _detail_spans(detail: list[tuple[int, int]], start: int, end: int, text: str, content: str) -> list[tuple[int, int, bool]]:
     if text[start:end] != content:
         raise RowError("messages", "message_field_training_detail needs a template that renders the content unchanged (this one trims or escapes it)")
-    return [(start + b, start + e) for b, e in detail]
+    return [(start + b, start + e, True) for b, e in detail]
 
 
 def _turn_end(text: str, end: int, turn_ends: tuple[str, ...]) -> tuple[int, int] | None:
@@ -148,15 +154,15 @@ def _turn_end(text: str, end: int, turn_ends: tuple[str, ...]) -> tuple[int, int
     return end + offset, end + offset + len(token)
 
 
-def _segments(text: str, spans: list[tuple[int, int]]) -> list[tuple[str, bool]]:
+def _segments(text: str, spans: list[tuple[int, int, bool]]) -> list[Segment]:
     segments, cursor = [], 0
-    for start, end in sorted(spans):
+    for start, end, detail in sorted(spans):
         start = max(start, cursor)
         if start > cursor:
-            segments.append((text[cursor:start], False))
+            segments.append(Segment(text[cursor:start], False))
         if end > start:
-            segments.append((text[start:end], True))
+            segments.append(Segment(text[start:end], True, detail))
         cursor = max(cursor, end)
     if cursor < len(text):
-        segments.append((text[cursor:], False))
+        segments.append(Segment(text[cursor:], False))
     return segments

@@ -1,6 +1,7 @@
 """pygmalion: `conversations` of {role: system / human / bot, value} rows in Pygmalion's
 `<|system|>Persona: ` / `<|user|> ` / `<|model|> ` prompt; each bot reply and its EOS are trained,
-the `<|model|>` marker is not."""
+the `<|model|>` marker is not. As in Axolotl, each turn is encoded on its own, a bot turn with its
+marker in one piece, and as many leading tokens masked as the marker has alone."""
 
 from __future__ import annotations
 
@@ -39,4 +40,4 @@ def _row(row: dict, tokenizer: dict) -> list[tuple[str, bool]]:
 def build(kind: Kind, spec) -> Formatter:
     if kind.style or kind.loader != "load":
         raise UnknownKind("pygmalion takes no loader or prompt style")
-    return Formatter(_row, "separate")
+    return Formatter(_row, "prefix")

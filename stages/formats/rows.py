@@ -36,15 +36,27 @@ class Tokens(NamedTuple):
 
 # How tokenize turns a row's segments into ids:
 #   joined    - the segments' text encoded in one call; a token is trained if it covers a trained character
+#               (a `detail` segment, from message_field_training_detail, follows Axolotl's token rule instead)
 #   separate  - each segment encoded on its own, ids concatenated (template-free input_output)
+#   prefix    - as separate, except that an untrained segment directly followed by a trained one is
+#               encoded together with it, and as many leading tokens are masked as the untrained text
+#               has on its own (Axolotl's reflection and pygmalion bot turns)
 #   chunk     - joined, then split into sequence_len pieces instead of dropped (completion)
 #   tokens    - the row already holds input_ids and labels (pretokenized)
-MODES = ("joined", "separate", "chunk", "tokens")
+MODES = ("joined", "separate", "prefix", "chunk", "tokens")
+
+
+class Segment(NamedTuple):
+    """A piece of a row's text; `detail` marks a message_field_training_detail span."""
+
+    text: str
+    train: bool
+    detail: bool = False
 
 
 @dataclass(frozen=True)
 class Formatter:
-    row: Callable[[dict, dict], "list[tuple[str, bool]] | Tokens"]  # (row, tokenizer info) -> segments
+    row: Callable[[dict, dict], "list[tuple[str, bool]] | list[Segment] | Tokens"]  # (row, tokenizer info) -> segments
     mode: str = "joined"
 
 
