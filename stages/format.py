@@ -3,7 +3,8 @@
 Reads the fetched rows (`data.arrow`) and the tokenizer's `molt_tokenizer.json` (chat template,
 special token strings). Writes `formatted.arrow`: per row, `segments` (text, trained?, a training-detail span?),
 how tokenize encodes them (`mode`: joined / separate / prefix / chunk / tokens), `input_ids` and `labels` for
-pretokenized rows, and the source `row` number.
+pretokenized rows, and the source `row` number. `dataset_processes` worker processes share the
+rows (same bytes for any number).
 
 `type:` names a prompt strategy the way Axolotl does: `alpaca`, `alpaca:chatml` (a prompt style),
 `alpaca_chat.load_qa` (a loader of a strategy), a mapping (a user-defined prompt) or nothing
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Annotated
 
 from jinja2 import TemplateError
-from pydantic import BaseModel, BeforeValidator
+from pydantic import BaseModel, BeforeValidator, Field
 
+from stages import workers
 from stages.chat_templates import TemplateChoiceError
 from stages.formats.rows import MODES, Kind, RowError, Segment, Tokens, UnknownKind
 from stages.store import DataError, read_table, write_table
@@ -67,6 +69,8 @@ class Spec(BaseModel, frozen=True):
 
 class Params(BaseModel, frozen=True):
     dataset: Spec
+    # how many worker processes; the output is the same for any number, so it is not in the key
+    dataset_processes: int | None = Field(default=None, exclude=True)
 
 
 def strategies() -> list[str]:
@@ -129,38 +133,50 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     import pyarrow as pa
 
     spec = params.dataset
+    formatter(spec)  # a bad type stops here, before any worker starts
+    rows = read_table(inputs["data"] / "data.arrow").num_rows
+    label = spec.type if isinstance(spec.type, str) and spec.type else "user-defined" if spec.type else "pretokenized"
+    with progress(f"format {label}", rows) as advance:
+        parts = workers.map_ranges(_format_rows, rows, workers.processes_for(rows, params.dataset_processes),
+                                   (spec, inputs["data"], inputs["tokenizer"]), advance)
+    result = pa.concat_tables(parts)
+    write_table(result, out / "formatted.arrow")
+    return {"rows": result.num_rows}
+
+
+def _format_rows(start: int, stop: int, spec: Spec, data: Path, tokenizer_dir: Path, advance=None):
+    """Rows [start, stop) of the fetched table, formatted (in a worker process or in the stage's own)."""
+    import pyarrow as pa
+
     made = formatter(spec)
-    tokenizer = json.loads((inputs["tokenizer"] / "molt_tokenizer.json").read_text())
-    table = read_table(inputs["data"] / "data.arrow")
+    tokenizer = json.loads((tokenizer_dir / "molt_tokenizer.json").read_text())
+    table = read_table(data / "data.arrow").slice(start, stop - start)
     segments: list = []
     ids: list = []
     labels: list = []
-    label = spec.type if isinstance(spec.type, str) and spec.type else "user-defined" if spec.type else "pretokenized"
-    with progress(f"format {label}", table.num_rows) as advance:
-        for offset in range(0, table.num_rows, BATCH):
-            for i, row in enumerate(table.slice(offset, BATCH).to_pylist(), offset):
-                try:
-                    result = made.row(row, tokenizer)
-                except RowError as error:
-                    raise DataError(f"row {i}: {error}") from None
-                except (TemplateChoiceError, TemplateError) as error:
-                    raise DataError(f"row {i}: chat template: {error}") from None
-                if isinstance(result, Tokens):
-                    segments.append([])
-                    ids.append(result.input_ids)
-                    labels.append(result.labels)
-                else:
-                    segments.append([Segment(*piece)._asdict() for piece in result])
-                    ids.append(None)
-                    labels.append(None)
+    for offset in range(0, table.num_rows, BATCH):
+        for i, row in enumerate(table.slice(offset, BATCH).to_pylist(), start + offset):
+            try:
+                result = made.row(row, tokenizer)
+            except RowError as error:
+                raise DataError(f"row {i}: {error}") from None
+            except (TemplateChoiceError, TemplateError) as error:
+                raise DataError(f"row {i}: chat template: {error}") from None
+            if isinstance(result, Tokens):
+                segments.append([])
+                ids.append(result.input_ids)
+                labels.append(result.labels)
+            else:
+                segments.append([Segment(*piece)._asdict() for piece in result])
+                ids.append(None)
+                labels.append(None)
+        if advance:
             advance(min(BATCH, table.num_rows - offset))
     segment_type = pa.list_(pa.struct([("text", pa.string()), ("train", pa.bool_()), ("detail", pa.bool_())]))
-    result = pa.table({
+    return pa.table({
         "segments": pa.array(segments, type=segment_type),
         "mode": pa.array([made.mode] * table.num_rows, type=pa.string()),
         "input_ids": pa.array(ids, type=pa.list_(pa.int64())),
         "labels": pa.array(labels, type=pa.list_(pa.int64())),
-        "row": pa.array(range(table.num_rows), type=pa.int64()),
+        "row": pa.array(range(start, stop), type=pa.int64()),
     })
-    write_table(result, out / "formatted.arrow")
-    return {"rows": result.num_rows}

@@ -12,7 +12,7 @@ and the trained one after it are encoded in one piece, and as many leading token
 untrained text has alone (reflection, pygmalion); `chunk` splits a long text into `sequence_len`
 pieces instead of dropping it (completion); `tokens` takes the row's own input_ids / labels
 (pretokenized), checked against the vocabulary. Writes `tokenized.arrow` (input_ids, labels,
-length, row).
+length, row). `dataset_processes` worker processes share the rows (same bytes for any number).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from stages import workers
 from stages.store import DataError, read_table, write_table
 from stages.ui import progress
 
@@ -36,6 +37,8 @@ class Params(BaseModel, frozen=True):
     sequence_len: int
     train_on_inputs: bool = False
     excess_length_strategy: Literal["drop", "truncate", "raise"] | None = None
+    # how many worker processes; the output is the same for any number, so it is not in the key
+    dataset_processes: int | None = Field(default=None, exclude=True)
 
 
 def labels_for(segments: list[dict], offsets: list[tuple[int, int]], ids: list[int], train_all: bool) -> np.ndarray:
@@ -129,11 +132,32 @@ def _encode_prefixed(tokenizer, segments_batch: list[list[dict]], rows: list[int
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.compute  # noqa: F401  (pa.compute below)
+
+    rows = read_table(inputs["formatted"] / "formatted.arrow").num_rows
+    with progress("tokenize", rows) as advance:
+        parts = workers.map_ranges(_tokenize_rows, rows, workers.processes_for(rows, params.dataset_processes),
+                                   (params, inputs["formatted"], inputs["tokenizer"]), advance)
+    result = pa.concat_tables([table for table, _ in parts])
+    dropped = {k: sum(counts["dropped"][k] for _, counts in parts) for k in ("too_long", "too_short", "nothing_trained")}
+    truncated, chunked = (sum(counts[k] for _, counts in parts) for k in ("truncated", "chunked"))
+    if result.num_rows == 0:
+        raise DataError(f"no rows left after tokenizing (dropped: {dropped}); check sequence_len and the dataset's trained turns")
+    write_table(result, out / "tokenized.arrow")
+    stats = {"rows": result.num_rows, "dropped": dropped, "truncated": truncated, "tokens": int(pa.compute.sum(result.column("length")).as_py() or 0)}
+    if chunked:
+        stats["chunked"] = chunked
+    return stats
+
+
+def _tokenize_rows(start: int, stop: int, params: Params, formatted: Path, tokenizer_dir: Path, advance=None):
+    """Rows [start, stop) of the formatted table tokenized (in a worker process or in the stage's
+    own): the Arrow table of kept rows and the counts of dropped, truncated and chunked ones."""
+    import pyarrow as pa
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(inputs["tokenizer"] / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    table = read_table(inputs["formatted"] / "formatted.arrow")
+    table = read_table(formatted / "formatted.arrow").slice(start, stop - start)
     strategy = params.excess_length_strategy or "drop"
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32()), ("row", pa.int64())])
     columns: dict[str, list] = {name: [] for name in schema.names}
@@ -144,8 +168,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         for values in columns.values():
             values.clear()
 
-    dropped = {"too_long": 0, "too_short": 0, "nothing_trained": 0}
-    truncated = chunked = 0
+    counts = {"dropped": {"too_long": 0, "too_short": 0, "nothing_trained": 0}, "truncated": 0, "chunked": 0}
+    dropped = counts["dropped"]
 
     def keep(source_row: int, ids, labels) -> None:
         if len(ids) < 2:
@@ -158,44 +182,37 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
             columns["length"].append(len(ids))
             columns["row"].append(source_row)
 
-    with progress("tokenize", table.num_rows) as advance:
-        for offset in range(0, table.num_rows, BATCH):
-            batch = table.slice(offset, BATCH)
-            rows = batch.column("row").to_pylist()
-            modes = batch.column("mode").to_pylist()
-            all_segments = batch.column("segments").to_pylist()
-            encoded = _encode(tokenizer, all_segments, modes, params.train_on_inputs)
-            given_ids = batch.column("input_ids").to_pylist() if "tokens" in modes else None
-            given_labels = batch.column("labels").to_pylist() if "tokens" in modes else None
-            for k, (source_row, mode) in enumerate(zip(rows, modes)):
-                if mode == "tokens":
-                    ids = given_ids[k]
-                    if max(ids) >= vocab:
-                        raise DataError(f"row {source_row}: field 'input_ids': token id {max(ids)} is outside the tokenizer's vocabulary of {vocab}")
-                    labels = np.asarray(ids if params.train_on_inputs else given_labels[k], dtype=np.int64)
-                else:
-                    ids, labels = encoded[k]
-                if mode == "chunk":  # completion: every piece of sequence_len tokens becomes a row
-                    chunked += len(ids) > params.sequence_len
-                    for c in range(0, len(ids), params.sequence_len):
-                        keep(source_row, ids[c : c + params.sequence_len], labels[c : c + params.sequence_len])
+    for offset in range(0, table.num_rows, BATCH):
+        batch = table.slice(offset, BATCH)
+        rows = batch.column("row").to_pylist()
+        modes = batch.column("mode").to_pylist()
+        all_segments = batch.column("segments").to_pylist()
+        encoded = _encode(tokenizer, all_segments, modes, params.train_on_inputs)
+        given_ids = batch.column("input_ids").to_pylist() if "tokens" in modes else None
+        given_labels = batch.column("labels").to_pylist() if "tokens" in modes else None
+        for k, (source_row, mode) in enumerate(zip(rows, modes)):
+            if mode == "tokens":
+                ids = given_ids[k]
+                if max(ids) >= vocab:
+                    raise DataError(f"row {source_row}: field 'input_ids': token id {max(ids)} is outside the tokenizer's vocabulary of {vocab}")
+                labels = np.asarray(ids if params.train_on_inputs else given_labels[k], dtype=np.int64)
+            else:
+                ids, labels = encoded[k]
+            if mode == "chunk":  # completion: every piece of sequence_len tokens becomes a row
+                counts["chunked"] += len(ids) > params.sequence_len
+                for c in range(0, len(ids), params.sequence_len):
+                    keep(source_row, ids[c : c + params.sequence_len], labels[c : c + params.sequence_len])
+                continue
+            if len(ids) > params.sequence_len:
+                if strategy == "raise":
+                    raise DataError(f"row {source_row}: {len(ids)} tokens, over sequence_len {params.sequence_len} (excess_length_strategy: raise)")
+                if strategy == "drop":
+                    dropped["too_long"] += 1
                     continue
-                if len(ids) > params.sequence_len:
-                    if strategy == "raise":
-                        raise DataError(f"row {source_row}: {len(ids)} tokens, over sequence_len {params.sequence_len} (excess_length_strategy: raise)")
-                    if strategy == "drop":
-                        dropped["too_long"] += 1
-                        continue
-                    ids, labels = ids[: params.sequence_len], labels[: params.sequence_len]
-                    truncated += 1
-                keep(source_row, ids, labels)
-            flush()
+                ids, labels = ids[: params.sequence_len], labels[: params.sequence_len]
+                counts["truncated"] += 1
+            keep(source_row, ids, labels)
+        flush()
+        if advance:
             advance(batch.num_rows)
-    result = pa.Table.from_batches(batches, schema=schema)
-    if result.num_rows == 0:
-        raise DataError(f"no rows left after tokenizing (dropped: {dropped}); check sequence_len and the dataset's trained turns")
-    write_table(result, out / "tokenized.arrow")
-    stats = {"rows": result.num_rows, "dropped": dropped, "truncated": truncated, "tokens": int(pa.compute.sum(result.column("length")).as_py() or 0)}
-    if chunked:
-        stats["chunked"] = chunked
-    return stats
+    return pa.Table.from_batches(batches, schema=schema), counts

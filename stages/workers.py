@@ -1,0 +1,50 @@
+"""`dataset_processes`: a stage's rows split into contiguous ranges, each handled by a worker
+process, the results kept in row order.
+
+Each range is computed exactly as a single process computes it, so an artifact's bytes do not
+depend on the number of processes (the setting is no part of any key). Workers are spawned, not
+forked: the parent may hold tokenizer threads, which a fork would copy in an unknown state.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Callable
+
+# Below this many rows per process, a worker's start-up (its imports) costs more than it saves.
+MIN_ROWS_PER_PROCESS = 4096
+
+
+def processes_for(rows: int, setting: int | None) -> int:
+    """How many processes to use: `dataset_processes` (default: the CPU count, as Axolotl's),
+    never more than the rows keep busy."""
+    wanted = setting or os.cpu_count() or 1
+    return max(1, min(wanted, rows // MIN_ROWS_PER_PROCESS))
+
+
+def ranges(rows: int, parts: int) -> list[tuple[int, int]]:
+    size, extra = divmod(rows, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def map_ranges(fn: Callable, rows: int, processes: int, args: tuple, advance: Callable[[int], None]) -> list:
+    """[fn(start, stop, *args) for each range], in row order. In one process `fn` gets `advance`
+    for its progress; with workers the parent advances as each range comes back. A worker's error
+    is raised for the first failing range, so the message names the same row as one process would."""
+    if processes <= 1:
+        return [fn(0, rows, *args, advance=advance)]
+    pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"))
+    try:
+        futures = [(pool.submit(fn, start, stop, *args), stop - start) for start, stop in ranges(rows, processes)]
+        results = []
+        for future, size in futures:
+            results.append(future.result())
+            advance(size)
+        return results
+    finally:
+        pool.shutdown(cancel_futures=True)
