@@ -114,7 +114,7 @@ UNSUPPORTED_PREFIXES: tuple[str, ...] = (
 DATASET_UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "input_transform", "preprocess_shards", "input_format", "field_human",
     "field_model", "field_tools", "field_thinking", "template_thinking_key", "split_thinking",
-    "logprobs_field", "temperature", "drop_system_message", "trust_remote_code", "text_column",
+    "logprobs_field", "temperature", "drop_system_message", "trust_remote_code",
     "skip", "step_separator", "max_completion_length", "train_on_last_step_only", "length",
     "sequence_length", "min_input_id", "max_input_id", "seed",
 })
@@ -167,6 +167,7 @@ class DatasetConfig(BaseModel):
     type: str | dict[str, Any] | None = None
     field: str | None = None  # `completion`: the text column
     conversation: str | None = None  # `alpaca_chat`: its prompt style (instruct, chat, chatml, phi)
+    text_column: str | None = None  # `pretraining_dataset`: the text column (default text)
 
     # `type: chat_template`; chat_template None means "use the top-level chat_template"
     chat_template: str | None = None
@@ -477,6 +478,24 @@ def _save_schedule_exclusive(cfg: MoltConfig) -> None:
 def _needs_data(cfg: MoltConfig) -> None:
     if not cfg.datasets and not cfg.pretraining_dataset:
         raise ValueError("datasets (or pretraining_dataset) is required: at least one dataset to train on")
+
+
+@_rule
+def _pretraining_dataset_as_completion(cfg: MoltConfig) -> None:
+    # Axolotl streams pretraining_dataset's `text_column` for max_steps; molt reads it as `completion`
+    # datasets (each document with BOS/EOS, long ones split into sequence_len pieces, then packed).
+    if not cfg.pretraining_dataset:
+        return
+    if cfg.datasets:
+        raise ValueError("pretraining_dataset and datasets are both set; Axolotl trains on pretraining_dataset alone: keep one")
+    if not cfg.max_steps:
+        raise ValueError("pretraining_dataset needs max_steps (Axolotl streams it, so the number of steps is not known)")
+    cfg.datasets = [
+        d.model_copy(update={"type": "completion", "field": d.field or d.text_column or "text", "text_column": None})
+        if d.type in (None, "pretrain") else d
+        for d in cfg.pretraining_dataset
+    ]
+    cfg.pretraining_dataset = None
 
 
 @_rule

@@ -106,8 +106,8 @@ def test_chat_template_jinja_implies_jinja(tmp_path):
 
 
 def test_pretraining_dataset_shorthand(tmp_path):
-    cfg = load(tmp_path, datasets=None, pretraining_dataset="allenai/c4")
-    assert cfg.pretraining_dataset[0].path == "allenai/c4"
+    cfg = load(tmp_path, datasets=None, pretraining_dataset="allenai/c4", max_steps=10)
+    assert (cfg.datasets[0].path, cfg.datasets[0].type) == ("allenai/c4", "completion")  # read as a completion dataset
 
 
 def test_legacy_spelling_is_renamed(tmp_path):
