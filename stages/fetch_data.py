@@ -4,7 +4,10 @@ Reads local json / jsonl / csv / parquet / arrow / text files, folders of them, 
 folders (`path`, `data_files`, `ds_type`, `split` or `train_on_split`), and the same through
 fsspec URLs (`file://`, `memory://`, `s3://`, ...: remote files are copied into a local
 content cache first, `MOLT_REMOTE_CACHE` or ~/.cache/molt/remote). `shards` + `shards_idx` keep
-one contiguous shard of the rows, as `datasets.Dataset.shard` does. Writes `data.arrow`. The
+one contiguous shard of the rows, as `datasets.Dataset.shard` does. A folder laid out as a Hugging
+Face dataset repository (README.md with `configs:`) is read by `datasets` with `name`; a hub id
+(`org/name`, with `name` and `revision` = a cached commit) is read from the local datasets cache
+only, never downloaded; `revision` on a local path is refused. Writes `data.arrow`. The
 source files' bytes are hashed into the key, so editing a data file reruns exactly what depends
 on it.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -32,6 +36,7 @@ class Source(BaseModel, frozen=True):
     split: str = "train"
     train_on_split: str | None = None
     name: str | None = None
+    revision: str | None = None
     shards: int | None = None
     shards_idx: int | None = None
 
@@ -71,7 +76,66 @@ class Params(BaseModel, frozen=True):
     dataset: Source
 
 
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def _is_hub_id(source: Source) -> bool:
+    """A path that names a Hugging Face dataset (`org/name`) rather than a local file: it does not
+    exist here, is no URL and has no data-file suffix."""
+    path = source.path
+    return (not source.data_files and not _is_url(path) and HUB_ID.match(path) is not None
+            and not Path(path).expanduser().exists() and Path(path).suffix not in SUFFIXES)
+
+
+def _is_dataset_repo(root: Path) -> bool:
+    """A folder laid out as a Hugging Face dataset repository: its README.md has a `configs:` list."""
+    readme = root / "README.md"
+    if not root.is_dir() or not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8")
+    if not text.startswith("---"):
+        return False
+    import yaml
+
+    try:
+        card = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError as error:
+        raise DataError(f"{readme}: its YAML header does not parse ({error})") from None
+    return isinstance(card, dict) and "configs" in card
+
+
+def _check_revision(source: Source) -> None:
+    if source.revision is not None and not _is_hub_id(source):
+        raise DataError(f"dataset {source.path!r}: revision {source.revision!r} only applies to hub datasets; this path is local "
+                        "(its files' content is what molt keys on, so pin a version by the files themselves)")
+
+
+def _cached_hub_dirs(source: Source) -> list[Path]:
+    """The datasets cache folders of a hub dataset (`<cache>/<org>___<name>/<config>/<version>/<commit>`)
+    for the configured `name` and `revision`, newest last."""
+    import datasets.config
+
+    root = Path(datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join(source.path.split("/"))
+    found = [d for d in root.glob(f"{source.name or '*'}/*/{source.revision or '*'}") if (d / "dataset_info.json").is_file()]
+    if not found:
+        cached = sorted({d.parent.parent.name + "@" + d.name for d in root.glob("*/*/*") if d.is_dir()})
+        wanted = "".join(f" {k} {v!r}" for k, v in (("name", source.name), ("revision", source.revision)) if v)
+        raise DataError(
+            f"dataset {source.path!r}{wanted}: not a local file or folder, and not in the local Hugging Face datasets cache "
+            f"({root.parent})" + (f"; cached there: {', '.join(cached)}" if cached else "")
+            + "; molt makes no network calls: load it once with datasets.load_dataset, or point path at local files"
+        )
+    configs = {d.parent.parent.name for d in found}
+    if len(configs) > 1:
+        raise DataError(f"dataset {source.path!r}: the cache holds several configs ({', '.join(sorted(configs))}); choose one with name:")
+    return sorted(found, key=lambda d: d.stat().st_mtime)
+
+
 def _files(source: Source) -> list[Path]:
+    _check_revision(source)
+    if _is_hub_id(source):
+        newest = _cached_hub_dirs(source)[-1]
+        return sorted(p for p in newest.iterdir() if p.is_file())
     if source.data_files:
         names = [source.data_files] if isinstance(source.data_files, str) else source.data_files
         names = [_fetch_remote(n) if _is_url(_local(n)) else Path(_local(n)) for n in names]
@@ -82,8 +146,10 @@ def _files(source: Source) -> list[Path]:
         root = _root(source)
         if not root.exists():
             raise DataError(f"dataset path {source.path!r}: no such file or directory (hub datasets must be in the local cache; molt makes no network calls)")
-        if root.is_file() or _is_saved_dataset(root):
+        if root.is_file() or _is_saved_dataset(root) or _is_dataset_repo(root):
             return [root]
+        if source.name:
+            raise DataError(f"dataset {source.path!r}: name {source.name!r} needs a dataset repository folder (a README.md whose YAML header lists configs:)")
         files = [p for p in list_files(root) if p.suffix in SUFFIXES]
         if not files:
             raise DataError(f"dataset path {source.path!r}: folder holds no {'/'.join(SUFFIXES)} files")
@@ -111,6 +177,8 @@ def _label(f: Path, source: Source, root: Path) -> str:
 
 
 def sources(params: Params) -> list[tuple[str, Path]]:
+    if _is_hub_id(params.dataset):  # the cached Arrow files, under the cache's own config/version/commit names
+        return [(f"{params.dataset.path}/{'/'.join(p.parts[-4:])}", p) for p in _files(params.dataset)]
     out = []
     root = _root(params.dataset)
     for f in _files(params.dataset):
@@ -125,7 +193,10 @@ def sources(params: Params) -> list[tuple[str, Path]]:
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     import pyarrow as pa
 
-    tables = [_read(f, params.dataset) for f in _files(params.dataset)]
+    if _is_hub_id(params.dataset):
+        tables = [_read_hub(params.dataset)]
+    else:
+        tables = [_read(f, params.dataset) for f in _files(params.dataset)]
     try:
         table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     except pa.ArrowInvalid as error:
@@ -149,19 +220,53 @@ def _shard(table, source: Source):
     return table.slice(start, size + (index < extra))
 
 
+def _split_of(loaded, source: Source, where: str):
+    from datasets import DatasetDict
+
+    if not isinstance(loaded, DatasetDict):
+        return loaded
+    split = source.train_on_split or source.split
+    if split not in loaded:
+        raise DataError(f"dataset {where!r}: no split {split!r} (has {', '.join(loaded)})")
+    return loaded[split]
+
+
+def _read_hub(source: Source):
+    """A hub dataset from the local datasets cache, the exact cached copy _files() keyed."""
+    from datasets.packaged_modules.cache.cache import Cache
+
+    newest = _cached_hub_dirs(source)[-1]
+    config, version, commit = newest.parts[-3:]
+    builder = Cache(cache_dir=str(newest.parents[3]), repo_id=source.path, dataset_name=source.path.split("/")[-1],
+                    config_name=config, version=version, hash=commit)
+    return _split_of(builder.as_dataset(), source, source.path).data.table
+
+
+def _read_dataset_repo(path: Path, source: Source):
+    """A local dataset repository read by `datasets` itself (its README's configs, `name`), built in
+    a scratch cache that is dropped afterwards."""
+    import tempfile
+
+    from datasets import load_dataset
+
+    with tempfile.TemporaryDirectory(prefix="molt-datasets-") as scratch:
+        try:
+            loaded = load_dataset(str(path), name=source.name, cache_dir=scratch, keep_in_memory=True)
+        except ValueError as error:  # an unknown config name, named with the known ones
+            raise DataError(f"dataset {str(path)!r}: {error}") from None
+        return _split_of(loaded, source, str(path)).data.table
+
+
 def _read(path: Path, source: Source):
     import pyarrow as pa
 
-    if _is_saved_dataset(path):
-        from datasets import DatasetDict, load_from_disk
+    if _is_dataset_repo(path):
+        return _read_dataset_repo(path, source)
 
-        loaded = load_from_disk(str(path))
-        if isinstance(loaded, DatasetDict):
-            split = source.train_on_split or source.split
-            if split not in loaded:
-                raise DataError(f"dataset {str(path)!r}: no split {split!r} (has {', '.join(loaded)})")
-            loaded = loaded[split]
-        return loaded.data.table
+    if _is_saved_dataset(path):
+        from datasets import load_from_disk
+
+        return _split_of(load_from_disk(str(path)), source, str(path)).data.table
     kind = source.ds_type or SUFFIXES.get(path.suffix)
     try:
         if kind == "json":

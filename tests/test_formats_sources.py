@@ -89,3 +89,94 @@ def test_memory_url_is_copied_and_its_bytes_are_keyed(tmp_path, monkeypatch):
             fetch(tmp_path, path="memory://molt-test/nope.jsonl")
     finally:
         fs.rm("/molt-test", recursive=True)
+
+
+# -- dataset repositories (README.md with configs:) and hub ids from the local datasets cache --
+
+README = """---
+configs:
+- config_name: en
+  data_files:
+  - split: train
+    path: en/train.jsonl
+  - split: test
+    path: en/test.jsonl
+- config_name: fr
+  data_files: fr/*.jsonl
+---
+# toy
+"""
+
+
+@pytest.fixture
+def repo(tmp_path):
+    root = tmp_path / "toy"
+    for rel, rows in {"en/train.jsonl": [{"text": "hello"}, {"text": "hi"}], "en/test.jsonl": [{"text": "bye"}],
+                      "fr/a.jsonl": [{"text": "bonjour"}]}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "README.md").write_text(README)
+    return root
+
+
+def test_dataset_repo_folder_reads_the_named_config_and_split(tmp_path, repo):
+    rows, labels = fetch(tmp_path, path=str(repo), name="en")
+    assert rows == [{"text": "hello"}, {"text": "hi"}]
+    assert labels == ["toy/README.md", "toy/en/test.jsonl", "toy/en/train.jsonl", "toy/fr/a.jsonl"]
+    assert fetch(tmp_path, path=str(repo), name="en", split="test")[0] == [{"text": "bye"}]
+    assert fetch(tmp_path, path=str(repo), name="fr")[0] == [{"text": "bonjour"}]
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"name": "de"}, r"dataset '.*toy'.*\bde\b.*(en|fr)"),
+    ({"name": "en", "split": "validation"}, r"no split 'validation' \(has train, test\)"),
+    ({"name": "en", "revision": "main"}, r"revision 'main' only applies to hub datasets; this path is local"),
+])
+def test_dataset_repo_folder_errors(tmp_path, repo, source, message):
+    with pytest.raises(DataError, match=message):
+        fetch(tmp_path, path=str(repo), **source)
+
+
+def test_name_on_a_plain_folder_is_refused(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match=r"name 'en' needs a dataset repository folder"):
+        fetch(tmp_path, path=str(tmp_path / "plain"), name="en")
+
+
+def test_revision_on_a_local_file_is_refused(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match=r"revision 'v1' only applies to hub datasets"):
+        fetch_data.sources(fetch_data.Params(dataset=fetch_data.Source(path=str(tmp_path / "a.jsonl"), revision="v1")))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, repo, monkeypatch):
+    """The datasets cache holding `testorg/toy` (config en) as load_dataset leaves it after a download."""
+    import datasets.config
+    from datasets import load_dataset
+
+    cache = tmp_path / "hf-cache"
+    load_dataset(str(repo), name="en", cache_dir=str(cache))
+    (cache / "toy").rename(cache / "testorg___toy")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    [commit] = [d.name for d in (cache / "testorg___toy" / "en").glob("*/*") if d.is_dir()]
+    return commit
+
+
+def test_hub_id_is_read_from_the_local_cache_only(tmp_path, hub_cache):
+    rows, labels = fetch(tmp_path, path="testorg/toy", name="en", split="test")
+    assert rows == [{"text": "bye"}]
+    assert labels == [f"testorg/toy/en/0.0.0/{hub_cache}/{f}" for f in ("dataset_info.json", "toy-test.arrow", "toy-train.arrow")]
+    assert fetch(tmp_path, path="testorg/toy", revision=hub_cache)[0] == [{"text": "hello"}, {"text": "hi"}]
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"path": "testorg/toy", "name": "fr"}, r"'testorg/toy' name 'fr': not a local file or folder, and not in the local Hugging Face "
+                                            r"datasets cache .*; cached there: en@\w+; molt makes no network calls"),
+    ({"path": "testorg/toy", "revision": "0123abc"}, r"revision '0123abc': not a local file .* cached there: en@"),
+    ({"path": "otherorg/nothing"}, r"'otherorg/nothing': not a local file or folder, and not in the local Hugging Face datasets cache"),
+])
+def test_hub_id_not_in_the_cache_is_a_clear_offline_error(tmp_path, hub_cache, source, message):
+    with pytest.raises(DataError, match=message):
+        fetch(tmp_path, **source)
