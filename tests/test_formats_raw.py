@@ -76,6 +76,18 @@ def test_completion_splits_long_text_into_sequence_len_pieces(pipeline, fast_tok
     assert pipeline.stats["chunked"] == 1 and pipeline.stats["dropped"]["too_long"] == 0
 
 
+def test_completion_keeps_text_beyond_64_sequence_lens(pipeline, fast_tokenizer):
+    # Axolotl truncates each completion text at sequence_len * 64 tokens and drops the rest
+    # unannounced; molt keeps every token: the pieces put back together are the whole text + EOS
+    text = " ".join(f"w{i}" for i in range(400))
+    full = enc(fast_tokenizer, text + EOS)
+    assert len(full) > 64 * 4
+    got = pipeline([{"text": text}], type="completion", sequence_len=4)
+    pieces = [full[i : i + 4] for i in range(0, len(full), 4)]
+    assert [ids for ids, _ in got] == [p for p in pieces if len(p) >= 2]  # only a 1-token tail could go (too short to train)
+    assert sum(map(len, (ids for ids, _ in got))) >= len(full) - 1 and pipeline.stats["dropped"]["too_long"] == 0
+
+
 def test_completion_missing_field_names_it(pipeline):
     with pytest.raises(DataError, match=r"row 1: field 'body': missing"):
         pipeline([{"body": "a b"}, {"text": "c"}], type="completion", field="body")

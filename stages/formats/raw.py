@@ -1,7 +1,8 @@
 """raw: template-free rows. `input_output` (a list of `segments`, each `text` with a boolean
 `label`: trained or not; each segment is encoded on its own, with no BOS or EOS added),
 `completion` (the text of `field`, default `text`, trained whole with BOS and EOS, long texts
-split into `sequence_len` pieces by tokenize) and `pretokenized` (an empty `type:`: rows hold
+split into `sequence_len` pieces by tokenize; unlike Axolotl, which truncates each text at
+64 x sequence_len tokens, no text is cut short) and `pretokenized` (an empty `type:`: rows hold
 `input_ids`, optional `labels` and `attention_mask`)."""
 
 from __future__ import annotations
