@@ -1,10 +1,10 @@
 """format: one dataset's rows rendered by its prompt strategy into text segments.
 
 Reads the fetched rows (`data.arrow`) and the tokenizer's `molt_tokenizer.json` (chat template,
-special token strings). Writes `formatted.arrow`: per row, `segments` (text, trained?, a training-detail span?),
-how tokenize encodes them (`mode`: joined / separate / prefix / chunk / tokens), `input_ids` and `labels` for
-pretokenized rows, and the source `row` number. `dataset_processes` worker processes share the
-rows (same bytes for any number).
+special token strings). Writes `formatted.arrow`: per row, `segments` (text, trained?, from a
+training detail?), how tokenize encodes them (`mode`: joined / separate / prefix / chunk /
+tokens), `input_ids` and `labels` for pretokenized rows, and the source `row` number.
+`dataset_processes` worker processes share the rows (same bytes for any number).
 
 `type:` names a prompt strategy the way Axolotl does: `alpaca`, `alpaca:chatml` (a prompt style),
 `alpaca_chat.load_qa` (a loader of a strategy), a mapping (a user-defined prompt) or nothing
