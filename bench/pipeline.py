@@ -67,22 +67,39 @@ def tokenizer_dir() -> Path:
     return _build_once("smollm2-tokenizer", build)
 
 
-def tiny_model_dir() -> Path:
+# Tiny random configs of the model families molt is tested with: 2 layers, hidden 32, the
+# SmolLM2 vocabulary. Family-specific fields only where the defaults would be large or invalid.
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"rotary_pct": 0.5}),
+}
+
+
+def tiny_model_dir(family: str = "llama") -> Path:
+    """A local HF model directory: a 2-layer random model of `family` plus the SmolLM2 tokenizer."""
     tok_dir = tokenizer_dir()
+    config_name, model_name, extra = TINY_FAMILIES[family]
 
     def build(tmp: Path) -> None:
         import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        import transformers
+        from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        cfg = getattr(transformers, config_name)(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
         torch.manual_seed(0)
-        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        getattr(transformers, model_name)(cfg).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _build_once("tiny-llama", build)
+    return _build_once(f"tiny-{family}", build)
 
 
 # -- synthetic data ------------------------------------------------------------------------------

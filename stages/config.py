@@ -39,13 +39,12 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     # model loading
     "cls_model_config", "processor_type", "tokenizer_use_mistral_common", "tokenizer_save_jinja_files",
     "experimental_skip_move_to_device", "use_kernels", "model_quantization_config",
-    "model_quantization_config_kwargs", "model_config", "overrides_of_model_config", "model_kwargs",
-    "overrides_of_model_kwargs", "rope_scaling", "gptq", "device", "device_map", "max_memory",
+    "model_quantization_config_kwargs", "model_config", "model_kwargs", "rope_scaling", "gptq", "device", "device_map", "max_memory",
     "gpu_memory_limit", "low_cpu_mem_usage", "is_falcon_derived_model", "is_llama_derived_model",
     "is_mistral_derived_model", "is_qwen_derived_model", "llama4_linearized_experts",
     "hf_use_auth_token", "reinit_weights", "random_init_weights",
     # tokenizer / embeddings
-    "resize_token_embeddings_to_32x", "mean_resizing_embeddings", "shrink_embeddings",
+    "mean_resizing_embeddings", "shrink_embeddings",
     "embeddings_skip_upcast", "added_tokens_overrides", "eot_tokens", "fix_untrained_tokens",
     "chat_template_kwargs",
     # attention and kernels
@@ -58,7 +57,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "tiled_mlp_use_original_mlp", "activation_offloading", "dynamic_checkpoint", "torch_compile",
     "torch_compile_backend", "torch_compile_mode", "gc_steps",
     # PEFT beyond plain LoRA / QLoRA
-    "lora_target_parameters", "lora_on_cpu", "peft", "peft_layers_pattern",
+    "lora_target_parameters", "lora_on_cpu", "peft_layers_pattern",
     "peft_use_rslora", "peft_layer_replication", "peft_init_lora_weights",
     "peft_trainable_token_indices", "peft_ensure_weight_tying", "peft_autocast_adapter_dtype",
     "qlora_sharded_model_loading",
@@ -242,6 +241,9 @@ class MoltConfig(BaseModel):
     tokenizer_use_fast: bool = True
     tokenizer_legacy: bool | None = None
     trust_remote_code: bool = False
+    overrides_of_model_config: dict[str, Any] | None = None  # e.g. rope_scaling, num_labels
+    overrides_of_model_kwargs: dict[str, Any] | None = None  # passed to from_pretrained
+    resize_token_embeddings_to_32x: bool = False
 
     # data
     datasets: list[DatasetConfig] | None = None
@@ -293,6 +295,7 @@ class MoltConfig(BaseModel):
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     bnb_config_kwargs: dict[str, Any] | None = None
+    peft: dict[str, Any] | None = None  # {loftq_config: {loftq_bits: 4}}: LoftQ-initialised LoRA
 
     # batch and schedule
     micro_batch_size: int = Field(default=1, ge=1)
@@ -527,6 +530,24 @@ def _quantized_needs_adapter(cfg: MoltConfig) -> None:
             f"{' and '.join(f'{k}: true' for k in flags)} requires an adapter (lora or qlora): "
             "a quantized model cannot be fully fine-tuned"
         )
+
+
+@_rule
+def _loftq_on_plain_lora(cfg: MoltConfig) -> None:
+    unknown = sorted(set(cfg.peft or {}) - {"loftq_config"})
+    if unknown:
+        raise ValueError(f"peft: {', '.join(unknown)} not supported (molt reads peft.loftq_config)")
+    loftq = (cfg.peft or {}).get("loftq_config")
+    if loftq is None:
+        return
+    if not isinstance(loftq, dict) or set(loftq) - {"loftq_bits"}:
+        raise ValueError(f"peft.loftq_config: {loftq!r}: expected {{loftq_bits: 4}}")
+    if cfg.adapter != "lora":
+        raise ValueError(f"peft.loftq_config initialises a LoRA adapter: needs adapter: lora (got {cfg.adapter!r})")
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        raise ValueError("peft.loftq_config quantizes the full-precision base itself: unset load_in_4bit / load_in_8bit")
+    if cfg.peft_use_dora:
+        raise ValueError("peft.loftq_config with peft_use_dora: DoRA's magnitudes would be computed from the unquantized weights")
 
 
 @_rule

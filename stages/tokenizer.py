@@ -1,6 +1,7 @@
 """tokenizer: the tokenizer every later stage and the trained model share.
 
-Reads the fetched model's tokenizer (or `tokenizer_config`), adds `special_tokens` and `tokens`,
+Reads the fetched model's tokenizer (or `tokenizer_config`) with the class `tokenizer_type` names
+(AutoTokenizer unless set), adds `special_tokens` and `tokens`,
 sets the chat template chosen by `chat_template` / `chat_template_jinja`, and writes the tokenizer
 files plus `molt_tokenizer.json` (template, special token strings, vocabulary sizes) so that
 format and tokenize can read what they need without loading transformers.
@@ -23,6 +24,7 @@ INFO = "molt_tokenizer.json"
 
 class Params(BaseModel, frozen=True):
     tokenizer_config: str | None = None
+    tokenizer_type: str | None = None
     tokenizer_use_fast: bool = True
     tokenizer_legacy: bool | None = None
     trust_remote_code: bool = False
@@ -39,14 +41,23 @@ def sources(params: Params) -> list[tuple[str, Path]]:
     return [(p.relative_to(root).as_posix() if root.is_dir() else p.name, p) for p in list_files(root)]
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
-    from transformers import AutoTokenizer
+def tokenizer_class(name: str | None):
+    """The transformers tokenizer class `tokenizer_type` names (AutoTokenizer when unset)."""
+    import transformers
 
+    name = name or "AutoTokenizer"
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise DataError(f"tokenizer_type {name!r}: not a transformers tokenizer class (e.g. AutoTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast)")
+    return cls
+
+
+def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     source = params.tokenizer_config or str(inputs["model"])
     kwargs = {"use_fast": params.tokenizer_use_fast, "trust_remote_code": params.trust_remote_code}
     if params.tokenizer_legacy is not None:
         kwargs["legacy"] = params.tokenizer_legacy
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer = tokenizer_class(params.tokenizer_type).from_pretrained(source, **kwargs)
     base_size = len(tokenizer)
     if params.special_tokens:
         tokenizer.add_special_tokens(dict(params.special_tokens))

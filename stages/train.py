@@ -30,6 +30,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from stages.store import DataError, list_files, read_table
+from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
 from stages.ui import console, progress
 
 SCHEMA = 3
@@ -57,6 +58,11 @@ class Params(BaseModel, frozen=True):
     load_in_8bit: bool = False
     bnb_config_kwargs: dict | None = None
     trust_remote_code: bool = False
+    model_type: str | None = None
+    overrides_of_model_config: dict | None = None
+    overrides_of_model_kwargs: dict | None = None
+    resize_token_embeddings_to_32x: bool = False
+    peft: dict | None = None
     micro_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     eval_batch_size: int | None = None
@@ -252,99 +258,18 @@ def evaluation_loss(trainer, loader) -> float | None:
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def quantization_config(params: Params):
-    """bitsandbytes settings for `load_in_4bit` (QLoRA: nf4, double quantization, fp32 compute on
-    CPU, as Axolotl's defaults; `bnb_config_kwargs` overrides them) or `load_in_8bit`; None when
-    the model is loaded in full precision."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if params.load_in_4bit:
-        settings = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": torch.float32}
-        settings.update(params.bnb_config_kwargs or {})
-        if isinstance(settings["bnb_4bit_compute_dtype"], str):
-            settings["bnb_4bit_compute_dtype"] = getattr(torch, settings["bnb_4bit_compute_dtype"])
-        return BitsAndBytesConfig(load_in_4bit=True, **settings)
-    if params.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True, **(params.bnb_config_kwargs or {}))
-    return None
-
-
-def _load_model(params: Params, model_dir: Path, vocab_size: int):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    quantized = quantization_config(params)
-    extra = {}
-    if quantized is not None:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise DataError("load_in_4bit / load_in_8bit need bitsandbytes: pip install bitsandbytes") from None
-        # the quantized weights must stay where bitsandbytes put them; the Trainer does not move them
-        extra = {"quantization_config": quantized, "device_map": {"": "cuda:0" if torch.cuda.is_available() else "cpu"}}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=params.trust_remote_code, **extra)
-    model.config.use_cache = False  # a KV cache would also switch off packed-sequence masking
-    if vocab_size > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(vocab_size)
-    if quantized is not None:
-        from peft import prepare_model_for_kbit_training
-
-        # freezes the quantized base, upcasts norms and the head to fp32; checkpointing is set by the Trainer
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if params.adapter in ("lora", "qlora"):
-        model = _with_adapter(params, model)
-    elif params.adapter:
-        raise DataError(f"adapter {params.adapter!r}: molt trains lora, qlora or (no adapter) full models")
-    elif params.unfrozen_parameters:
-        freeze_except(model, params.unfrozen_parameters)
+def _load_model(params: Params, model_dir: Path, vocab_size: int, packed: bool):
+    """The model to train (stages/training/model.py, shared with merge). Only causal LMs: the
+    packed rows hold next-token labels, not the class labels a classifier head needs."""
+    if not is_causal_lm(params.model_type):
+        raise DataError(
+            f"model_type {params.model_type}: the train stage fine-tunes causal language models on next-token labels; "
+            "the data has no class labels for a classification head (reward-model training is not supported yet)"
+        )
+    model = load_for_training(params, model_dir, vocab_size)
+    if packed:
+        check_packed_masking(model)
     return model
-
-
-def _with_adapter(params: Params, model):
-    """A new LoRA adapter, or the one in `lora_model_dir` made trainable again (continued training:
-    its own r, targets and layers, so the config's lora_* keys do not apply to it)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if params.unfrozen_parameters:
-        raise DataError("unfrozen_parameters selects weights for full fine-tuning; with an adapter only the adapter trains (unset adapter or unfrozen_parameters)")
-    if params.lora_model_dir:
-        if not (Path(params.lora_model_dir) / "adapter_config.json").exists():
-            raise DataError(f"lora_model_dir {params.lora_model_dir}: no adapter_config.json there (not a peft adapter)")
-        return PeftModel.from_pretrained(model, params.lora_model_dir, is_trainable=True)
-    # a string is a regex that peft matches against whole module names; a list names modules
-    targets = params.lora_target_modules or ("all-linear" if params.lora_target_linear else None)
-    layers = params.peft_layers_to_transform
-    if layers is not None and isinstance(targets, str) and targets != "all-linear":
-        raise DataError("peft_layers_to_transform needs lora_target_modules as a list of module names, not a regex")
-    config = LoraConfig(
-        r=params.lora_r,
-        lora_alpha=params.lora_alpha,
-        lora_dropout=params.lora_dropout,
-        target_modules=targets,
-        modules_to_save=params.lora_modules_to_save,
-        fan_in_fan_out=bool(params.lora_fan_in_fan_out),
-        use_dora=bool(params.peft_use_dora),
-        layers_to_transform=layers,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
-def freeze_except(model, patterns: list[str]) -> None:
-    """Full fine-tuning of only the parameters whose name matches one of the regexes (re.match from
-    the start of the name, as Axolotl); a pattern that matches nothing is a config error, not a no-op."""
-    import re
-
-    compiled = [re.compile(p) for p in patterns]
-    used = set()
-    for name, param in model.named_parameters():
-        hits = {p.pattern for p in compiled if p.match(name)}
-        param.requires_grad_(bool(hits))
-        used |= hits
-    unused = [p for p in patterns if p not in used]
-    if unused:
-        raise DataError(f"unfrozen_parameters: {', '.join(unused)} match no parameter of the model (names look like {next(iter(dict(model.named_parameters())))})")
 
 
 def sources(params: Params) -> list[tuple[str, Path]]:
@@ -481,7 +406,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     val_rows = Rows(read_table(inputs["packed"] / "val.arrow"), pad_id)
     if len(train_rows) == 0:
         raise DataError("no training rows: every sample was dropped before packing")
-    model = _load_model(params, inputs["model"], tokenizer_info["vocab_size"])
+    packed = params.batch_flattening or layout["train"]["packed"] or layout["val"]["packed"]
+    model = _load_model(params, inputs["model"], tokenizer_info["vocab_size"], packed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def collator(split: str):
