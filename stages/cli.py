@@ -23,6 +23,7 @@ SYMBOL = {"cached": "[green]✓ cached[/]", "adopted": "[green]✓ adopted[/]", 
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
+    console.quiet = False  # every rank of a launcher names its error
     console.print(f"[bold red]error:[/] {escape(message)}")
     sys.exit(code)
 
@@ -46,7 +47,9 @@ class Session:
         self.values = self.config.model_dump(mode="json")
         self.store = Store(cache_dir)
         refs_id = hash_text(str(self.config_path.resolve()))[:16]
-        self.runner = dag.Runner(self.store, published, refs_id, on_event=None if quiet else self._event)
+        # under a multi-process launcher (accelerate, torchrun) each process has a RANK
+        self.rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        self.runner = dag.Runner(self.store, published, refs_id, on_event=None if quiet else self._event, rank=self.rank, world_size=world_size)
 
     def _event(self, how: str, node: dag.Node, key: str) -> None:
         name = escape(f"{node.name:<16}")  # "[test0]" is not rich markup
@@ -146,18 +149,75 @@ def show_examples(arrow: Path, tokenizer_json: Path, count: int, text_only: bool
         console.print()
 
 
-@main.command(context_settings=OVERRIDES)
+class LauncherCommand(click.Command):
+    """Arguments after `--` are the launcher's (`--launcher accelerate -- --num_processes 2`):
+    click would otherwise mix them into the config overrides."""
+
+    def parse_args(self, ctx, args):
+        if "--" in args:
+            cut = args.index("--")
+            args, ctx.meta["launcher_args"] = args[:cut], args[cut + 1 :]
+        return super().parse_args(ctx, args)
+
+
+LAUNCHERS = {"accelerate": ["-m", "accelerate.commands.launch"], "torchrun": ["-m", "torch.distributed.run"]}
+
+
+def launch(launcher: str, launcher_args: list[str], command: list[str]) -> None:
+    """Replace this process with `launcher [launcher_args] -m stages.cli COMMAND`: every process it
+    starts runs molt with its own RANK (see dag.EVERY_RANK for how the stages share the work)."""
+    launcher_args = list(launcher_args)
+    if launcher == "accelerate" and "--cpu" in launcher_args and "--mpirun_hostfile" not in launcher_args and _processes(launcher_args) > 1:
+        # `accelerate launch --cpu` starts one process unless MPI is set up; its torchrun path
+        # (--multi_gpu) starts them all, and ACCELERATE_USE_CPU makes them a gloo group on CPU
+        launcher_args[launcher_args.index("--cpu")] = "--multi_gpu"
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    argv = [sys.executable, *LAUNCHERS[launcher], *launcher_args, "-m", "stages.cli", *command]
+    sys.stdout.flush(), sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+def _processes(launcher_args: list[str]) -> int:
+    for i, arg in enumerate(launcher_args):
+        name, _, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (launcher_args[i + 1] if i + 1 < len(launcher_args) else "1")
+            return int(value) if value.isdigit() else 1
+    return 1
+
+
+@main.command(cls=LauncherCommand, context_settings=OVERRIDES)
 @click.argument("config")
+@click.option("--launcher", type=click.Choice(["python", *LAUNCHERS]), default="python", show_default=True, help="python: this process; accelerate / torchrun: start the processes they are told after `--`.")
 @cache_option
 @click.pass_context
-def train(ctx, config, cache_dir):
-    """Prepare the data if needed and fine-tune; the model lands in output_dir."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Every rank would take the train stage's key lock in turn, and the first would wait
-        # forever for the others inside the Trainer: refuse rather than hang.
-        fail("molt train under a multi-process launcher (WORLD_SIZE > 1) is not supported yet; run `molt train CONFIG` as one process")
+def train(ctx, config, launcher, cache_dir):
+    """Prepare the data if needed and fine-tune; the model lands in output_dir.
+
+    Multi-process: `molt train CONFIG --launcher accelerate -- --num_processes 2` (or started by
+    `accelerate launch -m stages.cli train CONFIG` / `torchrun -m stages.cli ...`). The data stages
+    are built once; every rank trains, rank 0 stores the model and writes output_dir."""
+    launcher_args = ctx.meta.get("launcher_args", [])
+    if launcher != "python":
+        warnings.simplefilter("ignore", MoltConfigWarning)  # each rank's molt names them
+        try:  # a bad config fails here, once, rather than in every process
+            load_config(config, parse_cli_overrides(list(ctx.args)))
+        except ConfigError as error:
+            fail(str(error))
+        return launch(launcher, launcher_args, ["train", config, *ctx.args, "--cache-dir", cache_dir])
+    if launcher_args:
+        fail(f"arguments after `--` ({' '.join(launcher_args)}) are for a launcher: add --launcher accelerate or --launcher torchrun")
+    if int(os.environ.get("RANK", "0")):
+        console.quiet = True  # rank 0 reports; the others say only what fails
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():  # else the Trainer's ranks each train alone, on all the data
+            os.environ["ACCELERATE_USE_CPU"] = "true"
     session = Session(config, ctx.args, cache_dir)
     done = session.resolve(session.plan("train"))
+    if session.rank:
+        return
     artifact = done["train"].artifact
     _copy_dir(artifact.path / "model", session.output_dir())
     for extra in ("metrics.json", "loss.png"):

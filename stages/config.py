@@ -85,7 +85,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     # evaluation / checkpoints / output
     "eval_strategy", "evaluation_strategy", "save_strategy", "save_only_model",
     "save_safetensors", "save_first_step", "load_best_model_at_end", "metric_for_best_model",
-    "greater_is_better", "auto_resume_from_checkpoints",
+    "greater_is_better",
     "include_tokens_per_second", "include_tkps",
     "profiler_steps", "profiler_steps_start", "use_tensorboard", "eval_table_size",
     "eval_max_new_tokens", "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval",
@@ -340,6 +340,7 @@ class MoltConfig(BaseModel):
     loss_watchdog_threshold: float | None = None
     loss_watchdog_patience: int | None = Field(default=None, ge=1)
     resume_from_checkpoint: str | None = None
+    auto_resume_from_checkpoints: bool = False
     hub_model_id: str | None = None
 
     # distributed

@@ -13,7 +13,9 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.metadata
+import inspect
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -113,6 +115,9 @@ STAGES = ("fetch_model", "tokenizer", "fetch_data", "format", "tokenize", "mix",
 # read by the CLI (or folded into other keys by the config) rather than by a stage
 CLI_KEYS = frozenset({"output_dir", "dataset_prepared_path", "strict", "datasets", "test_datasets", "batch_size", "pad_to_sequence_len", "config_warnings"})
 DATASET_IDENTITY_KEYS = frozenset({"message_property_mappings"})
+# Under a multi-process launcher these run on every rank at once (DDP needs them all); the other
+# stages run once, on whichever rank takes the key's lock first, and the rest find them cached.
+EVERY_RANK = frozenset({"train"})
 
 
 def keys_read() -> tuple[set[str], set[str]]:
@@ -261,8 +266,9 @@ class Resolution:
 
 
 class Runner:
-    def __init__(self, store: Store, published: Path | None = None, refs_id: str | None = None, on_event: Callable[[str, Node, str], None] | None = None):
+    def __init__(self, store: Store, published: Path | None = None, refs_id: str | None = None, on_event: Callable[[str, Node, str], None] | None = None, rank: int = 0, world_size: int = 1):
         self.store = store
+        self.rank, self.world_size = rank, world_size  # under a multi-process launcher
         self.published = published
         self.refs_path = store.root / "refs" / f"{refs_id}.json" if refs_id else None
         self.on_event = on_event or (lambda event, node, detail: None)
@@ -273,7 +279,7 @@ class Runner:
         module = node.module
         modules = node.code_modules()
         sources = {label: self.store.index.hash(path) for label, path in node.sources()}
-        return {
+        record = {
             "stage": node.stage,
             "schema": module.SCHEMA,
             "code": code_fingerprint(modules, tuple(getattr(module, "LIBRARIES", ()))),
@@ -281,6 +287,9 @@ class Runner:
             "inputs": {k: a.content for k, a in sorted(inputs.items())},
             "sources": sources,
         }
+        if node.stage in EVERY_RANK and self.world_size > 1:  # more ranks, bigger batches: other weights
+            record["world_size"] = self.world_size
+        return record
 
     def resolve(self, node: Node, run: bool = True) -> Resolution:
         if node.name in self.done:
@@ -315,21 +324,35 @@ class Runner:
             return None
         return self.store.adopt(source) if manifest.get("key") == key else None
 
-    def _run(self, node: Node, key: str, record: dict, inputs: dict[str, Artifact]) -> tuple[Artifact, bool]:
+    def _run(self, node: Node, key: str, record: dict, inputs: dict[str, Artifact]) -> tuple[Artifact | None, bool]:
+        if self.rank and node.stage in EVERY_RANK:
+            # rank 0 holds the lock and commits; this rank trains beside it into a scratch dir
+            # that is discarded (taking the lock would wait for rank 0, which waits for this rank)
+            self.on_event("start", node, key)
+            with self.store.writing(node.stage, key) as scratch:
+                self._call(node, key, inputs, scratch)
+            return None, True
         with self.store.lock(node.stage, key):
             if (hit := self.store.get(node.stage, key)) is not None:  # another process made it
                 return hit, False
             self.on_event("start", node, key)
             started = time.perf_counter()
             with self.store.writing(node.stage, key) as tmp:
-                try:
-                    extra = node.module.run(node.params, {k: a.path for k, a in inputs.items()}, tmp) or {}
-                except Exception as error:
-                    raise StageFailed(node, error) from error
+                extra = self._call(node, key, inputs, tmp)
                 manifest = dict(record, **extra, created=now(), seconds=round(time.perf_counter() - started, 3))
                 artifact = self.store.commit(tmp, node.stage, key, manifest)
+            shutil.rmtree(self.store.partial_dir(node.stage, key), ignore_errors=True)
         self.store.index.save()
         return artifact, True
+
+    def _call(self, node: Node, key: str, inputs: dict[str, Artifact], out: Path) -> dict:
+        kwargs = {}
+        if "checkpoints" in inspect.signature(node.module.run).parameters:
+            kwargs["checkpoints"] = self.store.partial_dir(node.stage, key) / "checkpoints"
+        try:
+            return node.module.run(node.params, {k: a.path for k, a in inputs.items()}, out, **kwargs) or {}
+        except Exception as error:
+            raise StageFailed(node, error) from error
 
     # -- what was last used, for `molt status` to say why something is stale -------------------
 

@@ -3,6 +3,11 @@
 `cache/<stage>/<key>/` holds one artifact: its files (canonical Arrow IPC or safetensors) and
 `manifest.json`. An artifact is written in `cache/tmp/`, then renamed into place, under a per-key
 lock, so readers see either nothing or a whole artifact. Hashes are xxh3-128 throughout.
+
+`cache/<stage>/<key>.partial/` is a stage's work that must outlive a crash of its run: the train
+stage's `checkpoints/`, from which `auto_resume_from_checkpoints` carries on after a killed run.
+Every rank of a multi-process run shares it (it is keyed by the stage key, not by a temp name);
+it is removed once the artifact is committed (scheduled saves are moved into the artifact).
 """
 
 from __future__ import annotations
@@ -134,6 +139,10 @@ class Store:
         if manifest.get("key") != key or hash_tree(path, self.index) != manifest.get("content"):
             return None
         return Artifact(stage, key, path, manifest)
+
+    def partial_dir(self, stage: str, key: str) -> Path:
+        """Where a run of (stage, key) keeps what survives its crash; see the module docstring."""
+        return self.root / stage / f"{key}.partial"
 
     def lock(self, stage: str, key: str) -> FileLock:
         lock_dir = self.root / "locks"

@@ -5,7 +5,9 @@ Trains with the transformers Trainer (peft for LoRA / DoRA / LoRA+, bitsandbytes
 (QLoRA) or 8-bit base); measures the validation loss before and after, and at `eval_steps`.
 Writes `model/` (the full model, or the adapter, with the tokenizer and its chat template),
 `metrics.json` (loss and learning rate per logged step, eval losses), `loss.png`, and
-`checkpoints/` when saves are scheduled (what `resume_from_checkpoint` points at).
+`checkpoints/` when saves are scheduled (what `resume_from_checkpoint` points at). While it runs,
+checkpoints go to the store's per-key `checkpoints` dir, which outlives a killed run:
+`auto_resume_from_checkpoints` carries on from the newest one there.
 
 Batches: a micro-batch is `layout.rows_per_batch` rows (1 row of `micro_batch_size × sequence_len`
 tokens when pack made multipack bins, else `micro_batch_size` rows). `epoch_batches` deals them
@@ -27,7 +29,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from stages.store import DataError, list_files, read_table
 from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
@@ -94,6 +96,8 @@ class Params(BaseModel, frozen=True):
     loss_watchdog_threshold: float | None = None
     loss_watchdog_patience: int | None = None
     resume_from_checkpoint: str | None = None
+    # how to run, not what: a resumed run ends with the same weights, so it stays out of the key
+    auto_resume_from_checkpoints: bool = Field(default=False, exclude=True)
     seed: int = 42
     pad_to_sequence_len: bool | None = None
     batch_flattening: bool = False
@@ -395,7 +399,14 @@ class LossWatchdog:
             )
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+def last_checkpoint(folder: Path) -> str | None:
+    """The newest whole checkpoint in folder: the Trainer writes trainer_state.json last, so a
+    checkpoint a kill cut short has none."""
+    whole = [p for p in Path(folder).glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()]
+    return str(max(whole, key=lambda p: int(p.name.split("-")[-1]))) if whole else None
+
+
+def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -> dict:
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     set_seed(params.seed)
@@ -417,7 +428,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     eval_batch = layout["val"]["rows_per_batch"]
     warmup = params.warmup_steps if params.warmup_steps is not None else (params.warmup_ratio or 0.0)
     args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),  # kept only when saves are scheduled
+        output_dir=str(checkpoints),  # moved into the artifact when saves are scheduled
         per_device_train_batch_size=train_batch,
         per_device_eval_batch_size=eval_batch,
         gradient_accumulation_steps=params.gradient_accumulation_steps,
@@ -515,7 +526,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
         if before is not None:
             console.print(f"  eval loss before training: {before:.4f}")
         started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=params.resume_from_checkpoint)
+        resume = params.resume_from_checkpoint
+        if resume is None and params.auto_resume_from_checkpoints:
+            resume = last_checkpoint(checkpoints)
+            console.print(f"  resuming from {resume}" if resume else "  no checkpoint to resume from: starting afresh")
+        elif trainer.is_world_process_zero():
+            shutil.rmtree(checkpoints, ignore_errors=True)  # a killed run's saves are not this run's
+        result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
         after = evaluation_loss(trainer, trainer.get_eval_dataloader()) if len(val_rows) else None
         if after is not None:
@@ -526,8 +543,10 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     for p in list_files(inputs["tokenizer"]):
         if p.name != "manifest.json":
             shutil.copy2(p, model_dir / p.name)
-    if not params.save_steps and not params.saves_per_epoch:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if (params.save_steps or params.saves_per_epoch) and trainer.is_world_process_zero():
+        (out / "checkpoints").mkdir()
+        for saved in checkpoints.glob("checkpoint-*"):
+            shutil.move(saved, out / "checkpoints" / saved.name)
     metrics = {
         "steps": result.global_step,
         "train_loss": round(float(result.training_loss), 6),

@@ -72,9 +72,3 @@ def test_fetch_examples_copies_the_ready_configs(workdir):
     assert (Path("ex") / "smollm2-lora.yml").exists()
     assert (Path("ex") / "data" / "conversions.jsonl").exists()
 
-
-def test_train_under_a_multi_process_launcher_is_refused_not_hung(make_config, molt, monkeypatch, cache_dir):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    result = molt("train", make_config())
-    assert result.exit_code == 2 and "WORLD_SIZE" in result.output
-    assert not cache_dir.exists() or not list(cache_dir.glob("train/*"))
