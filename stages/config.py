@@ -48,14 +48,12 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "embeddings_skip_upcast", "added_tokens_overrides", "eot_tokens", "fix_untrained_tokens",
     "chat_template_kwargs",
     # attention and kernels
-    "attn_implementation", "flash_attention", "sdp_attention", "xformers_attention", "s2_attention",
-    "flex_attention", "flex_attn_compile_kwargs", "eager_attention", "sage_attention",
+    "s2_attention", "flex_attention", "flex_attn_compile_kwargs", "sage_attention",
     "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp",
     "flash_optimum", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
     "lora_embedding_kernel", "cut_cross_entropy", "chunked_cross_entropy",
     "chunked_cross_entropy_num_chunks", "tiled_mlp", "tiled_mlp_num_shards",
-    "tiled_mlp_use_original_mlp", "activation_offloading", "dynamic_checkpoint", "torch_compile",
-    "torch_compile_backend", "torch_compile_mode", "gc_steps",
+    "tiled_mlp_use_original_mlp", "activation_offloading", "dynamic_checkpoint", "gc_steps",
     # PEFT beyond plain LoRA / QLoRA
     "lora_target_parameters", "lora_on_cpu", "peft_layers_pattern",
     "peft_use_rslora", "peft_layer_replication", "peft_init_lora_weights",
@@ -78,8 +76,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "shuffle_before_merging_datasets", "image_size", "image_resize_algorithm",
     # optimizer / schedule extras
     "auto_find_batch_size", "embedding_lr", "embedding_lr_scale",
-    "optim_target_modules", "torchdistx_path", "lr_quadratic_warmup",
-    "cosine_constant_lr_ratio", "lr_groups",
+    "torchdistx_path",
     "adam_epsilon2", "adam_beta3",
     "noisy_embedding_alpha",
     # evaluation / checkpoints / output
@@ -226,6 +223,16 @@ def _merge_property_mappings(ds: DatasetConfig) -> None:
 # -- the whole config -----------------------------------------------------------------------------
 
 
+class LrGroup(BaseModel):
+    """One entry of `lr_groups`: the parameters whose names contain one of `modules` train at `lr`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    modules: list[str] = Field(min_length=1)
+    lr: float = Field(gt=0)
+
+
 class MoltConfig(BaseModel):
     """The whole config. Unsupported and unknown keys are kept as extras (see module docstring)."""
 
@@ -314,6 +321,12 @@ class MoltConfig(BaseModel):
     adam_beta2: float | None = Field(default=None, ge=0, lt=1)
     adam_epsilon: float | None = Field(default=None, ge=0)
     optim_args: str | dict[str, Any] | None = None
+    optim_target_modules: list[str] | Literal["all-linear", "all_linear"] | str | None = None  # GaLore / APOLLO
+    lr_groups: list[LrGroup] | None = None  # parameter groups at their own lr
+    cosine_constant_lr_ratio: float | None = Field(default=None, ge=0, le=1)  # cosine to the floor, then constant
+    lr_quadratic_warmup: bool | None = None
+    log_sweep_min_lr: float | None = Field(default=None, gt=0)
+    log_sweep_max_lr: float | None = Field(default=None, gt=0)
     warmup_steps: int | None = Field(default=None, ge=0)
     warmup_ratio: float | None = Field(default=None, ge=0, le=1)
     weight_decay: float = 0.0
@@ -325,6 +338,15 @@ class MoltConfig(BaseModel):
     bf16: Literal["auto", "full"] | bool | None = "auto"
     fp16: bool | None = None
     tf32: bool | None = None
+    # attention kernel: attn_implementation (transformers' name) or one of the Axolotl flags
+    attn_implementation: str | None = None
+    flash_attention: bool | None = None
+    sdp_attention: bool | None = None
+    xformers_attention: bool | None = None
+    eager_attention: bool | None = None
+    torch_compile: Literal["auto"] | bool | None = None
+    torch_compile_backend: str | None = None
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     gradient_checkpointing: Literal["offload", "offload_disk", "unsloth"] | bool = False
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
 
@@ -577,6 +599,77 @@ def _relora_not_sharded(cfg: MoltConfig) -> None:
     relora = (cfg.model_extra or {}).get("relora_steps")
     if relora and (cfg.fsdp or cfg.fsdp_config):
         raise ValueError(f"relora_steps ({relora}) does not work with fsdp: ReLoRA merges and resets adapters on one process")
+
+
+@_rule
+def _loraplus_needs_adapter(cfg: MoltConfig) -> None:
+    given = [k for k in ("loraplus_lr_ratio", "loraplus_lr_embedding") if getattr(cfg, k) is not None]
+    if given and not cfg.adapter:
+        raise ValueError(f"{given[0]} ({getattr(cfg, given[0])}) sets the learning rates of a LoRA adapter's matrices: needs adapter: lora or qlora")
+
+
+@_rule
+def _schedule_keys_match_scheduler(cfg: MoltConfig) -> None:
+    name = cfg.lr_scheduler
+    for key, wanted in (("cosine_min_lr_ratio", "cosine"), ("cosine_constant_lr_ratio", "cosine"), ("lr_div_factor", "one_cycle"), ("log_sweep_min_lr", "log_sweep"), ("log_sweep_max_lr", "log_sweep")):
+        if getattr(cfg, key) is not None and name != wanted:
+            raise ValueError(f"{key} ({getattr(cfg, key)}) applies to lr_scheduler: {wanted}, not lr_scheduler: {name}")
+    if cfg.lr_quadratic_warmup and name != "cosine":
+        raise ValueError(f"lr_quadratic_warmup applies to lr_scheduler: cosine, not lr_scheduler: {name}")
+    if cfg.cosine_constant_lr_ratio is not None and cfg.cosine_min_lr_ratio is None:
+        raise ValueError(f"cosine_constant_lr_ratio ({cfg.cosine_constant_lr_ratio}) holds the learning rate at the cosine's floor: set cosine_min_lr_ratio (the floor) too")
+    if cfg.lr_quadratic_warmup and cfg.cosine_min_lr_ratio is not None:
+        raise ValueError("lr_quadratic_warmup and cosine_min_lr_ratio do not combine (the quadratic warm-up's cosine ends at 0); set only one")
+    low, high = cfg.log_sweep_min_lr or 1e-10, cfg.log_sweep_max_lr or 10.0
+    if name == "log_sweep" and low >= high:
+        raise ValueError(f"log_sweep_min_lr ({low}) must be below log_sweep_max_lr ({high})")
+
+
+GALORE_LIKE = ("galore_", "apollo_")
+
+
+@_rule
+def _optimizer_keys(cfg: MoltConfig) -> None:
+    projected = cfg.optimizer.startswith(GALORE_LIKE)
+    if cfg.optim_target_modules and not projected:
+        raise ValueError(f"optim_target_modules names the layers GaLore / APOLLO project: needs a galore_* or apollo_* optimizer, not {cfg.optimizer}")
+    if projected and not cfg.optim_target_modules:
+        raise ValueError(f"optimizer: {cfg.optimizer} needs optim_target_modules (the layers it projects, e.g. [attn, mlp] or all-linear)")
+    if cfg.lr_groups:
+        names = [g.name for g in cfg.lr_groups]
+        if len(set(names)) < len(names):
+            raise ValueError(f"lr_groups: group names must differ (got {names})")
+        if cfg.loraplus_lr_ratio is not None:
+            raise ValueError("lr_groups and loraplus_lr_ratio both set the parameters' learning rates; use one")
+        if projected or cfg.optimizer in ("lomo", "adalomo"):
+            raise ValueError(f"lr_groups cannot be used with optimizer: {cfg.optimizer} (it builds its own parameter groups)")
+
+
+@_rule
+def _one_precision(cfg: MoltConfig) -> None:
+    if cfg.fp16 and cfg.bf16 in (True, "full"):
+        raise ValueError(f"fp16: true and bf16: {cfg.bf16} are mutually exclusive; set one (bf16: auto picks for you)")
+    if cfg.bf16 == "full" and (cfg.load_in_4bit or cfg.load_in_8bit):
+        raise ValueError("bf16: full casts the weights to bf16, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)")
+
+
+ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "xformers_attention": "xformers", "eager_attention": "eager"}
+
+
+@_rule
+def _one_attention(cfg: MoltConfig) -> None:
+    chosen = {f"{k}: true": v for k, v in ATTENTION_FLAGS.items() if getattr(cfg, k)}
+    if cfg.attn_implementation:
+        chosen[f"attn_implementation: {cfg.attn_implementation}"] = cfg.attn_implementation
+    if len(set(chosen.values())) > 1:
+        raise ValueError(f"{' and '.join(chosen)} choose different attention kernels; set one")
+
+
+@_rule
+def _compile_settings_need_compile(cfg: MoltConfig) -> None:
+    given = [k for k in ("torch_compile_backend", "torch_compile_mode") if getattr(cfg, k) is not None]
+    if given and not cfg.torch_compile:
+        raise ValueError(f"{given[0]} ({getattr(cfg, given[0])}) applies with torch_compile: true")
 
 
 @_rule

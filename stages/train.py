@@ -33,6 +33,8 @@ from pydantic import BaseModel, Field
 
 from stages.store import DataError, list_files, read_table
 from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
+from stages.training.optim import check_optimizer, make_optimizer, make_scheduler, trainer_optimizer_name
+from stages.training.precision import cast_weights, compile_settings, precision_settings, set_attention
 from stages.ui import console, progress
 
 SCHEMA = 3
@@ -82,6 +84,23 @@ class Params(BaseModel, frozen=True):
     adam_beta2: float | None = None
     adam_epsilon: float | None = None
     optim_args: str | dict | None = None
+    optim_target_modules: list[str] | str | None = None
+    lr_groups: list[dict] | None = None
+    cosine_constant_lr_ratio: float | None = None
+    lr_quadratic_warmup: bool | None = None
+    log_sweep_min_lr: float | None = None
+    log_sweep_max_lr: float | None = None
+    bf16: str | bool | None = "auto"
+    fp16: bool | None = None
+    tf32: bool | None = None
+    attn_implementation: str | None = None
+    flash_attention: bool | None = None
+    sdp_attention: bool | None = None
+    xformers_attention: bool | None = None
+    eager_attention: bool | None = None
+    torch_compile: str | bool | None = None
+    torch_compile_backend: str | None = None
+    torch_compile_mode: str | None = None
     gradient_checkpointing: str | bool = False
     gradient_checkpointing_kwargs: dict | None = None
     weight_decay: float = 0.0
@@ -271,6 +290,8 @@ def _load_model(params: Params, model_dir: Path, vocab_size: int, packed: bool):
             "the data has no class labels for a classification head (reward-model training is not supported yet)"
         )
     model = load_for_training(params, model_dir, vocab_size)
+    set_attention(model, params)
+    cast_weights(model, params)
     if packed:
         check_packed_masking(model)
     return model
@@ -303,41 +324,35 @@ def loraplus_optimizer(trainer, params: Params):
 def schedule_settings(params: Params) -> dict:
     """TrainingArguments for the learning-rate schedule. Names are transformers' (linear, cosine,
     constant, constant_with_warmup, cosine_with_restarts, polynomial, inverse_sqrt, ...);
-    `cosine_min_lr_ratio` turns cosine into cosine_with_min_lr (the floor a fraction of the peak);
-    `one_cycle` is torch's OneCycleLR, built in MoltTrainer.create_scheduler."""
+    `cosine_min_lr_ratio` turns cosine into cosine_with_min_lr (the floor a fraction of the peak).
+    one_cycle, log_sweep, lr_quadratic_warmup and cosine_constant_lr_ratio are built by
+    training.optim.make_scheduler (MoltTrainer.create_scheduler); which keys combine is checked
+    at config load."""
     name, kwargs = params.lr_scheduler, dict(params.lr_scheduler_kwargs or {})
+    if name in ("one_cycle", "log_sweep"):
+        return {"lr_scheduler_type": "constant"}  # replaced by create_scheduler
     if name == "cosine" and params.cosine_min_lr_ratio is not None:
         name, kwargs = "cosine_with_min_lr", {"min_lr_rate": params.cosine_min_lr_ratio, **kwargs}
-    elif params.cosine_min_lr_ratio is not None:
-        raise DataError(f"cosine_min_lr_ratio applies to lr_scheduler: cosine, not {name}")
-    if params.lr_div_factor is not None and name != "one_cycle":
-        raise DataError(f"lr_div_factor applies to lr_scheduler: one_cycle, not {name}")
-    if name == "one_cycle":
-        return {"lr_scheduler_type": "constant"}  # replaced by create_scheduler
     from transformers import SchedulerType
 
     if name not in {s.value for s in SchedulerType}:
-        raise DataError(f"lr_scheduler: {name!r} is not a scheduler; use one of one_cycle, {', '.join(s.value for s in SchedulerType)}")
+        raise DataError(f"lr_scheduler: {name!r} is not a scheduler; use one of one_cycle, log_sweep, {', '.join(s.value for s in SchedulerType)}")
     return {"lr_scheduler_type": name, "lr_scheduler_kwargs": kwargs}
 
 
-def one_cycle(optimizer, params: Params, total_steps: int, warmup_steps: int):
-    """Axolotl's one_cycle: up from lr / lr_div_factor to lr over the warm-up (30% of the steps
-    when none is set), then cosine annealing down."""
-    from torch.optim.lr_scheduler import OneCycleLR
-
-    pct_start = warmup_steps / total_steps if warmup_steps else 0.3
-    return OneCycleLR(optimizer, max_lr=params.learning_rate, total_steps=total_steps, pct_start=min(max(pct_start, 1e-6), 1.0), div_factor=params.lr_div_factor or 25.0, anneal_strategy="cos")
-
-
 def optimizer_settings(params: Params) -> dict:
-    """TrainingArguments for the optimizer: Adam's betas and epsilon where given, `optim_args` as
-    transformers' "k=v,k=v" string (Axolotl also takes a mapping)."""
-    settings = {name: getattr(params, name) for name in ("adam_beta1", "adam_beta2", "adam_epsilon") if getattr(params, name) is not None}
+    """TrainingArguments for the optimizer: its name (a stand-in for the ones molt builds), Adam's
+    betas and epsilon where given, `optim_args` as transformers' "k=v,k=v" string (Axolotl also
+    takes a mapping), `optim_target_modules` for GaLore / APOLLO."""
+    check_optimizer(params.optimizer)
+    settings = {"optim": trainer_optimizer_name(params.optimizer)}
+    settings.update({name: getattr(params, name) for name in ("adam_beta1", "adam_beta2", "adam_epsilon") if getattr(params, name) is not None})
     if isinstance(params.optim_args, dict):
         settings["optim_args"] = ",".join(f"{k}={v}" for k, v in params.optim_args.items())
     elif params.optim_args:
         settings["optim_args"] = params.optim_args
+    if params.optim_target_modules:
+        settings["optim_target_modules"] = params.optim_target_modules
     return settings
 
 
@@ -435,10 +450,11 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
         num_train_epochs=params.num_epochs,
         max_steps=params.max_steps or -1,
         learning_rate=params.learning_rate,
-        optim=params.optimizer,
         **optimizer_settings(params),
         **schedule_settings(params),
         **checkpointing_settings(params, model),
+        **precision_settings(params),
+        **compile_settings(params),
         warmup_steps=warmup,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm if params.max_grad_norm is not None else 1.0,
@@ -480,18 +496,14 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
             return metrics
 
         def create_scheduler(self, num_training_steps, optimizer=None):
-            if params.lr_scheduler != "one_cycle" or self.lr_scheduler is not None:
-                return super().create_scheduler(num_training_steps, optimizer)
-            self.lr_scheduler = one_cycle(optimizer or self.optimizer, params, num_training_steps, self.args.get_warmup_steps(num_training_steps))
-            return self.lr_scheduler
+            if self.lr_scheduler is None:
+                self.lr_scheduler = make_scheduler(optimizer or self.optimizer, params, num_training_steps, self.args.get_warmup_steps(num_training_steps))
+            return super().create_scheduler(num_training_steps, optimizer)
 
         def create_optimizer(self, model=None):
-            if params.loraplus_lr_ratio is None or self.optimizer is not None:
-                return super().create_optimizer(model)
-            if not params.adapter:
-                raise DataError("loraplus_lr_ratio needs an adapter (lora or qlora)")
-            self.optimizer = loraplus_optimizer(self, params)
-            return self.optimizer
+            if self.optimizer is None:
+                self.optimizer = loraplus_optimizer(self, params) if params.loraplus_lr_ratio is not None else make_optimizer(self, params)
+            return super().create_optimizer(model)
 
     history: list[dict] = []
     evals: list[dict] = []

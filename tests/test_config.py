@@ -213,12 +213,12 @@ def test_missing_base_model(tmp_path):
 
 
 def test_unsupported_and_unknown_keys_warn_and_are_kept(tmp_path):
-    path = write(tmp_path, {**BASE, "attn_implementation": "sdpa", "wandb_project": "x", "bogus_key": 1,
+    path = write(tmp_path, {**BASE, "sage_attention": True, "wandb_project": "x", "bogus_key": 1,
                             "datasets": [{"path": "d", "drop_system_message": True, "colour": "red"}]})
     with pytest.warns(MoltConfigWarning) as record:
         cfg = load_config(path)
     expected = [
-        "ignored: attn_implementation — not supported yet",
+        "ignored: sage_attention — not supported yet",
         "ignored: wandb_project — not supported yet",
         "unknown key: bogus_key (not an Axolotl or molt option)",
         "ignored: datasets[0].drop_system_message — not supported yet",
@@ -226,7 +226,7 @@ def test_unsupported_and_unknown_keys_warn_and_are_kept(tmp_path):
     ]
     assert sorted(cfg.config_warnings) == sorted(expected)
     assert sorted(str(w.message) for w in record) == sorted(expected)
-    assert cfg.model_extra == {"attn_implementation": "sdpa", "wandb_project": "x", "bogus_key": 1}
+    assert cfg.model_extra == {"sage_attention": True, "wandb_project": "x", "bogus_key": 1}
     assert cfg.datasets[0].model_extra == {"drop_system_message": True, "colour": "red"}
 
 
@@ -254,7 +254,7 @@ def test_unsupported_table_is_disjoint_from_fields():
     assert not fields & UNSUPPORTED_KEYS
     assert not [f for f in fields if f.startswith(UNSUPPORTED_PREFIXES)]
     assert not set(DatasetConfig.model_fields) & DATASET_UNSUPPORTED_KEYS
-    assert known_unsupported_keys() == UNSUPPORTED_KEYS and "attn_implementation" in UNSUPPORTED_KEYS
+    assert known_unsupported_keys() == UNSUPPORTED_KEYS and "sage_attention" in UNSUPPORTED_KEYS
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def test_parse_cli_overrides_keeps_non_yaml_text():
 
 @pytest.mark.parametrize("args, match", [
     (["--learning-rat", "1"], "learning_rat"),
-    (["--flash-attention"], "flash_attention is an Axolotl option"),
+    (["--s2-attention"], "s2_attention is an Axolotl option"),
     (["learning_rate", "1"], "unexpected argument 'learning_rate'"),
 ])
 def test_parse_cli_overrides_refuses(args, match):
@@ -365,6 +365,7 @@ def test_yaml_example_from_axolotl_loads(tmp_path):
         tf32: false
         gradient_checkpointing: true
         flash_attention: true
+        flash_attn_rms_norm: true
         warmup_ratio: 0.1
         evals_per_epoch: 4
         saves_per_epoch: 1
@@ -372,7 +373,8 @@ def test_yaml_example_from_axolotl_loads(tmp_path):
         special_tokens:
           pad_token: <|end_of_text|>
         """)
-    with pytest.warns(MoltConfigWarning, match="ignored: flash_attention"):
+    with pytest.warns(MoltConfigWarning, match="ignored: flash_attn_rms_norm"):
         cfg = load_config(write(tmp_path, text))
+    assert cfg.flash_attention is True and cfg.optimizer == "paged_adamw_8bit"
     assert cfg.batch_size == 4 and cfg.pad_to_sequence_len is True
     assert cfg.datasets[0].message_property_mappings == {"role": "from", "content": "value"}
