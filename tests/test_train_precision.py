@@ -1,0 +1,149 @@
+"""Precision (bf16 / fp16 / tf32), the attention kernel and torch.compile: what each resolves to on
+this CPU machine (and on a GPU, by pretending one), and what training does with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from stages.store import DataError
+from stages.train import Params, collate
+from stages.training.precision import attention_implementation, compile_settings, precision_settings, set_attention
+
+LR = 1e-3
+
+
+def settings(**keys) -> dict:
+    return precision_settings(Params(learning_rate=LR, **keys))
+
+
+def test_precision_on_cpu(capsys):
+    assert settings() == {}  # bf16: auto is fp32 on CPU
+    assert settings(bf16=False) == {}
+    assert settings(bf16=True) == {"bf16": True, "use_cpu": True}  # CPU bf16 autocast
+    assert settings(bf16="full") == {"bf16_full_eval": True, "use_cpu": True}
+    assert settings(fp16=True) == {}
+    assert "fp16: true needs a CUDA GPU" in capsys.readouterr().err
+    assert settings(tf32=True) == {}
+    assert "tf32: true changes CUDA matmuls only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bf16_capable, auto", [(True, {"bf16": True}), (False, {"fp16": True})])
+def test_precision_on_a_gpu(monkeypatch, bf16_capable, auto):
+    # Axolotl's resolution of bf16: auto on a GPU: bf16 where supported, else fp16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_capable)
+    assert settings() == auto
+    assert settings(fp16=True) == {"fp16": True}
+    assert settings(bf16=True, tf32=True) == {"bf16": True, "tf32": True}
+    assert settings(bf16=False, tf32=False) == {"tf32": False}
+
+
+def losses(molt, cache_dir, config) -> tuple[list[float], str]:
+    result = molt("train", config)
+    assert result.exit_code == 0, result
+    assert "not supported yet" not in result.output, result.output
+    newest = max(cache_dir.glob("train/*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    return [h["loss"] for h in json.loads(newest.read_text())["loss_history"]], result.output
+
+
+def test_precision_when_training_on_cpu(warm, molt, cache_dir):
+    fp32, _ = losses(molt, cache_dir, warm(max_steps=3, bf16=False))
+    auto, _ = losses(molt, cache_dir, warm(max_steps=3))
+    assert auto == fp32  # bf16: auto falls back to fp32 on CPU: the very same numbers
+    bf16, _ = losses(molt, cache_dir, warm(max_steps=3, bf16=True))
+    # bf16 autocast: close to fp32 but not bit-equal
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)
+    fp16, output = losses(molt, cache_dir, warm(max_steps=3, bf16=False, fp16=True))
+    assert "fp16: true needs a CUDA GPU" in output and "training in fp32 on CPU" in output
+    assert fp16 == fp32
+
+
+def test_bf16_full_trains_bf16_weights(warm, molt, cache_dir):
+    trained, _ = losses(molt, cache_dir, warm(max_steps=2, adapter=None, lora_target_linear=None, bf16="full", learning_rate=1e-2))
+    assert len(trained) == 2 and all(loss == loss for loss in trained)  # not NaN
+    with safe_open(Path("out") / "model.safetensors", "pt") as weights:
+        dtypes = {weights.get_slice(k).get_dtype() for k in weights.keys()}
+    assert dtypes == {"BF16"}, dtypes
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+
+def attention(**keys):
+    return attention_implementation(Params(learning_rate=LR, **keys))
+
+
+def test_attention_flags_map_to_transformers_names():
+    assert attention() is None
+    assert attention(sdp_attention=True) == "sdpa"
+    assert attention(eager_attention=True) == "eager"
+    assert attention(attn_implementation="eager") == "eager"
+    with pytest.raises(DataError, match="'sdpa2' is not an attention kernel"):
+        attention(attn_implementation="sdpa2")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+@pytest.mark.parametrize("keys, message", [
+    ({"flash_attention": True}, "flash_attention: true needs the package flash-attn (pip install flash-attn) and a CUDA GPU"),
+    ({"attn_implementation": "flash_attention_2"}, "attn_implementation: flash_attention_2 needs the package flash-attn (pip install flash-attn) and a CUDA GPU"),
+    ({"xformers_attention": True}, "xformers_attention: true needs the package xformers (pip install xformers) and a CUDA GPU"),
+])
+def test_gpu_kernels_need_their_package_and_a_gpu(keys, message):
+    with pytest.raises(DataError) as info:
+        attention(**keys)
+    assert message in str(info.value) and "on CPU use sdp_attention: true" in str(info.value)
+
+
+def test_flash_attention_refused_before_training(warm, molt):
+    result = molt("train", warm(flash_attention=True))
+    assert result.exit_code == 2, result
+    assert "flash_attention: true needs" in result.output and "CUDA GPU" in result.output
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_packed_samples_stay_apart(kernel, tiny_model_dir):
+    """Two samples packed in one row give each the logits it has alone: the kernel gets a
+    block-diagonal mask from the restarting position_ids."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    set_attention(model, Params(learning_rate=LR, attn_implementation=kernel))
+    assert model.config._attn_implementation == kernel
+    model.eval()
+    first, second = [5, 17, 42, 99, 7], [8, 3, 250, 11]
+    row = {"input_ids": first + second, "labels": first + second, "position_ids": list(range(5)) + list(range(4))}
+    batch = collate([row], pad_id=0)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]  # as training: no KV cache
+        alone = model(input_ids=torch.tensor([second]), use_cache=False).logits[0]
+        # without the restart the second sample would see the first: the check can fail
+        leaky = model(input_ids=batch["input_ids"][:, :9], use_cache=False).logits[0]
+    assert torch.allclose(packed[5:9], alone, atol=1e-5)
+    assert not torch.allclose(leaky[5:9], alone, atol=1e-3)
+
+
+# -- torch.compile -----------------------------------------------------------------------------
+
+
+def test_compile_settings():
+    assert compile_settings(Params(learning_rate=LR)) == {}
+    assert compile_settings(Params(learning_rate=LR, torch_compile="auto")) == ({"torch_compile": True} if torch.cuda.is_available() else {})
+    assert compile_settings(Params(learning_rate=LR, torch_compile=True, torch_compile_backend="aot_eager", torch_compile_mode="default")) == {
+        "torch_compile": True, "torch_compile_backend": "aot_eager", "torch_compile_mode": "default"}
+
+
+def test_torch_compile_trains_the_same(warm, molt, cache_dir):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    plain, _ = losses(molt, cache_dir, warm(max_steps=2))
+    assert counters["stats"]["unique_graphs"] == 0
+    # the eager backend: dynamo captures the graphs and runs them as they are (seconds, same numbers)
+    compiled, _ = losses(molt, cache_dir, warm(max_steps=2, torch_compile=True, torch_compile_backend="eager"))
+    assert counters["stats"]["unique_graphs"] > 0
+    assert compiled == pytest.approx(plain, rel=1e-5)
