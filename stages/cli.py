@@ -49,6 +49,11 @@ class Session:
         refs_id = hash_text(str(self.config_path.resolve()))[:16]
         # under a multi-process launcher (accelerate, torchrun) each process has a RANK
         self.rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and "ACCELERATE_USE_CPU" not in os.environ:
+            import torch
+
+            if not torch.cuda.is_available():  # else the Trainer's ranks each train alone, on all the data
+                os.environ["ACCELERATE_USE_CPU"] = "true"
         self.runner = dag.Runner(self.store, published, refs_id, on_event=None if quiet else self._event, rank=self.rank, world_size=world_size)
 
     def _event(self, how: str, node: dag.Node, key: str) -> None:
@@ -209,19 +214,15 @@ def train(ctx, config, launcher, cache_dir):
         fail(f"arguments after `--` ({' '.join(launcher_args)}) are for a launcher: add --launcher accelerate or --launcher torchrun")
     if int(os.environ.get("RANK", "0")):
         console.quiet = True  # rank 0 reports; the others say only what fails
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():  # else the Trainer's ranks each train alone, on all the data
-            os.environ["ACCELERATE_USE_CPU"] = "true"
     session = Session(config, ctx.args, cache_dir)
     done = session.resolve(session.plan("train"))
     if session.rank:
         return
     artifact = done["train"].artifact
     _copy_dir(artifact.path / "model", session.output_dir())
-    for extra in ("metrics.json", "loss.png"):
-        shutil.copy2(artifact.path / extra, session.output_dir() / extra)
+    for extra in ("metrics.json", "loss.png", "profiler_trace.json"):  # the trace only with profiler_steps
+        if (artifact.path / extra).exists():
+            shutil.copy2(artifact.path / extra, session.output_dir() / extra)
     _write_card(session, artifact, session.output_dir())
     metrics = artifact.manifest.get("metrics", {})
     console.print(f"model written to {session.output_dir()}  (loss curve: {session.output_dir() / 'loss.png'})")
@@ -330,19 +331,33 @@ def show_dag(config, mermaid, cache_dir):
 @click.option("--dry-run", is_flag=True)
 @cache_option
 def gc(dry_run, cache_dir):
-    """Delete artifacts that no config's last run used."""
+    """Delete artifacts that no config's last run used, and checkpoints killed runs left behind."""
+    from filelock import Timeout
+
     store = Store(cache_dir)
     keep = set()
     for refs in (store.root / "refs").glob("*.json"):
         keep.update(json.loads(refs.read_text()).values())
     freed = 0
+
+    def drop(stage: str, key: str, path: Path, what: str = "") -> None:
+        nonlocal freed
+        size = sum(p.stat().st_size for p in list_files(path))
+        freed += size
+        console.print(f"{'would remove' if dry_run else 'removed'} {stage}/{key[:12]}{what} ({size / 1e6:.1f} MB)")
+        if not dry_run:
+            shutil.rmtree(path)
+
     for artifact in store.artifacts():
         if artifact.key not in keep:
-            size = sum(p.stat().st_size for p in list_files(artifact.path))
-            freed += size
-            console.print(f"{'would remove' if dry_run else 'removed'} {artifact.stage}/{artifact.key[:12]} ({size / 1e6:.1f} MB)")
-            if not dry_run:
-                shutil.rmtree(artifact.path)
+            drop(artifact.stage, artifact.key, artifact.path)
+    for partial in sorted(store.root.glob("*/*.partial")):
+        stage, key = partial.parent.name, partial.name.removesuffix(".partial")
+        try:
+            with store.lock(stage, key).acquire(timeout=0):  # held: a run is writing there now
+                drop(stage, key, partial, " checkpoints of an unfinished run")
+        except Timeout:
+            continue
     console.print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB")
 
 

@@ -54,6 +54,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(make_config, molt, cache_
     assert run.wait() == -signal.SIGKILL
     assert not list(cache_dir.glob("train/*/manifest.json"))  # nothing committed
     whole_saves = [int(p.parent.name.split("-")[1]) for p in partial.glob("checkpoint-*/trainer_state.json")]
+    dry = molt("gc", "--dry-run")
+    assert "checkpoints of an unfinished run" in dry.output and partial.exists()
     last = max(whole_saves)
 
     resumed = molt("train", make_config(**SETTINGS, auto_resume_from_checkpoints=True))
@@ -77,3 +79,18 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(make_config, molt, cache_
     assert json.loads((afresh_dir / "metrics.json").read_text())["loss_history"][0]["step"] == 1
     assert_same_weights(adapter(afresh_dir), expected)
     assert not partial.parent.exists()
+
+
+def test_gc_drops_a_killed_runs_checkpoints_unless_a_run_holds_the_key(molt, cache_dir):
+    from stages.store import Store
+
+    store = Store(cache_dir)
+    partial = store.partial_dir("train", "ab" * 16)
+    (partial / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (partial / "checkpoints" / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    with store.lock("train", "ab" * 16):  # a run is training that key now
+        assert molt("gc").exit_code == 0
+    assert partial.exists()
+    result = molt("gc")
+    assert result.exit_code == 0 and "checkpoints of an unfinished run" in result.output
+    assert not partial.exists()
