@@ -96,12 +96,12 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "dp_replicate_size", "heads_k_stride", "ring_attn_func", "use_ray", "resources_per_worker",
     # logging integrations and plugins
     "use_wandb", "use_mlflow", "hf_mlflow_log_artifacts", "use_comet", "use_swanlab", "use_trackio",
-    "plugins",
+    "liger_use_token_scaling", "liger_rms_norm_gated", "liger_dyt",
 })
 
 # Families of Axolotl keys (integrations, plugins) whose members keep growing.
 UNSUPPORTED_PREFIXES: tuple[str, ...] = (
-    "wandb_", "mlflow_", "comet_", "swanlab_", "trackio_", "gradio_", "ray_", "liger_", "unsloth_",
+    "wandb_", "mlflow_", "comet_", "swanlab_", "trackio_", "gradio_", "ray_", "unsloth_",
     "relora_", "jagged_restart_", "lisa_", "kd_", "dpo_", "kto_", "grokfast_", "spectrum_", "lm_eval_",
     "ddp_",
 )
@@ -347,6 +347,15 @@ class MoltConfig(BaseModel):
     torch_compile: Literal["auto"] | bool | None = None
     torch_compile_backend: str | None = None
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    # plugins: the Liger one (its liger_* kernels); others are reported as not supported
+    plugins: list[str] | None = None
+    liger_rope: bool | None = None
+    liger_rms_norm: bool | None = None
+    liger_layer_norm: bool | None = None
+    liger_glu_activation: bool | None = None
+    liger_swiglu: bool | None = None  # Axolotl's older spelling of liger_glu_activation
+    liger_cross_entropy: bool | None = None
+    liger_fused_linear_cross_entropy: bool | None = None
     gradient_checkpointing: Literal["offload", "offload_disk", "unsloth"] | bool = False
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
 
@@ -670,6 +679,33 @@ def _compile_settings_need_compile(cfg: MoltConfig) -> None:
     given = [k for k in ("torch_compile_backend", "torch_compile_mode") if getattr(cfg, k) is not None]
     if given and not cfg.torch_compile:
         raise ValueError(f"{given[0]} ({getattr(cfg, given[0])}) applies with torch_compile: true")
+
+
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+LIGER_KEYS = ("liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_swiglu", "liger_cross_entropy", "liger_fused_linear_cross_entropy")
+
+
+@_rule
+def _plugins(cfg: MoltConfig) -> None:
+    plugins = cfg.plugins or []
+    liger = any(p.endswith("LigerPlugin") for p in plugins)
+    for name in plugins:
+        if not name.endswith("LigerPlugin"):
+            note = f"ignored: plugins: {name} — not supported yet (molt has the Liger kernels: {LIGER_PLUGIN})"
+            if note not in cfg.config_warnings:
+                cfg.config_warnings.append(note)
+                warnings.warn(note, MoltConfigWarning, stacklevel=2)
+    given = [k for k in LIGER_KEYS if getattr(cfg, k)]
+    if given and not liger:
+        raise ValueError(f"{given[0]}: the liger_* keys belong to the Liger plugin: add plugins: [{LIGER_PLUGIN}]")
+    if cfg.liger_swiglu is not None and cfg.liger_glu_activation is not None:
+        raise ValueError("liger_swiglu and liger_glu_activation are the same option (liger_swiglu is the old name); keep liger_glu_activation")
+    for key in ("liger_cross_entropy", "liger_fused_linear_cross_entropy"):
+        if getattr(cfg, key):
+            raise ValueError(
+                f"{key}: not supported: molt computes the loss itself from the logits (summed over the trained tokens of the "
+                "whole optimizer step), so Liger's loss kernels, which replace the model's own loss, would never run"
+            )
 
 
 @_rule

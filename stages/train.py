@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from stages.store import DataError, list_files, read_table
 from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
 from stages.training.optim import check_optimizer, make_optimizer, make_scheduler, trainer_optimizer_name
-from stages.training.precision import cast_weights, compile_settings, precision_settings, set_attention
+from stages.training.precision import cast_weights, compile_settings, liger_settings, precision_settings, set_attention
 from stages.ui import console, progress
 
 SCHEMA = 3
@@ -101,6 +101,11 @@ class Params(BaseModel, frozen=True):
     torch_compile: str | bool | None = None
     torch_compile_backend: str | None = None
     torch_compile_mode: str | None = None
+    liger_rope: bool | None = None
+    liger_rms_norm: bool | None = None
+    liger_layer_norm: bool | None = None
+    liger_glu_activation: bool | None = None
+    liger_swiglu: bool | None = None
     gradient_checkpointing: str | bool = False
     gradient_checkpointing_kwargs: dict | None = None
     weight_decay: float = 0.0
@@ -455,6 +460,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
         **checkpointing_settings(params, model),
         **precision_settings(params),
         **compile_settings(params),
+        **liger_settings(params),
         warmup_steps=warmup,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm if params.max_grad_norm is not None else 1.0,

@@ -147,3 +147,29 @@ def test_torch_compile_trains_the_same(warm, molt, cache_dir):
     compiled, _ = losses(molt, cache_dir, warm(max_steps=2, torch_compile=True, torch_compile_backend="eager"))
     assert counters["stats"]["unique_graphs"] > 0
     assert compiled == pytest.approx(plain, rel=1e-5)
+
+
+# -- Liger kernels ---------------------------------------------------------------------------------
+
+
+def test_liger_kernels_need_the_package_and_a_gpu(monkeypatch):
+    from stages.training import precision
+
+    assert precision.liger_settings(Params(learning_rate=LR)) == {}
+    liger = Params(learning_rate=LR, liger_rms_norm=True, liger_glu_activation=True)
+    monkeypatch.setattr(precision, "_cuda", lambda: False)
+    with pytest.raises(DataError, match=r"liger_rms_norm, liger_glu_activation: the Liger kernels need .*a CUDA GPU"):
+        precision.liger_settings(liger)
+    # with the package and a GPU: the Trainer patches exactly the chosen kernels, never the loss
+    monkeypatch.setattr(precision, "_cuda", lambda: True)
+    real = precision.importlib.util.find_spec
+    monkeypatch.setattr(precision.importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else real(name, *a))
+    assert precision.liger_settings(liger) == {"use_liger_kernel": True, "liger_kernel_config": {
+        "rope": False, "rms_norm": True, "layer_norm": False, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_liger_refused_before_training_on_cpu(warm, molt):
+    result = molt("train", warm(plugins=["axolotl.integrations.liger.LigerPlugin"], liger_rms_norm=True))
+    assert result.exit_code == 2, result
+    assert "liger_rms_norm: the Liger kernels need" in result.output and "CUDA GPU" in result.output

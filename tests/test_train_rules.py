@@ -44,6 +44,10 @@ def load(tmp_path, **keys):
     ({"attn_implementation": "eager", "sdp_attention": True}, "sdp_attention: true and attn_implementation: eager choose different attention kernels"),
     ({"torch_compile_backend": "eager"}, "torch_compile_backend (eager) applies with torch_compile: true"),
     ({"torch_compile": True, "torch_compile_mode": "fastest"}, "torch_compile_mode"),
+    ({"liger_rms_norm": True}, "liger_rms_norm: the liger_* keys belong to the Liger plugin: add plugins: [axolotl.integrations.liger.LigerPlugin]"),
+    ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_fused_linear_cross_entropy": True}, "liger_fused_linear_cross_entropy: not supported: molt computes the loss itself"),
+    ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_cross_entropy": True}, "liger_cross_entropy: not supported"),
+    ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_swiglu": True, "liger_glu_activation": True}, "liger_swiglu and liger_glu_activation are the same option"),
 ])
 def test_combinations_that_cannot_work_are_refused_at_load(tmp_path, keys, message):
     with pytest.raises(ConfigError) as info:
@@ -63,3 +67,12 @@ def test_combinations_that_work_load(tmp_path):
     galore = load(tmp_path, optimizer="galore_adamw", optim_target_modules=["attn", "mlp"], optim_args={"rank": 8})
     assert galore.optim_target_modules == ["attn", "mlp"]
     assert load(tmp_path, torch_compile=True, torch_compile_backend="eager", torch_compile_mode="default").torch_compile is True
+
+
+def test_liger_plugin_loads_and_other_plugins_are_reported(tmp_path):
+    cfg = load(tmp_path, plugins=["axolotl.integrations.liger.LigerPlugin"], liger_rope=True, liger_rms_norm=True, liger_glu_activation=True)
+    assert cfg.liger_rms_norm is True and cfg.config_warnings == []
+    path = tmp_path / "other.yml"
+    path.write_text(yaml.safe_dump({**BASE, "plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]}))
+    with pytest.warns(MoltConfigWarning, match="ignored: plugins: axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin — not supported yet"):
+        load_config(path)

@@ -1,4 +1,5 @@
-"""How the model computes: precision (`bf16`, `fp16`, `tf32`), the attention kernel and torch.compile.
+"""How the model computes: precision (`bf16`, `fp16`, `tf32`), the attention kernel, torch.compile
+and the Liger kernels.
 
 Precision, as Axolotl resolves it, except where a CPU cannot do what it asks:
   * `bf16: auto` (the default): bf16 mixed precision on a GPU that supports it, else fp16 on a
@@ -113,3 +114,23 @@ def compile_settings(params) -> dict:
     if params.torch_compile_mode:
         settings["torch_compile_mode"] = params.torch_compile_mode
     return settings
+
+
+# Liger's Triton kernels (plugins: [axolotl.integrations.liger.LigerPlugin]); the Trainer patches
+# the model with them. Its loss kernels are refused at config load (molt computes the loss).
+LIGER_KERNELS = {"liger_rope": "rope", "liger_rms_norm": "rms_norm", "liger_layer_norm": "layer_norm", "liger_glu_activation": "swiglu", "liger_swiglu": "swiglu"}
+
+
+def liger_settings(params) -> dict:
+    """TrainingArguments for the liger_* kernels; refused without liger-kernel or a CUDA GPU."""
+    chosen = [key for key in LIGER_KERNELS if getattr(params, key)]
+    if not chosen:
+        return {}
+    missing = ["the package liger-kernel (pip install liger-kernel)"] if importlib.util.find_spec("liger_kernel") is None else []
+    if not _cuda():
+        missing.append("a CUDA GPU (they are Triton kernels)")
+    if missing:
+        raise DataError(f"{', '.join(chosen)}: the Liger kernels need {' and '.join(missing)}; unset the liger_* keys on this machine")
+    kernels = {kernel: False for kernel in LIGER_KERNELS.values()} | {"cross_entropy": False, "fused_linear_cross_entropy": False}
+    kernels.update({LIGER_KERNELS[key]: True for key in chosen})
+    return {"use_liger_kernel": True, "liger_kernel_config": kernels}
