@@ -1,5 +1,6 @@
 """Built-in chat templates render each model family's documented format, and turn masking works
-through them."""
+through them. The renderings below are Axolotl 0.19.0's for the same template names (checked by
+rendering its templates with transformers; molt's dates are fixed, see FIXED_DATE)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,18 @@ RENDERED = {
     "cohere": "<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be terse.<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi"
               "<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>"
               "<|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Ciao<|END_OF_TURN_TOKEN|>",
-    "deepseek_v2": "<s>Be terse.\n\nUser: Hi\n\nAssistant: Hello</s>User: Bye\n\nAssistant: Ciao</s>",
+    "deepseek_v2": "<s>Be terse.\n\n<｜User｜>Hi<｜Assistant｜>Hello</s><｜User｜>Bye<｜Assistant｜>Ciao</s>",
     "jamba": "<|startoftext|><|bom|><|system|> Be terse.<|eom|><|bom|><|user|> Hi<|eom|><|bom|><|assistant|> Hello<|eom|>"
              "<|bom|><|user|> Bye<|eom|><|bom|><|assistant|> Ciao<|eom|>",
-    "alpaca": "Be terse.\n\n### Instruction: Hi\n\n### Response: Hello</s>### Instruction: Bye\n\n### Response: Ciao</s>",
-    "llama3_2_vision": "<s><|start_header_id|>system<|end_header_id|>\n\nBe terse.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi"
+    "alpaca": "<s>Be terse.\n\n### Instruction:\nHi\n\n### Response:\nHello</s>\n\n### Instruction:\nBye\n\n### Response:\nCiao</s>",
+    "llama3_2_vision": "<s><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 01 Jan 2024\n\n"
+                       "Be terse.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi"
                        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>user<|end_header_id|>"
                        "\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nCiao<|eot_id|>",
+    "phi_3": "<s><|system|>\nBe terse.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\nCiao<|end|>\n",
+    "mistral_v1": "<s> [INST] Be terse.\n\nHi [/INST] Hello</s> [INST] Bye [/INST] Ciao</s>",
+    # v2/v3 put the system text only into a last user turn: none here
+    "mistral_v2v3": "<s>[INST] Hi[/INST] Hello</s>[INST] Bye[/INST] Ciao</s>",
 }
 
 
@@ -48,6 +54,31 @@ def test_qwen_25_adds_its_default_system_prompt():
 def test_jamba_without_system_has_an_empty_system_turn_and_a_generation_prompt():
     text = chat_templates.render(chat_templates.BUILTIN["jamba"], CHAT[1:3], add_generation_prompt=True)
     assert text == "<|startoftext|><|bom|><|system|> <|eom|><|bom|><|user|> Hi<|eom|><|bom|><|assistant|> Hello<|eom|><|bom|><|assistant|>"
+
+
+@pytest.mark.parametrize("name, messages, error", [
+    ("gemma", CHAT, "System role not supported"),
+    ("gemma", [CHAT[2], CHAT[1]], "Conversation roles must alternate"),
+    ("cohere", [CHAT[1], CHAT[1]], "Conversation roles must alternate"),
+    ("mistral_v1", CHAT[1:4] + [{"role": "tool", "content": "42"}], "Only user and assistant roles are supported"),
+])
+def test_builtin_templates_refuse_what_the_model_format_cannot_say(name, messages, error):
+    from jinja2 import TemplateError
+
+    with pytest.raises(TemplateError, match=error):
+        chat_templates.render(chat_templates.BUILTIN[name], messages, bos_token="<s>", eos_token="</s>")
+
+
+def test_mistral_v2v3_puts_the_system_text_into_a_last_user_turn():
+    text = chat_templates.render(chat_templates.BUILTIN["mistral_v2v3"], CHAT[:4], bos_token="<s>", eos_token="</s>")
+    assert text == "<s>[INST] Hi[/INST] Hello</s>[INST] Be terse.\n\nBye[/INST]"
+
+
+def test_qwen_25_tool_results_are_a_user_turn():
+    messages = CHAT[1:3] + [{"role": "tool", "content": "42"}, {"role": "tool", "content": "43"}]
+    text = chat_templates.render(chat_templates.BUILTIN["qwen_25"], messages)
+    assert text.endswith("<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response>"
+                         "\n<tool_response>\n43\n</tool_response><|im_end|>\n")
 
 
 def test_llama3_2_vision_renders_image_parts():

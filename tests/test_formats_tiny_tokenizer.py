@@ -201,13 +201,22 @@ BUILTIN_TRAINED = {
     "mistral": [" Hello there.<end_of_turn>", " Ciao, friend.<end_of_turn>"],
     "inst": [" Hello there.<end_of_turn>", " Ciao, friend.<end_of_turn>"],
     "jamba": [" Hello there.<|eom|>", " Ciao, friend.<|eom|>"],
+    "mistral_v1": [" Hello there.<end_of_turn>", " Ciao, friend.<end_of_turn>"],
+    "mistral_v2v3": [" Hello there.<end_of_turn>", " Ciao, friend.<end_of_turn>"],
+    "alpaca": ["Hello there.<end_of_turn>", "Ciao, friend.<end_of_turn>"],
+    "deepseek_v2": ["Hello there.<end_of_turn>", "Ciao, friend.<end_of_turn>"],
+    "llama3_2_vision": ["Hello there.<|eot_id|>", "Ciao, friend.<|eot_id|>"],
+    # its turn end is no single token here: still trained, as the pieces it splits into
+    "cohere": ["Hello there.<|END_OF_TURN_TOKEN|>", "Ciao, friend.<|END_OF_TURN_TOKEN|>"],
 }
+NO_SYSTEM = {"gemma"}  # Gemma's template refuses a system message
 
 
 @pytest.mark.parametrize("template", sorted(BUILTIN_TRAINED))
 def test_builtin_templates_through_the_tiny_tokenizer(pipeline, tiny, template):
-    [(ids, labels)] = pipeline([CHAT], template=template, type="chat_template")
-    text = chat_templates.render(chat_templates.BUILTIN[template], CHAT["messages"], bos_token="<bos>", eos_token="<end_of_turn>")
+    messages = CHAT["messages"][1:] if template in NO_SYSTEM else CHAT["messages"]
+    [(ids, labels)] = pipeline([{"messages": messages}], template=template, type="chat_template")
+    text = chat_templates.render(chat_templates.BUILTIN[template], messages, bos_token="<bos>", eos_token="<end_of_turn>")
     encoding = tiny.encode(text, add_special_tokens=False)
     assert ids == encoding.ids
     runs, current = [], None
@@ -221,7 +230,7 @@ def test_builtin_templates_through_the_tiny_tokenizer(pipeline, tiny, template):
             runs.append(current)
         current[1] = end
     assert [text[s:e] for s, e in runs] == BUILTIN_TRAINED[template]
-    assert ids.count(tiny.token_to_id("<bos>")) == (0 if template in ("chatml", "qwen_25", "phi_3", "phi_35", "jamba") else 1 + (template == "inst"))
+    assert ids.count(tiny.token_to_id("<bos>")) == (0 if template in ("chatml", "qwen_25", "phi_35", "jamba") else 1 + (template == "inst"))
 
 
 def test_alpaca_prompt_gets_the_tokenizers_bos(pipeline, expect):
