@@ -65,6 +65,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(make_config, molt, cache_
     assert resumed_dir.name == train_dir.name  # auto_resume is not part of the key: the same artifact
     metrics = json.loads((resumed_dir / "metrics.json").read_text())
     assert metrics["loss_history"][0]["step"] == last + 1  # carried on; the steps before are not redone
+    # each later step saw the batches it saw uninterrupted: the sampler resumed in the same order
+    later = [h for h in expected_metrics["loss_history"] if h["step"] > last]
+    assert [h["step"] for h in metrics["loss_history"]] == [h["step"] for h in later]
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in metrics["loss_history"]]), torch.tensor([h["loss"] for h in later]), rtol=0, atol=1e-4)
     assert_same_weights(adapter(resumed_dir), expected)
     assert metrics["checkpoints"] == expected_metrics["checkpoints"]
     assert not partial.parent.exists()  # committed: the partial dir is gone
