@@ -80,11 +80,9 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "adam_epsilon2", "adam_beta3",
     "noisy_embedding_alpha",
     # evaluation / checkpoints / output
-    "eval_strategy", "evaluation_strategy", "save_strategy", "save_only_model",
-    "save_safetensors", "save_first_step", "load_best_model_at_end", "metric_for_best_model",
-    "greater_is_better",
+    "evaluation_strategy", "save_first_step", "load_best_model_at_end",
     "include_tokens_per_second", "include_tkps",
-    "profiler_steps", "profiler_steps_start", "use_tensorboard", "eval_table_size",
+    "eval_table_size",
     "eval_max_new_tokens", "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval",
     "bench_dataset", "bench_split", "hub_strategy", "hub_revision", "accelerator_config",
     # RL / preference tuning beyond `rl`
@@ -95,14 +93,15 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "sequence_parallel_degree", "context_parallel_size", "tensor_parallel_size", "dp_shard_size",
     "dp_replicate_size", "heads_k_stride", "ring_attn_func", "use_ray", "resources_per_worker",
     # logging integrations and plugins
-    "use_wandb", "use_mlflow", "hf_mlflow_log_artifacts", "use_comet", "use_swanlab", "use_trackio",
+    "use_wandb", "hf_mlflow_log_artifacts", "use_swanlab", "use_trackio", "comet_api_key", "comet_workspace",
+    "comet_experiment_key", "comet_online", "comet_experiment_config", "relora_prune_method",
     "liger_use_token_scaling", "liger_rms_norm_gated", "liger_dyt",
 })
 
 # Families of Axolotl keys (integrations, plugins) whose members keep growing.
 UNSUPPORTED_PREFIXES: tuple[str, ...] = (
-    "wandb_", "mlflow_", "comet_", "swanlab_", "trackio_", "gradio_", "ray_", "unsloth_",
-    "relora_", "jagged_restart_", "lisa_", "kd_", "dpo_", "kto_", "grokfast_", "spectrum_", "lm_eval_",
+    "swanlab_", "trackio_", "gradio_", "ray_", "unsloth_",
+    "jagged_restart_", "lisa_", "kd_", "dpo_", "kto_", "grokfast_", "spectrum_", "lm_eval_",
     "ddp_",
 )
 
@@ -372,6 +371,38 @@ class MoltConfig(BaseModel):
     loss_watchdog_patience: int | None = Field(default=None, ge=1)
     resume_from_checkpoint: str | None = None
     auto_resume_from_checkpoints: bool = False
+    eval_strategy: Literal["no", "steps", "epoch"] | None = None  # None: steps when an interval is set
+    save_strategy: Literal["no", "steps", "epoch", "best"] | None = None
+    metric_for_best_model: str | None = None  # None: eval_loss (the only metric molt evaluates)
+    greater_is_better: bool | None = None
+    save_safetensors: bool | None = None  # weights are always safetensors; false is refused
+    save_only_model: bool = False  # checkpoints without optimizer and scheduler state (not resumable)
+    profiler_steps: int | None = Field(default=None, ge=1)
+    profiler_steps_start: int | None = Field(default=None, ge=0)
+
+    # ReLoRA: merge and restart the LoRA adapter every relora_steps
+    relora_steps: int | None = Field(default=None, ge=1)
+    relora_warmup_steps: int | None = Field(default=None, ge=0)
+    relora_anneal_steps: int | None = Field(default=None, ge=0)
+    relora_prune_ratio: float | None = Field(default=None, ge=0, le=1)
+    relora_cpu_offload: bool = False
+
+    # trackers (none unless set; their logs stay out of the artifacts)
+    use_tensorboard: bool = False
+    wandb_project: str | None = None
+    wandb_name: str | None = None
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    wandb_run_id: str | None = None
+    wandb_watch: str | None = None
+    wandb_log_model: str | None = None
+    use_mlflow: bool | None = None  # None: on when mlflow_tracking_uri or mlflow_experiment_name is set
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment_name: str | None = None
+    mlflow_run_name: str | None = None
+    use_comet: bool | None = None
+    comet_mode: Literal["online", "offline", "get", "get_or_create", "create"] | None = None
+    comet_project_name: str | None = None
     hub_model_id: str | None = None
 
     # distributed
@@ -605,7 +636,7 @@ def _early_stopping_needs_evaluation(cfg: MoltConfig) -> None:
 
 @_rule
 def _relora_not_sharded(cfg: MoltConfig) -> None:
-    relora = (cfg.model_extra or {}).get("relora_steps")
+    relora = cfg.relora_steps
     if relora and (cfg.fsdp or cfg.fsdp_config):
         raise ValueError(f"relora_steps ({relora}) does not work with fsdp: ReLoRA merges and resets adapters on one process")
 
@@ -706,6 +737,45 @@ def _plugins(cfg: MoltConfig) -> None:
                 f"{key}: not supported: molt computes the loss itself from the logits (summed over the trained tokens of the "
                 "whole optimizer step), so Liger's loss kernels, which replace the model's own loss, would never run"
             )
+
+
+@_rule
+def _relora_needs_plain_lora(cfg: MoltConfig) -> None:
+    if not cfg.relora_steps:
+        return
+    if cfg.adapter != "lora":
+        raise ValueError(f"relora_steps ({cfg.relora_steps}) needs adapter: lora (got adapter: {cfg.adapter!r}): ReLoRA merges and restarts a LoRA adapter")
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        raise ValueError("relora_steps with load_in_4bit / load_in_8bit is not supported yet: merging into a quantized base needs its full weights")
+    if cfg.peft_use_dora:
+        raise ValueError("relora_steps with peft_use_dora: DoRA's magnitude vector is not a low-rank update ReLoRA can merge")
+    if cfg.lr_scheduler == "one_cycle":
+        raise ValueError("relora_steps does not work with lr_scheduler: one_cycle (Axolotl's rule); use cosine, linear or constant")
+    if cfg.resume_from_checkpoint or cfg.auto_resume_from_checkpoints:
+        raise ValueError("relora_steps with resume_from_checkpoint / auto_resume_from_checkpoints is not supported yet: checkpoints hold the adapter, not the merged base weights")
+
+
+@_rule
+def _strategies_match_intervals(cfg: MoltConfig) -> None:
+    # Axolotl: an interval means the "steps" strategy; another strategy beside it is a contradiction.
+    for strategy, intervals in (("eval_strategy", ("eval_steps", "evals_per_epoch")), ("save_strategy", ("save_steps", "saves_per_epoch"))):
+        value = getattr(cfg, strategy)
+        given = [k for k in intervals if getattr(cfg, k) is not None]
+        if value not in (None, "steps") and given:
+            raise ValueError(f"{strategy}: {value} contradicts {given[0]} ({getattr(cfg, given[0])!r}): an interval means {strategy}: steps; remove one")
+
+
+@_rule
+def _best_saves_need_evaluation(cfg: MoltConfig) -> None:
+    evaluates = cfg.eval_strategy in ("steps", "epoch") or (cfg.eval_strategy is None and (cfg.eval_steps or cfg.evals_per_epoch))
+    if cfg.save_strategy == "best" and not evaluates:
+        raise ValueError("save_strategy: best saves when an evaluation improves on the best so far: set eval_steps, evals_per_epoch or eval_strategy")
+
+
+@_rule
+def _safetensors_only(cfg: MoltConfig) -> None:
+    if cfg.save_safetensors is False:
+        raise ValueError("save_safetensors: false is not supported: molt writes weights as safetensors only (no pickled .bin files)")
 
 
 @_rule

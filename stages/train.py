@@ -23,6 +23,7 @@ gradients. The validation loss is token-weighted the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -119,6 +120,35 @@ class Params(BaseModel, frozen=True):
     early_stopping_patience: int | None = None
     loss_watchdog_threshold: float | None = None
     loss_watchdog_patience: int | None = None
+    eval_strategy: str | None = None
+    save_strategy: str | None = None
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
+    save_safetensors: bool | None = None
+    save_only_model: bool = False
+    profiler_steps: int | None = None
+    profiler_steps_start: int | None = None
+    relora_steps: int | None = None
+    relora_warmup_steps: int | None = None
+    relora_anneal_steps: int | None = None
+    relora_prune_ratio: float | None = None
+    relora_cpu_offload: bool = False
+    # trackers: where a run is reported, not what it computes; their logs live outside the artifact
+    use_tensorboard: bool = Field(default=False, exclude=True)
+    wandb_project: str | None = Field(default=None, exclude=True)
+    wandb_name: str | None = Field(default=None, exclude=True)
+    wandb_entity: str | None = Field(default=None, exclude=True)
+    wandb_mode: str | None = Field(default=None, exclude=True)
+    wandb_run_id: str | None = Field(default=None, exclude=True)
+    wandb_watch: str | None = Field(default=None, exclude=True)
+    wandb_log_model: str | None = Field(default=None, exclude=True)
+    use_mlflow: bool | None = Field(default=None, exclude=True)
+    mlflow_tracking_uri: str | None = Field(default=None, exclude=True)
+    mlflow_experiment_name: str | None = Field(default=None, exclude=True)
+    mlflow_run_name: str | None = Field(default=None, exclude=True)
+    use_comet: bool | None = Field(default=None, exclude=True)
+    comet_mode: str | None = Field(default=None, exclude=True)
+    comet_project_name: str | None = Field(default=None, exclude=True)
     resume_from_checkpoint: str | None = None
     # how to run, not what: a resumed run ends with the same weights, so it stays out of the key
     auto_resume_from_checkpoints: bool = Field(default=False, exclude=True)
@@ -384,23 +414,46 @@ def every(steps: int | float | None, per_epoch: int | None, steps_per_epoch: int
     return steps
 
 
-def schedule_checkpoints(args, params: Params, steps_per_epoch: int, has_val: bool) -> None:
-    """Evaluation and saving during training. Checkpoints go to the artifact's `checkpoints/` (a
-    later run resumes from one with `resume_from_checkpoint`); early stopping keeps the best one
-    by eval loss and ends with its weights."""
+def schedule_checkpoints(args, params: Params, steps_per_epoch: int, has_val: bool) -> bool:
+    """Evaluation and saving during training; returns whether checkpoints are saved. An interval
+    (`eval_steps`, `evals_per_epoch`, `save_steps`, `saves_per_epoch`) means the "steps"
+    strategy; `eval_strategy` / `save_strategy` say it outright (no, steps, epoch; saves also
+    best: a checkpoint whenever `metric_for_best_model` improves). Checkpoints go to the
+    artifact's `checkpoints/` (a later run resumes from one with `resume_from_checkpoint`);
+    early stopping keeps the best one and ends with its weights."""
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
     eval_every = every(params.eval_steps, params.evals_per_epoch, steps_per_epoch)
     save_every = every(params.save_steps, params.saves_per_epoch, steps_per_epoch)
-    if eval_every and not has_val:
-        raise DataError("eval_steps / evals_per_epoch: there is no validation split (set val_set_size or test_datasets)")
-    if eval_every:
-        args.eval_strategy, args.eval_steps = IntervalStrategy.STEPS, eval_every
-    if save_every:
-        args.save_strategy, args.save_steps = SaveStrategy.STEPS, save_every
-        args.save_total_limit = params.save_total_limit
+    evaluate = params.eval_strategy or ("steps" if eval_every else "no")
+    save = params.save_strategy or ("steps" if save_every else "no")
+    if evaluate not in ("no", "steps", "epoch"):
+        raise DataError(f"eval_strategy: {evaluate!r}: use no, steps or epoch")
+    if save not in ("no", "steps", "epoch", "best"):
+        raise DataError(f"save_strategy: {save!r}: use no, steps, epoch or best")
+    if evaluate != "no" and not has_val:
+        raise DataError(f"eval_strategy {evaluate} (eval_steps / evals_per_epoch): there is no validation split (set val_set_size or test_datasets)")
+    if save == "steps" and not save_every:
+        raise DataError("save_strategy: steps needs save_steps or saves_per_epoch")
+    if save == "best" and evaluate == "no":
+        raise DataError("save_strategy: best saves at evaluations: schedule them (eval_steps, evals_per_epoch or eval_strategy)")
+    metric = params.metric_for_best_model or "eval_loss"
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    if metric != "eval_loss":
+        raise DataError(f"metric_for_best_model: {params.metric_for_best_model!r}: molt's evaluation measures the loss only (use eval_loss)")
+    higher = params.greater_is_better if params.greater_is_better is not None else False
+    args.eval_strategy = IntervalStrategy(evaluate)
+    if evaluate == "steps":
+        args.eval_steps = eval_every or args.logging_steps  # the Trainer's default: evaluate when it logs
+    args.save_strategy = SaveStrategy(save)
+    if save == "steps":
+        args.save_steps = save_every
+    args.save_total_limit, args.save_only_model = params.save_total_limit, params.save_only_model
+    if save == "best" or params.early_stopping_patience:
+        args.metric_for_best_model, args.greater_is_better = metric, higher
     if params.early_stopping_patience:
-        args.load_best_model_at_end, args.metric_for_best_model, args.greater_is_better = True, "eval_loss", False
+        args.load_best_model_at_end = True
+    return save != "no"
 
 
 class LossWatchdog:
@@ -417,6 +470,130 @@ class LossWatchdog:
                 f"loss watchdog: training loss {loss:.4f} above loss_watchdog_threshold ({self.threshold}) "
                 f"for {self.strikes} logged steps in a row (step {step}); training aborted"
             )
+
+
+def profiler_callback(start: int, steps: int, path: Path):
+    """A callback that records optimizer steps start+1 … start+steps with torch's profiler (CPU
+    ops, and CUDA kernels on a GPU; tensor shapes and memory) and writes them as a Chrome trace
+    (chrome://tracing, Perfetto, TensorBoard) to `path` (Axolotl's `profiler_steps`). The trace
+    goes in the artifact: it is what the run did, with timings, so two runs' traces differ."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        def __init__(self):
+            self.profiler, self.done = None, False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.profiler is None and state.global_step == start:
+                activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                # a schedule makes the profiler mark each step (ProfilerStep#N spans)
+                every_step = torch.profiler.schedule(wait=0, warmup=0, active=steps, repeat=1)
+                self.profiler = torch.profiler.profile(activities=activities, schedule=every_step, on_trace_ready=self.write, record_shapes=True, profile_memory=True)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None and not self.done:
+                self.profiler.step()
+                if state.global_step >= start + steps:
+                    self.finish()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.profiler is not None and not self.done:
+                self.finish()  # the run was shorter than start + steps
+
+        def finish(self):
+            self.done = True
+            self.profiler.__exit__(None, None, None)
+
+        def write(self, profiler):
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                profiler.export_chrome_trace(str(path))
+
+    return Profile()
+
+
+# What each tracker needs installed: (report_to name, module, pip package, molt extra)
+TRACKERS = {
+    "use_tensorboard": ("tensorboard", "tensorboard", "tensorboard"),
+    "wandb_project": ("wandb", "wandb", "wandb"),
+    "use_mlflow": ("mlflow", "mlflow", "mlflow-skinny"),
+    "use_comet": ("comet_ml", "comet_ml", "comet-ml"),
+}
+
+
+def trackers(params: Params) -> list[str]:
+    """transformers `report_to` names of the trackers the config turns on: tensorboard
+    (`use_tensorboard`), wandb (a `wandb_project`, unless `wandb_mode: disabled`), mlflow
+    (`use_mlflow`, or an `mlflow_tracking_uri` / `mlflow_experiment_name`), comet (`use_comet`).
+    None otherwise: nothing is reported anywhere unless configured. A tracker whose package is not
+    installed is an error naming it, before any training."""
+    import importlib.util
+
+    on = {
+        "use_tensorboard": params.use_tensorboard,
+        "wandb_project": bool(params.wandb_project) and params.wandb_mode != "disabled",
+        "use_mlflow": params.use_mlflow if params.use_mlflow is not None else bool(params.mlflow_tracking_uri or params.mlflow_experiment_name),
+        "use_comet": bool(params.use_comet),
+    }
+    names = []
+    for key, (name, module, package) in TRACKERS.items():
+        if not on[key]:
+            continue
+        if importlib.util.find_spec(module) is None:
+            raise DataError(f"{key}: reporting to {name} needs the Python package {package}, which is not installed (pip install {package})")
+        names.append(name)
+    return names
+
+
+@contextlib.contextmanager
+def tracker_environment(params: Params):
+    """The environment transformers' tracker callbacks read, set for the run and restored after.
+    Tracker output stays out of the artifact (its files carry timestamps and run ids, so the
+    artifact's bytes would differ run to run): it goes where each tracker puts it relative to the
+    working directory: tensorboard `runs/<time>_<host>/`, wandb `wandb/` (or $WANDB_DIR), mlflow
+    `mlflow_tracking_uri` (default a file store in `mlruns/`), comet offline archives in
+    `.cometml-runs/`. The trackers' own usage telemetry is switched off."""
+    import os
+
+    names = trackers(params)
+    env = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "WANDB_ERROR_REPORTING": "false"}
+    if "tensorboard" in names:
+        import socket
+        from datetime import datetime
+
+        env["TENSORBOARD_LOGGING_DIR"] = str(Path("runs") / f"{datetime.now():%b%d_%H-%M-%S}_{socket.gethostname()}")
+    if "wandb" in names:
+        env.update(WANDB_PROJECT=params.wandb_project, WANDB_SILENT="true")
+        wandb = {"WANDB_ENTITY": params.wandb_entity, "WANDB_MODE": params.wandb_mode, "WANDB_RUN_ID": params.wandb_run_id, "WANDB_WATCH": params.wandb_watch, "WANDB_LOG_MODEL": params.wandb_log_model}
+        env.update({k: v for k, v in wandb.items() if v})
+    if "mlflow" in names:
+        uri = env["MLFLOW_TRACKING_URI"] = params.mlflow_tracking_uri or Path("mlruns").resolve().as_uri()
+        if "://" not in uri or uri.startswith("file:"):
+            env["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 wants a database; a local directory is what was asked for
+        if params.mlflow_experiment_name:
+            env["MLFLOW_EXPERIMENT_NAME"] = params.mlflow_experiment_name
+    if "comet_ml" in names:
+        mode = (params.comet_mode or "online").lower()
+        env["COMET_START_ONLINE"] = "false" if mode == "offline" else "true"
+        env["COMET_OFFLINE_DIRECTORY"] = os.environ.get("COMET_OFFLINE_DIRECTORY", ".cometml-runs")
+        if params.comet_project_name:
+            env["COMET_PROJECT_NAME"] = params.comet_project_name
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        if "wandb" in names:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()  # writes the offline run's last records
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def last_checkpoint(folder: Path) -> str | None:
@@ -468,7 +645,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
         data_seed=params.seed,
         save_strategy="no",
         eval_strategy="no",
-        report_to=[],  # no trackers, no telemetry unless a config asks (see issue 5)
+        report_to=trackers(params),  # none unless the config asks; no telemetry
+        run_name=params.wandb_name or params.mlflow_run_name,
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -481,7 +659,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
     steps_per_epoch = max(1, -(-batches_per_epoch // params.gradient_accumulation_steps))
     total_steps = params.max_steps or max(1, math.ceil(steps_per_epoch * params.num_epochs))
     args.logging_steps = params.logging_steps or max(1, total_steps // 20)
-    schedule_checkpoints(args, params, steps_per_epoch, len(val_rows) > 0)
+    saving = schedule_checkpoints(args, params, steps_per_epoch, len(val_rows) > 0)
 
     class MoltTrainer(Trainer):
         """Batches from epoch_batches (every rank the same count, each row once per epoch)."""
@@ -519,6 +697,14 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
+    if params.profiler_steps:
+        callbacks.append(profiler_callback(params.profiler_steps_start or 0, params.profiler_steps, out / "profiler_trace.json"))
+    relora = None
+    if params.relora_steps:
+        from stages.training.relora import ReLoRACallback
+
+        relora = ReLoRACallback(params.relora_steps, params.relora_warmup_steps or 0, params.relora_anneal_steps or 0, 0.9 if params.relora_prune_ratio is None else params.relora_prune_ratio, params.relora_cpu_offload, params.seed)
+        callbacks.append(relora)
 
     class Report(TrainerCallback):
         def __init__(self, advance):
@@ -537,7 +723,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
                 history.append({"step": state.global_step, "loss": round(float(logs["loss"]), 6), "lr": float(logs.get("learning_rate", 0.0))})
                 console.print(f"  step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}")
 
-    with progress("train", total_steps) as advance:
+    with progress("train", total_steps) as advance, tracker_environment(params):
         trainer = MoltTrainer(model=model, args=args, train_dataset=train_rows, compute_loss_func=token_loss, eval_dataset=val_rows, callbacks=[Report(advance), *callbacks])
         trainer.remove_callback(PrinterCallback)  # Report prints the loss; no raw dicts
         before = evaluation_loss(trainer, trainer.get_eval_dataloader()) if len(val_rows) else None
@@ -557,11 +743,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
             console.print(f"  eval loss after training:  {after:.4f}")
 
     model_dir = out / "model"
+    if relora is not None:
+        model = model.merge_and_unload()  # ReLoRA's earlier updates live in the base weights: the artifact is the full model
     model.save_pretrained(model_dir)
     for p in list_files(inputs["tokenizer"]):
         if p.name != "manifest.json":
             shutil.copy2(p, model_dir / p.name)
-    if (params.save_steps or params.saves_per_epoch) and trainer.is_world_process_zero():
+    if saving and trainer.is_world_process_zero():
         (out / "checkpoints").mkdir()
         for saved in checkpoints.glob("checkpoint-*"):
             shutil.move(saved, out / "checkpoints" / saved.name)
@@ -578,15 +766,26 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
         "steps_per_epoch": steps_per_epoch,
         "micro_batches_per_epoch": batches_per_epoch,
         "trainable_parameters": trainable,
+        **({"relora_restarts": relora.restarts} if relora is not None else {}),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    _plot(history, before, after, out / "loss.png")
+    _plot(history, evals, before, after, out / "loss.png")
     trained_tokens = sum(train_rows.lengths)
     # timings go in the manifest, not in metrics.json: the artifact's bytes stay reproducible
     return {"metrics": {k: v for k, v in metrics.items() if k not in ("loss_history", "eval_history")}, "adapter": params.adapter, "train_seconds": round(seconds, 3), "tokens_per_epoch": trained_tokens}
 
 
-def _plot(history: list[dict], before, after, path: Path) -> None:
+def _plot(history: list[dict], evals: list[dict], before, after, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(history, evals, before, after)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def loss_figure(history: list[dict], evals: list[dict], before, after):
+    """The training loss per logged step and the validation loss: a curve through the evaluation
+    before training, the scheduled ones and the final one; two points when none were scheduled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -594,12 +793,16 @@ def _plot(history: list[dict], before, after, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", ms=3, label="train loss")
-    if before is not None and after is not None and history:
-        ax.scatter([0, history[-1]["step"]], [before, after], color="tab:red", zorder=3, label="eval loss")
+    points = ([(0, before)] if before is not None else []) + [(e["step"], e["eval_loss"]) for e in evals]
+    if after is not None and history and (not points or points[-1][0] != history[-1]["step"]):
+        points.append((history[-1]["step"], after))
+    if len(points) > 2 or (evals and points):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="s", ms=4, color="tab:red", label="eval loss")
+    elif points:
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:red", zorder=3, label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    return fig

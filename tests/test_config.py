@@ -213,20 +213,20 @@ def test_missing_base_model(tmp_path):
 
 
 def test_unsupported_and_unknown_keys_warn_and_are_kept(tmp_path):
-    path = write(tmp_path, {**BASE, "sage_attention": True, "wandb_project": "x", "bogus_key": 1,
+    path = write(tmp_path, {**BASE, "sage_attention": True, "swanlab_project": "x", "bogus_key": 1,
                             "datasets": [{"path": "d", "drop_system_message": True, "colour": "red"}]})
     with pytest.warns(MoltConfigWarning) as record:
         cfg = load_config(path)
     expected = [
         "ignored: sage_attention — not supported yet",
-        "ignored: wandb_project — not supported yet",
+        "ignored: swanlab_project — not supported yet",
         "unknown key: bogus_key (not an Axolotl or molt option)",
         "ignored: datasets[0].drop_system_message — not supported yet",
         "unknown key: datasets[0].colour (not an Axolotl or molt option)",
     ]
     assert sorted(cfg.config_warnings) == sorted(expected)
     assert sorted(str(w.message) for w in record) == sorted(expected)
-    assert cfg.model_extra == {"sage_attention": True, "wandb_project": "x", "bogus_key": 1}
+    assert cfg.model_extra == {"sage_attention": True, "swanlab_project": "x", "bogus_key": 1}
     assert cfg.datasets[0].model_extra == {"drop_system_message": True, "colour": "red"}
 
 
@@ -236,10 +236,10 @@ def test_unknown_key_in_dataset_type_dict(tmp_path):
 
 
 def test_strict_refuses_all_unknown_keys(tmp_path):
-    message = load_error(tmp_path, strict=True, bogus_one=1, wandb_project="ok",
+    message = load_error(tmp_path, strict=True, bogus_one=1, swanlab_project="ok",
                          datasets=[{"path": "d", "bogus_two": 2}])
     assert "strict" in message and "bogus_one" in message and "datasets[0].bogus_two" in message
-    assert "wandb_project" not in message  # a known Axolotl key is only ignored, even under strict
+    assert "swanlab_project" not in message  # a known Axolotl key is only ignored, even under strict
 
 
 def test_duplicate_yaml_key_warns(tmp_path):
