@@ -41,8 +41,8 @@ def model_class(model_type: str | None):
 
 
 def is_causal_lm(model_type: str | None) -> bool:
-    name = model_type or CAUSAL_LM
-    return name.endswith("ForCausalLM")
+    """Whether `model_type` (a valid class name, else DataError) is a causal language model."""
+    return model_class(model_type).__name__.endswith("ForCausalLM")
 
 
 def peft_task_type(model_type: str | None) -> str:
@@ -193,6 +193,9 @@ def with_adapter(params, model):
     layers = _get(params, "peft_layers_to_transform")
     if layers is not None and isinstance(targets, str) and targets != "all-linear":
         raise DataError("peft_layers_to_transform needs lora_target_modules as a list of module names, not a regex")
+    task = peft_task_type(_get(params, "model_type"))
+    # a classifier's new head trains in full (peft keeps it in modules_to_save), so no LoRA on it
+    exclude = ["score", "classifier"] if task != "CAUSAL_LM" and targets == "all-linear" else None
     config = LoraConfig(
         r=_get(params, "lora_r", 8),
         lora_alpha=_get(params, "lora_alpha", 16),
@@ -202,7 +205,8 @@ def with_adapter(params, model):
         fan_in_fan_out=bool(_get(params, "lora_fan_in_fan_out")),
         use_dora=bool(_get(params, "peft_use_dora")),
         layers_to_transform=layers,
-        task_type=peft_task_type(_get(params, "model_type")),
+        exclude_modules=exclude,
+        task_type=task,
     )
     model = get_peft_model(model, config)
     if loftq_bits(params):
