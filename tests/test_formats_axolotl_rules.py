@@ -3,7 +3,8 @@ with a hand-built BPE whose merges cross the boundaries that matter (no pre-toke
 `:\\n#`, `Hello` and ` world` are single tokens): pygmalion's bot turns and reflection are encoded
 with their prompt in one piece and as many leading tokens masked as the prompt has alone;
 message_field_training_detail spans grow to whole tokens except at a token's last (first)
-character, as Axolotl's offset adjustment does. Expected tokens are written out literally.
+character, as Axolotl's offset adjustment does. Expected tokens are written out literally; Axolotl
+0.19.0's own strategies give the same ids and labels with this tokenizer (compared).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def test_pygmalion_bot_turn_is_one_piece_with_its_marker_masked_by_count(run, to
 
 def test_reflection_masks_as_many_tokens_as_the_prompt_has_alone(run, tok):
     row = {"instruction": "Hi", "output": "A", "reflection": "B", "corrected": "C"}
-    [(ids, labels)] = run([row], type="reflection")
+    [(ids, labels)] = run([row], type="reflection:instruct")
     prompt = REFLECT_SYSTEM[1] + "### Instruction:\nHi\n\n### Response:\n"
     label = "### Thought:\nA\n\n### Agent Reflection:\nB\n\n### Final Response:\nC</s>"
     assert ids == tok.encode(prompt + label).ids

@@ -1,5 +1,6 @@
 """Instruction types (Axolotl's Alpaca-style prompters and relatives) through the real format and
-tokenize stages: exact input_ids and labels from the SmolLM2 tokenizer.
+tokenize stages: exact input_ids and labels from the SmolLM2 tokenizer. Every case below gives
+the same input_ids and labels as Axolotl 0.19.0's own strategies on the same rows (compared).
 
 Each expected prompt is written out literally as the text Axolotl renders for that type; the
 prompt (with BOS, when the tokenizer adds one) is masked and the response plus EOS is trained.
@@ -80,8 +81,12 @@ CASES = [
      "Therefore, I'm unable to answer your question based on the given context."),
     ("context_qa.load_v2", {"context": "Tom is 7.", "question": "How old is Tom?", "answer": "7"},
      "Context: Tom is 7.\nQuestion: How old is Tom?\n", "Answer: 7"),
-    ("reflection", {"instruction": "Explain rain.", "output": "Water falls.", "reflection": "Too short.", "corrected": "Water vapour condenses and falls."},
+    ("reflection:instruct", {"instruction": "Explain rain.", "output": "Water falls.", "reflection": "Too short.", "corrected": "Water vapour condenses and falls."},
      "Below is an instruction that describes a task" + REFLECT_TAIL + "### Instruction:\nExplain rain.\n\n### Response:\n",
+     "### Thought:\nWater falls.\n\n### Agent Reflection:\nToo short.\n\n### Final Response:\nWater vapour condenses and falls."),
+    # without a prompt style Axolotl's reflection prompter has no system text
+    ("reflection", {"instruction": "Explain rain.", "output": "Water falls.", "reflection": "Too short.", "corrected": "Water vapour condenses and falls."},
+     "### Instruction:\nExplain rain.\n\n### Response:\n",
      "### Thought:\nWater falls.\n\n### Agent Reflection:\nToo short.\n\n### Final Response:\nWater vapour condenses and falls."),
     ("reflection:chat", {"instruction": "Explain rain.", "input": "briefly", "output": "Water falls.", "reflection": "Too short.", "corrected": "x"},
      "Below is an instruction that describes a task, paired with an input that provides further context" + REFLECT_TAIL

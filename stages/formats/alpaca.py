@@ -169,15 +169,17 @@ def _with_system(style: Style, orca: bool) -> Callable:
     return row_fn
 
 
-def _reflection(style_name: str) -> Callable:
-    style = STYLES[style_name]
-    label = REFLECT_LABEL[style_name]
+def _reflection(style_name: str | None) -> Callable:
+    style = STYLES[style_name or "instruct"]
+    label = REFLECT_LABEL[style_name or "instruct"]
 
     def row_fn(row, tokenizer):
         instruction, extra = require_text(row, "instruction"), optional_text(row, "input")
         parts = {k: require_text(row, k) for k in ("output", "reflection", "corrected")}
-        # Axolotl's reflection prompt is the system text glued to the turn (no system format)
-        prompt = (REFLECT_SYSTEM[0] if extra else REFLECT_SYSTEM[1]) + render(Style("", style.turn, style.turn_no_input), None, instruction, extra)
+        # Axolotl's reflection prompt is the system text glued to the turn (no system format);
+        # without a prompt style (`type: reflection`) its prompter has no system text at all
+        system = "" if style_name is None else REFLECT_SYSTEM[0] if extra else REFLECT_SYSTEM[1]
+        prompt = system + render(Style("", style.turn, style.turn_no_input), None, instruction, extra)
         return prompt_then_response(tokenizer, prompt, label.format(**parts))
 
     return row_fn
@@ -227,11 +229,10 @@ def build(kind: Kind, spec) -> Formatter:
     if kind.style is not None and kind.style not in STYLES:
         raise UnknownKind(f"prompt style {kind.style!r}: known styles are {', '.join(STYLES)}")
     if key == "reflection.load":
-        style = kind.style or "instruct"
-        if style not in REFLECT_LABEL:
+        if kind.style is not None and kind.style not in REFLECT_LABEL:
             raise UnknownKind(f"reflection takes the prompt styles {', '.join(REFLECT_LABEL)}")
         # Axolotl encodes prompt and label in one piece and masks as many tokens as the prompt has alone
-        return Formatter(_reflection(style), "prefix")
+        return Formatter(_reflection(kind.style), "prefix")
     if key in WITH_SYSTEM:
         if kind.style:
             raise UnknownKind(f"{key} has a fixed prompt style")
