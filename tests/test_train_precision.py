@@ -173,3 +173,16 @@ def test_liger_refused_before_training_on_cpu(warm, molt):
     result = molt("train", warm(plugins=["axolotl.integrations.liger.LigerPlugin"], liger_rms_norm=True))
     assert result.exit_code == 2, result
     assert "liger_rms_norm: the Liger kernels need" in result.output and "CUDA GPU" in result.output
+
+
+def test_attention_kernel_reaches_the_adapter_model(warm, molt, cache_dir, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"]))
+    set_attention(wrapped, Params(learning_rate=LR, eager_attention=True))
+    assert wrapped.base_model.model.config._attn_implementation == "eager"
+    # in training it is set on the LoRA-wrapped model before the packed-masking probe; eager and sdpa train alike
+    sdpa, _ = losses(molt, cache_dir, warm(max_steps=2, sdp_attention=True))
+    eager, _ = losses(molt, cache_dir, warm(max_steps=2, eager_attention=True))
+    assert eager == pytest.approx(sdpa, rel=1e-4)
