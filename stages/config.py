@@ -751,8 +751,6 @@ def _relora_needs_plain_lora(cfg: MoltConfig) -> None:
         raise ValueError("relora_steps with peft_use_dora: DoRA's magnitude vector is not a low-rank update ReLoRA can merge")
     if cfg.lr_scheduler == "one_cycle":
         raise ValueError("relora_steps does not work with lr_scheduler: one_cycle (Axolotl's rule); use cosine, linear or constant")
-    if cfg.resume_from_checkpoint or cfg.auto_resume_from_checkpoints:
-        raise ValueError("relora_steps with resume_from_checkpoint / auto_resume_from_checkpoints is not supported yet: checkpoints hold the adapter, not the merged base weights")
 
 
 @_rule

@@ -736,6 +736,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
             console.print(f"  resuming from {resume}" if resume else "  no checkpoint to resume from: starting afresh")
         elif trainer.is_world_process_zero():
             shutil.rmtree(checkpoints, ignore_errors=True)  # a killed run's saves are not this run's
+        if relora is not None:
+            relora.resume_from = resume  # its base weights, changed by earlier restarts, are in the checkpoint
         result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
         after = evaluation_loss(trainer, trainer.get_eval_dataloader()) if len(val_rows) else None

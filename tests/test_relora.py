@@ -100,6 +100,25 @@ def test_a_run_with_restarts(warm, molt, cache_dir, tiny_model_dir):
     assert torch.equal(weights["model.layers.0.input_layernorm.weight"], base["model.layers.0.input_layernorm.weight"])  # not an adapter target
 
 
+def test_resuming_a_relora_run_ends_where_the_uninterrupted_run_does(warm, molt, cache_dir):
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=5, lr_scheduler="constant", learning_rate=0.01, relora_steps=2, relora_warmup_steps=1, save_steps=3)
+    whole = molt("train", warm(**settings))
+    assert whole.exit_code == 0, whole
+    first = max(cache_dir.glob("train/*/metrics.json"), key=lambda p: p.stat().st_mtime).parent
+    checkpoint = first / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "relora_base.safetensors").exists()  # after the restart at step 2: the merged base
+    resumed = molt("train", warm(**settings, resume_from_checkpoint=str(checkpoint)))
+    assert resumed.exit_code == 0, resumed
+    second = max(cache_dir.glob("train/*/metrics.json"), key=lambda p: p.stat().st_mtime).parent
+    assert second != first
+    assert json.loads((second / "metrics.json").read_text())["relora_restarts"] == 2  # steps 2 (before the checkpoint) and 4
+    a, b = load_file(first / "model" / "model.safetensors"), load_file(second / "model" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("settings, words", [
     ({}, ["relora_steps", "adapter: lora"]),
     ({"adapter": "lora", "fsdp": ["full_shard"]}, ["relora_steps", "fsdp"]),

@@ -10,6 +10,8 @@ refused at config load.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import TrainerCallback
 
@@ -106,19 +108,54 @@ def prune_optimizer_state(optimizer, params, ratio: float) -> None:
                 magnitude_prune_(state[p][key], ratio)
 
 
+# in each checkpoint: the base weights of the adapted layers, which earlier restarts changed
+BASE_WEIGHTS = "relora_base.safetensors"
+
+
+def save_base_weights(model, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = {f"{name}.base_layer.weight": layer.get_base_layer().weight.detach().cpu().contiguous() for name, layer in lora_layers(model).items()}
+    save_file(weights, str(folder / BASE_WEIGHTS))
+
+
+@torch.no_grad()
+def load_base_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = folder / BASE_WEIGHTS
+    if not path.exists():
+        raise DataError(f"resume_from_checkpoint {folder}: no {BASE_WEIGHTS} (not saved by a ReLoRA run): the merged base weights would be lost")
+    weights = load_file(str(path))
+    for name, layer in lora_layers(model).items():
+        base = layer.get_base_layer().weight
+        base.copy_(weights[f"{name}.base_layer.weight"].to(base.device, base.dtype))
+
+
 class ReLoRACallback(TrainerCallback):
     """Merges and restarts the adapter every `every` optimizer steps (not after the last step:
-    the final model is merged anyway); turns the schedule jagged when training begins."""
+    the final model is merged anyway); turns the schedule jagged when training begins. Each
+    checkpoint also gets the adapted layers' base weights; set `resume_from` (the checkpoint the
+    Trainer resumes from) to load them back."""
 
     def __init__(self, every: int, warmup: int = 0, anneal: int = 0, prune_ratio: float = 0.9, cpu_offload: bool = False, seed: int = 0):
         self.every, self.warmup, self.anneal = every, warmup, anneal
         self.prune_ratio, self.cpu_offload, self.seed = prune_ratio, cpu_offload, seed
         self.restarts = 0
+        self.resume_from: str | None = None
 
-    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+    def on_train_begin(self, args, state, control, lr_scheduler=None, model=None, **kwargs):
         if "adam" not in str(args.optim).lower():
             raise DataError(f"relora_steps: the optimizer {args.optim} has no Adam moments to prune; use an adamw_* optimizer")
         jagged(lr_scheduler, self.every, self.warmup, self.anneal)
+        if self.resume_from:
+            load_base_weights(model, Path(self.resume_from))
+            self.restarts = min(state.global_step, max(0, state.max_steps - 1)) // self.every
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir() and state.is_world_process_zero:
+            save_base_weights(model, folder)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
