@@ -683,6 +683,12 @@ def _optimizer_keys(cfg: MoltConfig) -> None:
             raise ValueError("lr_groups and loraplus_lr_ratio both set the parameters' learning rates; use one")
         if projected or cfg.optimizer in ("lomo", "adalomo"):
             raise ValueError(f"lr_groups cannot be used with optimizer: {cfg.optimizer} (it builds its own parameter groups)")
+    own_schedule = cfg.lr_scheduler in ("one_cycle", "log_sweep") or cfg.lr_quadratic_warmup or cfg.cosine_constant_lr_ratio is not None
+    if cfg.optimizer.endswith("_layerwise") and own_schedule:
+        raise ValueError(f"optimizer: {cfg.optimizer} steps each layer inside the backward pass with transformers' own schedulers; lr_scheduler: {cfg.lr_scheduler} (and lr_quadratic_warmup / cosine_constant_lr_ratio) cannot drive it")
+    accumulation = cfg.batch_size // cfg.micro_batch_size if cfg.batch_size else cfg.gradient_accumulation_steps
+    if cfg.optimizer.endswith("_layerwise") and accumulation > 1:
+        raise ValueError(f"optimizer: {cfg.optimizer} updates each layer as soon as its gradient is ready: gradient_accumulation_steps must be 1 (got {accumulation})")
 
 
 @_rule

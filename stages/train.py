@@ -387,7 +387,8 @@ def optimizer_settings(params: Params) -> dict:
     elif params.optim_args:
         settings["optim_args"] = params.optim_args
     if params.optim_target_modules:
-        settings["optim_target_modules"] = params.optim_target_modules
+        # Axolotl also spells transformers' all-linear with an underscore
+        settings["optim_target_modules"] = "all-linear" if params.optim_target_modules == "all_linear" else params.optim_target_modules
     return settings
 
 

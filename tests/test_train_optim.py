@@ -168,6 +168,13 @@ def test_each_optimizer_steps_on_cpu(name, tiny_model_dir, tmp_path):
     assert len(changed) == len(before), sorted(set(before) - changed)
 
 
+def test_optim_target_modules_spellings():
+    galore = {"learning_rate": LR, "optimizer": "galore_adamw"}
+    assert optimizer_settings(Params(**galore, optim_target_modules="all_linear"))["optim_target_modules"] == "all-linear"
+    assert optimizer_settings(Params(**galore, optim_target_modules=["attn", "mlp"]))["optim_target_modules"] == ["attn", "mlp"]
+    assert "optim_target_modules" not in optimizer_settings(Params(learning_rate=LR))
+
+
 def test_cuda_only_and_missing_optimizers_are_refused(monkeypatch):
     with pytest.raises(DataError, match="galore_adamw_8bit needs a CUDA GPU"):
         check_optimizer("galore_adamw_8bit")
