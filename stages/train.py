@@ -580,6 +580,10 @@ def tracker_environment(params: Params):
         env["COMET_OFFLINE_DIRECTORY"] = os.environ.get("COMET_OFFLINE_DIRECTORY", ".cometml-runs")
         if params.comet_project_name:
             env["COMET_PROJECT_NAME"] = params.comet_project_name
+    where = {"tensorboard": env.get("TENSORBOARD_LOGGING_DIR"), "wandb": f"{params.wandb_mode or 'online'}, {os.environ.get('WANDB_DIR', 'wandb')}/",
+             "mlflow": env.get("MLFLOW_TRACKING_URI"), "comet_ml": f"{params.comet_mode or 'online'}"}
+    for name in names:
+        console.print(f"  reporting to {name}: {where[name]}")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -41,6 +41,7 @@ def test_trackers_write_their_logs_outside_the_artifact(warm, molt, cache_dir, w
     assert result.exit_code == 0, result
     assert "not supported yet" not in result.output, result.output
     assert {k: os.environ.get(k) for k in before} == before  # the environment is restored
+    assert "reporting to wandb: offline, wandb/" in result.output and f"reporting to mlflow: {store}" in result.output
     train = max(cache_dir.glob("train/*/metrics.json"), key=lambda p: p.stat().st_mtime).parent
     losses = [h["loss"] for h in json.loads((train / "metrics.json").read_text())["loss_history"]]
 
