@@ -176,6 +176,8 @@ def test_optim_target_modules_spellings():
 
 
 def test_cuda_only_and_missing_optimizers_are_refused(monkeypatch):
+    with pytest.raises(DataError, match="optimizer: 'adamw_torhc' is not an optimizer; use one of adamw_torch, "):
+        check_optimizer("adamw_torhc")
     with pytest.raises(DataError, match="galore_adamw_8bit needs a CUDA GPU"):
         check_optimizer("galore_adamw_8bit")
     import importlib.util

@@ -38,12 +38,16 @@ def trainer_optimizer_name(optimizer: str) -> str:
 
 
 def check_optimizer(optimizer: str) -> None:
-    """Refuse, before any training, an optimizer whose package or hardware is missing (the
-    Trainer's own message would come from deep inside its set-up)."""
+    """Refuse, before any training, an optimizer that does not exist or whose package or hardware
+    is missing (the Trainer's own message would come from deep inside its set-up)."""
     import importlib.util
 
     import torch
+    from transformers.training_args import OptimizerNames
 
+    names = [o.value for o in OptimizerNames] + list(OWN_OPTIMIZERS)
+    if optimizer not in names:
+        raise DataError(f"optimizer: {optimizer!r} is not an optimizer; use one of {', '.join(names)}")
     if optimizer in CUDA_OPTIMIZERS and not torch.cuda.is_available():
         raise DataError(f"optimizer: {optimizer} needs a CUDA GPU (bitsandbytes' 8-bit GaLore); on CPU use galore_adamw or galore_adafactor")
     needs = [(module, package) for prefix, (module, package) in OPTIMIZER_PACKAGES.items() if optimizer.startswith(prefix)]
