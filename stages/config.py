@@ -712,6 +712,13 @@ def _one_attention(cfg: MoltConfig) -> None:
 
 
 @_rule
+def _plain_gradient_checkpointing(cfg: MoltConfig) -> None:
+    mode = cfg.gradient_checkpointing
+    if mode not in (True, False):
+        raise ValueError(f"gradient_checkpointing: {mode} (activations offloaded to CPU memory or disk) is not supported yet; use gradient_checkpointing: true")
+
+
+@_rule
 def _compile_settings_need_compile(cfg: MoltConfig) -> None:
     given = [k for k in ("torch_compile_backend", "torch_compile_mode") if getattr(cfg, k) is not None]
     if given and not cfg.torch_compile:

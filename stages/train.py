@@ -396,11 +396,8 @@ def checkpointing_settings(params: Params, model) -> dict:
     """Activation checkpointing: recompute each layer's activations in the backward pass (less
     memory, same gradients). Non-reentrant by default, which needs no input gradients; with the
     reentrant variant a frozen embedding would cut the graph, so the inputs are made to need grads."""
-    mode = params.gradient_checkpointing
-    if not mode:
+    if not params.gradient_checkpointing:  # true; offload variants are refused at config load
         return {}
-    if mode is not True:
-        raise DataError(f"gradient_checkpointing: {mode}: not supported yet (use true)")
     kwargs = {"use_reentrant": False, **(params.gradient_checkpointing_kwargs or {})}
     if kwargs["use_reentrant"] and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
