@@ -95,6 +95,18 @@ def test_one_cycle_with_lr_div_factor():
     up = [LR / 10 + (LR - LR / 10) * (1 - cosine(k / 3)) for k in range(4)]
     assert got[:4] == pytest.approx(up)
     assert got == sorted(got[:4]) + sorted(got[4:], reverse=True) and got[-1] == pytest.approx(LR / 10 / 1e4)
+    # lr_scheduler_kwargs reach OneCycleLR; parameter groups (lr_groups, LoRA+) each peak at their own rate
+    weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.SGD([{"params": [weights[0]], "lr": LR}, {"params": [weights[1]], "lr": 4 * LR}])
+    params = Params(learning_rate=LR, lr_scheduler="one_cycle", lr_div_factor=10, lr_scheduler_kwargs={"final_div_factor": 10})
+    scheduler = make_scheduler(optimizer, params, 10, 4)
+    seen = []
+    for _ in range(10):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert seen[3] == pytest.approx([LR, 4 * LR]) and seen[0] == pytest.approx([LR / 10, 4 * LR / 10])
+    assert seen[-1] == pytest.approx([LR / 100, 4 * LR / 100])
 
 
 def logged(molt, cache_dir, config) -> list[dict]:
