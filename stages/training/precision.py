@@ -103,8 +103,9 @@ def set_attention(model, params) -> None:
 
 
 def compile_settings(params) -> dict:
-    """TrainingArguments for `torch_compile` (`auto`: on when a GPU is there, as Axolotl) with its
-    backend and mode (inductor and default unless set)."""
+    """TrainingArguments for `torch_compile` with its backend and mode (inductor and default
+    unless set). `auto` turns it on with a GPU only: Axolotl turns it on for any torch >= 2.5.1,
+    but inductor compiling the training step on CPU took minutes even for a 2-layer test model."""
     on = _cuda() if params.torch_compile == "auto" else bool(params.torch_compile)
     if not on:
         return {}
