@@ -180,6 +180,16 @@ def test_each_optimizer_steps_on_cpu(name, tiny_model_dir, tmp_path):
     assert len(changed) == len(before), sorted(set(before) - changed)
 
 
+def test_adopt_takes_the_adam_settings(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    params = Params(learning_rate=LR, optimizer="adopt_adamw", adam_beta1=0.0, adam_epsilon=1e-8, weight_decay=0.1)
+    optimizer = make_optimizer(trainer_for(AutoModelForCausalLM.from_pretrained(tiny_model_dir), params, tmp_path), params)
+    group = optimizer.param_groups[0]
+    assert group["betas"] == (0.0, 0.9999) and group["eps"] == 1e-8 and group["weight_decouple"] is True
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.1}
+
+
 def test_optim_target_modules_spellings():
     galore = {"learning_rate": LR, "optimizer": "galore_adamw"}
     assert optimizer_settings(Params(**galore, optim_target_modules="all_linear"))["optim_target_modules"] == "all-linear"

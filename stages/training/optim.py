@@ -69,7 +69,11 @@ def make_optimizer(trainer, params):
         from pytorch_optimizer import ADOPT
 
         cls = ADOPT
-        kwargs = {"betas": (params.adam_beta1 or 0.9, params.adam_beta2 or 0.9999), "eps": params.adam_epsilon if params.adam_epsilon is not None else 1e-6, "weight_decouple": True}
+        def given(value, default):
+            return default if value is None else value
+
+        # ADOPT's own defaults where the config sets none (beta2 0.9999, eps 1e-6)
+        kwargs = {"betas": (given(params.adam_beta1, 0.9), given(params.adam_beta2, 0.9999)), "eps": given(params.adam_epsilon, 1e-6), "weight_decouple": True}
     else:
         cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, model)
         kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
