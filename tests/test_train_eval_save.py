@@ -31,6 +31,7 @@ def test_evaluate_and_save_every_epoch(warm, molt, cache_dir):
     assert (saved / "adapter_model.safetensors").exists()
     assert not (saved / "optimizer.pt").exists() and not (saved / "scheduler.pt").exists()  # save_only_model
     assert [p.name for p in saved.glob("*.bin")] == ["training_args.bin"]  # weights as safetensors, never .bin
+    assert not (train / "profiler_trace.json").exists()  # no profiler_steps, no trace
 
 
 def test_save_best_saves_only_when_the_eval_loss_improves(warm, molt, cache_dir):
