@@ -2,10 +2,13 @@
 
 Reads the fetched model, the tokenizer and pack's `train.arrow` / `val.arrow` / `layout.json`.
 Trains with the transformers Trainer (peft for LoRA / DoRA / LoRA+, bitsandbytes for a 4-bit
-(QLoRA) or 8-bit base); measures the validation loss before and after, and at `eval_steps`.
-Writes `model/` (the full model, or the adapter, with the tokenizer and its chat template),
-`metrics.json` (loss and learning rate per logged step, eval losses), `loss.png`, and
-`checkpoints/` when saves are scheduled (what `resume_from_checkpoint` points at). While it runs,
+(QLoRA) or 8-bit base, stages/training/relora.py for ReLoRA restarts); measures the validation
+loss before and after, and as `eval_strategy` / `eval_steps` schedule it.
+Writes `model/` (the full model, or the adapter, with the tokenizer and its chat template; with
+ReLoRA the full model), `metrics.json` (loss and learning rate per logged step, eval losses),
+`loss.png` (training and validation loss), `profiler_trace.json` with `profiler_steps`, and
+`checkpoints/` when saves are scheduled (what `resume_from_checkpoint` points at). Trackers
+(tensorboard, wandb, mlflow, comet) write outside the artifact (see tracker_environment). While it runs,
 checkpoints go to the store's per-key `checkpoints` dir, which outlives a killed run:
 `auto_resume_from_checkpoints` carries on from the newest one there.
 
