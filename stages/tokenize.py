@@ -80,8 +80,9 @@ def _detail_tokens(spans: np.ndarray, begin: int, end: int) -> np.ndarray:
 
 
 def _encode(tokenizer, segments_batch: list[list[dict]], modes: list[str], train_all: bool) -> list[tuple[list[int], np.ndarray]]:
-    """(ids, labels) per row, one batched encode call per mode: joined rows (and chunked ones)
-    encode their whole text with character offsets; separate rows encode each segment alone."""
+    """(ids, labels) per row, batched encode calls per mode: joined rows (and chunked ones)
+    encode their whole text with character offsets; separate rows encode each segment alone;
+    prefix rows as _encode_prefixed says."""
     out: list = [None] * len(modes)
     joined = [i for i, m in enumerate(modes) if m in ("joined", "chunk")]
     encodings = tokenizer.encode_batch(["".join(s["text"] for s in segments_batch[i]) for i in joined], add_special_tokens=False)
