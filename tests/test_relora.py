@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stages.config import ConfigError, load_config
+from stages.store import DataError
 from stages.training.relora import RESTART_FLOOR, magnitude_prune_, merge_and_restart, prune_optimizer_state, restart_scale
 
 
@@ -73,6 +74,11 @@ def test_magnitude_pruning_of_the_adam_moments(lora_model):
         for key in ("exp_avg", "exp_avg_sq"):
             kept = torch.count_nonzero(optimizer.state[p][key]).item()
             assert kept <= 0.1 * p.numel() + 1, (key, kept, p.numel())
+
+    momentum = torch.optim.SGD(trained, lr=1e-3, momentum=0.9)  # state, but no Adam moments to prune
+    momentum.step()
+    with pytest.raises(DataError, match="keeps momentum_buffer, not Adam's exp_avg"):
+        prune_optimizer_state(momentum, trained, 0.9)
 
 
 def test_a_run_with_restarts(warm, molt, cache_dir, tiny_model_dir):

@@ -101,11 +101,15 @@ def magnitude_prune_(tensor: torch.Tensor, ratio: float) -> None:
 def prune_optimizer_state(optimizer, params, ratio: float) -> None:
     """Magnitude-prune the Adam moments of `params` (the adapter): the restarted adapter keeps
     only the largest of its old moments, as Axolotl's reset_optimizer."""
-    state = getattr(optimizer, "optimizer", optimizer).state  # accelerate wraps the torch optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
     for p in params:
+        kept = inner.state.get(p, {})
+        if kept and not any(key in kept for key in ADAM_MOMENTS):
+            # e.g. bitsandbytes' 8-bit Adam keeps quantized state1/state2: pruning them would be meaningless
+            raise DataError(f"relora_steps: the optimizer {type(inner).__name__} keeps {', '.join(sorted(kept))}, not Adam's exp_avg / exp_avg_sq; use adamw_torch")
         for key in ADAM_MOMENTS:
-            if key in state.get(p, {}):
-                magnitude_prune_(state[p][key], ratio)
+            if key in kept:
+                magnitude_prune_(kept[key], ratio)
 
 
 # in each checkpoint: the base weights of the adapted layers, which earlier restarts changed
