@@ -109,7 +109,7 @@ UNSUPPORTED_PREFIXES: tuple[str, ...] = (
 DATASET_UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "input_transform", "preprocess_shards", "input_format", "field_human",
     "field_model", "field_tools", "field_thinking", "template_thinking_key", "split_thinking",
-    "logprobs_field", "temperature", "drop_system_message", "trust_remote_code",
+    "logprobs_field", "temperature", "trust_remote_code",
     "skip", "step_separator", "max_completion_length", "train_on_last_step_only", "length",
     "sequence_length", "min_input_id", "max_input_id", "seed",
 })
@@ -177,6 +177,7 @@ class DatasetConfig(BaseModel):
     train_on_eos: Literal["turn", "all", "last", "none"] = "turn"
     message_field_training: str | None = None
     message_field_training_detail: str | None = None
+    drop_system_message: bool = False  # the conversation's system message left out (a default_system_message is not)
 
     @field_validator("type")
     @classmethod

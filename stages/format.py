@@ -65,6 +65,7 @@ class Spec(BaseModel, frozen=True):
     chat_template: str | None = None
     chat_template_jinja: str | None = None
     default_system_message: str | None = None
+    drop_system_message: bool = False
 
 
 class Params(BaseModel, frozen=True):

@@ -214,20 +214,20 @@ def test_missing_base_model(tmp_path):
 
 def test_unsupported_and_unknown_keys_warn_and_are_kept(tmp_path):
     path = write(tmp_path, {**BASE, "sage_attention": True, "swanlab_project": "x", "bogus_key": 1,
-                            "datasets": [{"path": "d", "drop_system_message": True, "colour": "red"}]})
+                            "datasets": [{"path": "d", "input_transform": "x", "colour": "red"}]})
     with pytest.warns(MoltConfigWarning) as record:
         cfg = load_config(path)
     expected = [
         "ignored: sage_attention — not supported yet",
         "ignored: swanlab_project — not supported yet",
         "unknown key: bogus_key (not an Axolotl or molt option)",
-        "ignored: datasets[0].drop_system_message — not supported yet",
+        "ignored: datasets[0].input_transform — not supported yet",
         "unknown key: datasets[0].colour (not an Axolotl or molt option)",
     ]
     assert sorted(cfg.config_warnings) == sorted(expected)
     assert sorted(str(w.message) for w in record) == sorted(expected)
     assert cfg.model_extra == {"sage_attention": True, "swanlab_project": "x", "bogus_key": 1}
-    assert cfg.datasets[0].model_extra == {"drop_system_message": True, "colour": "red"}
+    assert cfg.datasets[0].model_extra == {"input_transform": "x", "colour": "red"}
 
 
 def test_unknown_key_in_dataset_type_dict(tmp_path):

@@ -281,3 +281,21 @@ def test_chat_non_ascii_content(pipeline, expect):
         ("日本語です ☕ — ok<|im_end|>", True),
         ("\n", False),
     ])
+
+
+# Axolotl 0.19.0 gives the same ids and labels for these rows (compared)
+@pytest.mark.parametrize("row, drop, head", [
+    ({"system": "Be terse.", **msgs(("user", "Hi"), ("assistant", "Hello"))}, False, chatml("system", "Be terse.")),
+    ({"system": "Ignored.", **msgs(("system", "Be terse."), ("user", "Hi"), ("assistant", "Hello"))}, False, chatml("system", "Be terse.")),
+    ({"system": None, **msgs(("user", "Hi"), ("assistant", "Hello"))}, False, ""),
+    ({"system": "Be terse.", **msgs(("user", "Hi"), ("assistant", "Hello"))}, True, ""),
+    (msgs(("system", "Be terse."), ("user", "Hi"), ("assistant", "Hello")), True, ""),
+])
+def test_chat_system_column_and_drop_system_message(pipeline, expect, row, drop, head):
+    [(ids, labels)] = pipeline([row], type="chat_template", drop_system_message=drop)
+    assert (ids, labels) == expect([(head + chatml("user", "Hi") + "<|im_start|>assistant\n", False), ("Hello<|im_end|>", True), ("\n", False)])
+
+
+def test_chat_system_column_must_be_text(pipeline):
+    with pytest.raises(DataError, match=r"row 0: field 'system': expected text, got int"):
+        pipeline([{"system": 3, **msgs(("user", "Hi"), ("assistant", "Hello"))}], type="chat_template")

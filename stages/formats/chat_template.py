@@ -57,6 +57,15 @@ def messages_of(row: dict, spec) -> list[dict]:
             else:
                 message["detail"] = detail
         messages.append(message)
+    # as Axolotl: a row's `system` column opens a conversation that has no system message
+    if messages[0]["role"] != "system" and row.get("system") is not None:
+        if not isinstance(row["system"], str):
+            raise RowError("system", f"expected text, got {type(row['system']).__name__}")
+        messages.insert(0, {"role": "system", "content": row["system"]})
+    if spec.drop_system_message and messages[0]["role"] == "system":
+        messages.pop(0)
+        if not messages:
+            raise RowError(field, "only a system message")
     if spec.default_system_message and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": spec.default_system_message})
     return messages
