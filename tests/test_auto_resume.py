@@ -40,19 +40,20 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(make_config, molt, cache_
     assert expected_metrics["checkpoints"] == ["checkpoint-12", "checkpoint-3", "checkpoint-6", "checkpoint-9"]
     assert not list(cache_dir.glob("train/*.partial"))  # scheduled saves moved into the artifact
     shutil.rmtree(train_dir)
-    partial = cache_dir / "train" / f"{train_dir.name}.partial" / "checkpoints"
 
     # the same run as a process of its own, killed once its first checkpoint is whole
     env = dict(os.environ, PYTHONPATH=str(REPO))
     run = subprocess.Popen([sys.executable, "-m", "stages.cli", "train", str(config), "--cache-dir", str(cache_dir)],
                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not (partial / "checkpoint-3" / "trainer_state.json").exists():
+    while not (first := list(cache_dir.glob("train/*.partial/checkpoints/checkpoint-3/trainer_state.json"))):
         assert run.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.02)
     run.send_signal(signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL
     assert not list(cache_dir.glob("train/*/manifest.json"))  # nothing committed
+    partial = first[0].parent.parent  # cache/train/<key>.partial/checkpoints
+    assert partial.parent.name == f"{train_dir.name}.partial", "the train key changed: a stage module was edited meanwhile?"
     whole_saves = [int(p.parent.name.split("-")[1]) for p in partial.glob("checkpoint-*/trainer_state.json")]
     dry = molt("gc", "--dry-run")
     assert "checkpoints of an unfinished run" in dry.output and partial.exists()
