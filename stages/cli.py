@@ -199,9 +199,10 @@ def _processes(launcher_args: list[str]) -> int:
 def train(ctx, config, launcher, cache_dir):
     """Prepare the data if needed and fine-tune; the model lands in output_dir.
 
-    Multi-process: `molt train CONFIG --launcher accelerate -- --num_processes 2` (or started by
-    `accelerate launch -m stages.cli train CONFIG` / `torchrun -m stages.cli ...`). The data stages
-    are built once; every rank trains, rank 0 stores the model and writes output_dir."""
+    Multi-process: `molt train CONFIG --launcher accelerate -- --cpu --num_processes 2` (GPUs:
+    --multi_gpu), `--launcher torchrun -- --nproc_per_node 2`, or molt started by a launcher
+    (`torchrun --nproc_per_node 2 -m stages.cli train CONFIG`). The data stages are built once;
+    every rank trains, rank 0 stores the model and writes output_dir."""
     launcher_args = ctx.meta.get("launcher_args", [])
     if launcher != "python":
         warnings.simplefilter("ignore", MoltConfigWarning)  # each rank's molt names them
