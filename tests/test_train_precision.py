@@ -92,6 +92,7 @@ def test_attention_flags_map_to_transformers_names():
     ({"flash_attention": True}, "flash_attention: true needs the package flash-attn (pip install flash-attn) and a CUDA GPU"),
     ({"attn_implementation": "flash_attention_2"}, "attn_implementation: flash_attention_2 needs the package flash-attn (pip install flash-attn) and a CUDA GPU"),
     ({"xformers_attention": True}, "xformers_attention: true needs the package xformers (pip install xformers) and a CUDA GPU"),
+    ({"attn_implementation": "flex_attention"}, "attn_implementation: flex_attention needs a CUDA GPU (PyTorch's FlexAttention has no backward pass on CPU)"),
 ])
 def test_gpu_kernels_need_their_package_and_a_gpu(keys, message):
     with pytest.raises(DataError) as info:

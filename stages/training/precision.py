@@ -90,6 +90,8 @@ def attention_implementation(params) -> str | None:
         if missing:
             asked = f"attn_implementation: {name}" if params.attn_implementation else next(f"{k}: true" for k, v in ATTENTION_FLAGS.items() if v == name)
             raise DataError(f"{asked} needs {' and '.join(missing)}; on CPU use sdp_attention: true (or leave attention unset)")
+    if name == "flex_attention" and not _cuda():
+        raise DataError("attn_implementation: flex_attention needs a CUDA GPU (PyTorch's FlexAttention has no backward pass on CPU); on CPU use sdp_attention: true")
     if name == "xformers":
         console.print("note: xformers_attention runs PyTorch's memory-efficient SDPA kernel (xformers' algorithm) through attn_implementation: sdpa")
         return "sdpa"
