@@ -715,8 +715,8 @@ def _one_attention(cfg: MoltConfig) -> None:
 @_rule
 def _plain_gradient_checkpointing(cfg: MoltConfig) -> None:
     mode = cfg.gradient_checkpointing
-    if mode not in (True, False):
-        raise ValueError(f"gradient_checkpointing: {mode} (activations offloaded to CPU memory or disk) is not supported yet; use gradient_checkpointing: true")
+    if mode not in (True, False, "offload"):
+        raise ValueError(f"gradient_checkpointing: {mode} is not supported yet; use gradient_checkpointing: true, or offload (checkpointed activations kept in CPU memory)")
 
 
 @_rule

@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field
 from stages.store import DataError, list_files, read_table
 from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
 from stages.training.optim import check_optimizer, make_optimizer, make_scheduler, trainer_optimizer_name
-from stages.training.precision import cast_weights, compile_settings, liger_settings, precision_settings, set_attention
+from stages.training.precision import cast_weights, compile_settings, liger_settings, offloaded_activations, precision_settings, set_attention
 from stages.ui import console, progress
 
 SCHEMA = 3
@@ -399,7 +399,7 @@ def checkpointing_settings(params: Params, model) -> dict:
     """Activation checkpointing: recompute each layer's activations in the backward pass (less
     memory, same gradients). Non-reentrant by default, which needs no input gradients; with the
     reentrant variant a frozen embedding would cut the graph, so the inputs are made to need grads."""
-    if not params.gradient_checkpointing:  # true; offload variants are refused at config load
+    if not params.gradient_checkpointing:  # true, or offload (MoltTrainer keeps what it saves in CPU memory)
         return {}
     kwargs = {"use_reentrant": False, **(params.gradient_checkpointing_kwargs or {})}
     if kwargs["use_reentrant"] and hasattr(model, "enable_input_require_grads"):
@@ -688,6 +688,11 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
             if self.lr_scheduler is None:
                 self.lr_scheduler = make_scheduler(optimizer or self.optimizer, params, num_training_steps, self.args.get_warmup_steps(num_training_steps))
             return super().create_scheduler(num_training_steps, optimizer)
+
+        def compute_loss_context_manager(self):
+            stack = super().compute_loss_context_manager()
+            stack.enter_context(offloaded_activations(params))
+            return stack
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:

@@ -187,3 +187,19 @@ def test_attention_kernel_reaches_the_adapter_model(warm, molt, cache_dir, tiny_
     sdpa, _ = losses(molt, cache_dir, warm(max_steps=2, sdp_attention=True))
     eager, _ = losses(molt, cache_dir, warm(max_steps=2, eager_attention=True))
     assert eager == pytest.approx(sdpa, rel=1e-4)
+
+
+def test_offloaded_activations_train_the_same(warm, molt, cache_dir, monkeypatch):
+    saved = []
+    real = torch.autograd.graph.save_on_cpu
+
+    def counting(*args, **kwargs):
+        saved.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+    checkpointed, _ = losses(molt, cache_dir, warm(max_steps=2, gradient_checkpointing=True))
+    assert saved == []
+    offloaded, _ = losses(molt, cache_dir, warm(max_steps=2, gradient_checkpointing="offload"))
+    assert len(saved) >= 2  # every training forward pass ran with its saved tensors sent to CPU memory
+    assert offloaded == checkpointed

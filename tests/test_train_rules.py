@@ -42,7 +42,7 @@ def load(tmp_path, **keys):
     ({"adapter": "qlora", "load_in_4bit": True, "bf16": "full"}, "bf16: full casts the weights to bf16, which a 4-/8-bit quantized base cannot be"),
     ({"flash_attention": True, "sdp_attention": True}, "flash_attention: true and sdp_attention: true choose different attention kernels"),
     ({"attn_implementation": "eager", "sdp_attention": True}, "sdp_attention: true and attn_implementation: eager choose different attention kernels"),
-    ({"gradient_checkpointing": "offload"}, "gradient_checkpointing: offload (activations offloaded to CPU memory or disk) is not supported yet; use gradient_checkpointing: true"),
+    ({"gradient_checkpointing": "offload_disk"}, "gradient_checkpointing: offload_disk is not supported yet; use gradient_checkpointing: true, or offload"),
     ({"torch_compile_backend": "eager"}, "torch_compile_backend (eager) applies with torch_compile: true"),
     ({"torch_compile": True, "torch_compile_mode": "fastest"}, "torch_compile_mode"),
     ({"optimizer": "galore_adamw_layerwise", "optim_target_modules": ["mlp"], "lr_scheduler": "one_cycle"}, "lr_scheduler: one_cycle (and lr_quadratic_warmup / cosine_constant_lr_ratio) cannot drive it"),

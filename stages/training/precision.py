@@ -137,3 +137,16 @@ def liger_settings(params) -> dict:
     kernels = {kernel: False for kernel in LIGER_KERNELS.values()} | {"cross_entropy": False, "fused_linear_cross_entropy": False}
     kernels.update({LIGER_KERNELS[key]: True for key in chosen})
     return {"use_liger_kernel": True, "liger_kernel_config": kernels}
+
+
+def offloaded_activations(params):
+    """`gradient_checkpointing: offload`: the tensors the forward pass keeps for the backward one
+    (with checkpointing, each layer's input) wait in CPU memory, not on the GPU (Axolotl's
+    activation offloading; on a CPU-only machine they are there already)."""
+    import contextlib
+
+    import torch
+
+    if params.gradient_checkpointing != "offload":
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
