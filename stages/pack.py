@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from stages.store import DataError, read_table, write_table
+from stages.ui import console
 
 SCHEMA = 2
 LIBRARIES = ("pyarrow", "numpy", "matplotlib")
@@ -251,10 +252,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
             "micro_batches_per_epoch": micro_batches,
         }
         if split == "val" and layout[split]["packed"] and 0 < len(bins) < per_batch:
-            raise DataError(
-                f"the validation split is too small for eval_sample_packing: its {table.num_rows} samples "
+            # Axolotl's sampler drops the incomplete batch and evaluation dies later; train's
+            # epoch_batches evaluates it as a smaller batch, so this is said, not refused.
+            stats[split]["short_of_one_batch"] = True
+            console.print(
+                f"[yellow]note:[/] the validation split is small for eval_sample_packing: its {table.num_rows} samples "
                 f"({tokens} tokens) pack into {len(bins)} rows of {capacity} tokens, fewer than one batch of "
-                f"eval_batch_size {per_batch} rows; add validation rows, lower eval_batch_size, or set eval_sample_packing: false"
+                f"eval_batch_size {per_batch} rows; it is evaluated as one smaller batch"
             )
     train = stats["train"]
     train["steps_per_epoch"] = math.ceil(train["micro_batches_per_epoch"] / params.gradient_accumulation_steps)
