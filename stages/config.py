@@ -45,7 +45,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "hf_use_auth_token", "reinit_weights", "random_init_weights",
     # tokenizer / embeddings
     "mean_resizing_embeddings", "shrink_embeddings",
-    "embeddings_skip_upcast", "added_tokens_overrides", "eot_tokens", "fix_untrained_tokens",
+    "embeddings_skip_upcast", "added_tokens_overrides", "fix_untrained_tokens",
     "chat_template_kwargs",
     # attention and kernels
     "s2_attention", "flex_attention", "flex_attn_compile_kwargs", "sage_attention",
@@ -281,6 +281,7 @@ class MoltConfig(BaseModel):
     chat_template_jinja: str | None = None
     default_system_message: str | None = None
     special_tokens: dict[str, str] | None = None  # bos_token, eos_token, pad_token, unk_token
+    eot_tokens: list[str] | None = None  # a chat turn's end markers (None: EOS and the built-in templates' markers)
     tokens: list[str] | None = None
 
     # adapter

@@ -70,6 +70,7 @@ class Spec(BaseModel, frozen=True):
 
 class Params(BaseModel, frozen=True):
     dataset: Spec
+    eot_tokens: list[str] | None = None  # chat turn-end markers to train per train_on_eos
     # how many worker processes; the output is the same for any number, so it is not in the key
     dataset_processes: int | None = Field(default=None, exclude=True)
 
@@ -139,18 +140,18 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
     label = spec.type if isinstance(spec.type, str) and spec.type else "user-defined" if spec.type else "pretokenized"
     with progress(f"format {label}", rows) as advance:
         parts = workers.map_ranges(_format_rows, rows, workers.processes_for(rows, params.dataset_processes),
-                                   (spec, inputs["data"], inputs["tokenizer"]), advance)
+                                   (spec, params.eot_tokens, inputs["data"], inputs["tokenizer"]), advance)
     result = pa.concat_tables(parts)
     write_table(result, out / "formatted.arrow")
     return {"rows": result.num_rows}
 
 
-def _format_rows(start: int, stop: int, spec: Spec, data: Path, tokenizer_dir: Path, advance=None):
+def _format_rows(start: int, stop: int, spec: Spec, eot_tokens: list[str] | None, data: Path, tokenizer_dir: Path, advance=None):
     """Rows [start, stop) of the fetched table, formatted (in a worker process or in the stage's own)."""
     import pyarrow as pa
 
     made = formatter(spec)
-    tokenizer = json.loads((tokenizer_dir / "molt_tokenizer.json").read_text())
+    tokenizer = json.loads((tokenizer_dir / "molt_tokenizer.json").read_text()) | {"eot_tokens": eot_tokens}
     table = read_table(data / "data.arrow").slice(start, stop - start)
     segments: list = []
     ids: list = []

@@ -79,7 +79,7 @@ def tiny(tiny_dir):
 
 @pytest.fixture
 def pipeline(tiny_artifacts, tmp_path):
-    def run(rows, template="tokenizer_default", sequence_len=1024, **spec):
+    def run(rows, template="tokenizer_default", sequence_len=1024, eot_tokens=None, **spec):
         import pyarrow as pa
 
         n = len(list(tmp_path.iterdir()))
@@ -88,7 +88,7 @@ def pipeline(tiny_artifacts, tmp_path):
             d.mkdir()
         write_table(pa.Table.from_pylist(rows), data / "data.arrow")
         tok = tiny_artifacts(template)
-        format_stage.run(format_stage.Params(dataset=format_stage.Spec(**spec)), {"data": data, "tokenizer": tok}, formatted)
+        format_stage.run(format_stage.Params(dataset=format_stage.Spec(**spec), eot_tokens=eot_tokens), {"data": data, "tokenizer": tok}, formatted)
         tokenize_stage.run(tokenize_stage.Params(sequence_len=sequence_len), {"formatted": formatted, "tokenizer": tok}, tokenized)
         table = read_table(tokenized / "tokenized.arrow")
         return list(zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()))
@@ -240,3 +240,20 @@ def test_alpaca_prompt_gets_the_tokenizers_bos(pipeline, expect):
         "### Instruction:\nHi\n\n### Response:\n"
     )
     assert (ids, labels) == expect([("<bos>", False), (prompt, False), ("Hello there.<end_of_turn>", True)])
+
+
+@pytest.mark.parametrize("eot_tokens, trained", [
+    # only the EOS, as Axolotl without eot_tokens: Llama 3's <|eot_id|> is left untrained (same labels as Axolotl 0.19.0)
+    (["<end_of_turn>"], [["H", "ello", "Ġthere", "."], ["C", "iao", ",", "Ġfriend", "."]]),
+    (["<|eot_id|>"], [["H", "ello", "Ġthere", ".", "<|eot_id|>"], ["C", "iao", ",", "Ġfriend", ".", "<|eot_id|>"]]),
+])
+def test_eot_tokens_name_the_turn_ends(pipeline, tiny, eot_tokens, trained):
+    [(ids, labels)] = pipeline([CHAT], template="llama3", type="chat_template", eot_tokens=eot_tokens)
+    runs, previous = [], False
+    for token, label in zip(ids, labels):
+        if label != IGNORE:
+            if not previous:
+                runs.append([])
+            runs[-1].append(tiny.id_to_token(token))
+        previous = label != IGNORE
+    assert runs == trained

@@ -106,7 +106,8 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
     special = {"bos_token": tokenizer["bos_token"] or "", "eos_token": tokenizer["eos_token"] or ""}
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     text = chat_templates.render(template, plain, **special)
-    turn_ends = tuple(t for t in (special["eos_token"],) + TURN_ENDS if t)
+    # `eot_tokens` (Axolotl's key) names the turn ends; by default the EOS and common templates' markers
+    turn_ends = tuple(t for t in (*(tokenizer.get("eot_tokens") or TURN_ENDS), special["eos_token"]) if t)
 
     spans: list[tuple[int, int, bool]] = []  # (start, end, from a training detail)
     eots: list[tuple[int, int, bool]] = []  # (start, end, after a trained turn)
