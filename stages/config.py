@@ -61,7 +61,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset({
     "qlora_sharded_model_loading",
     "merge_lora", "merge_method", "relora",
     # quantization / low precision
-    "fp8", "fp8_enable_fsdp_float8_all_gather", "qat", "quantization", "bfloat16", "float16", "float32",
+    "fp8", "fp8_enable_fsdp_float8_all_gather", "qat", "quantization",
     # data pipeline
     "dataset_shard_num", "dataset_shard_idx", "skip_prepare_dataset", "dataset_keep_in_memory",
     "dataloader_pin_memory", "dataloader_num_workers", "dataloader_prefetch_factor",
@@ -339,6 +339,9 @@ class MoltConfig(BaseModel):
     bf16: Literal["auto", "full"] | bool | None = "auto"
     fp16: bool | None = None
     tf32: bool | None = None
+    bfloat16: bool | None = None  # the weights themselves in bf16 (as bf16: full)
+    float16: bool | None = None  # the weights themselves in fp16 (no loss scaling)
+    float32: bool | None = None  # the weights in fp32 (molt's default)
     # attention kernel: attn_implementation (transformers' name) or one of the Axolotl flags
     attn_implementation: str | None = None
     flash_attention: bool | None = None
@@ -699,6 +702,15 @@ def _one_precision(cfg: MoltConfig) -> None:
         raise ValueError(f"fp16: true and bf16: {cfg.bf16} are mutually exclusive; set one (bf16: auto picks for you)")
     if cfg.bf16 == "full" and (cfg.load_in_4bit or cfg.load_in_8bit):
         raise ValueError("bf16: full casts the weights to bf16, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)")
+    dtypes = [k for k in ("bfloat16", "float16", "float32") if getattr(cfg, k)]
+    if len(dtypes) > 1:
+        raise ValueError(f"{' and '.join(f'{k}: true' for k in dtypes)} each set the weights' dtype; set one")
+    if dtypes and (cfg.load_in_4bit or cfg.load_in_8bit):
+        raise ValueError(f"{dtypes[0]}: true casts the weights, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)")
+    clash = {"float16": cfg.bf16 in (True, "full"), "bfloat16": bool(cfg.fp16), "float32": cfg.bf16 == "full"}
+    for key in dtypes:
+        if clash[key]:
+            raise ValueError(f"{key}: true contradicts {'fp16: true' if key == 'bfloat16' else f'bf16: {cfg.bf16}'}: the weights have one dtype")
 
 
 ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "xformers_attention": "xformers", "eager_attention": "eager"}

@@ -29,6 +29,7 @@ def test_precision_on_cpu(capsys):
     assert settings(fp16=True) == {}
     assert "fp16: true needs a CUDA GPU" in capsys.readouterr().err
     assert settings(tf32=True) == {}
+    assert settings(float16=True) == {} and settings(bfloat16=True) == {}  # the weights' dtype; no autocast
     assert "tf32: true changes CUDA matmuls only" in capsys.readouterr().err
 
 
@@ -41,6 +42,7 @@ def test_precision_on_a_gpu(monkeypatch, bf16_capable, auto):
     assert settings(fp16=True) == {"fp16": True}
     assert settings(bf16=True, tf32=True) == {"bf16": True, "tf32": True}
     assert settings(bf16=False, tf32=False) == {"tf32": False}
+    assert settings(float16=True) == {}  # fp16 weights: bf16: auto adds no autocast
 
 
 def losses(molt, cache_dir, config) -> tuple[list[float], str]:
@@ -63,12 +65,13 @@ def test_precision_when_training_on_cpu(warm, molt, cache_dir):
     assert fp16 == fp32
 
 
-def test_bf16_full_trains_bf16_weights(warm, molt, cache_dir):
-    trained, _ = losses(molt, cache_dir, warm(max_steps=2, adapter=None, lora_target_linear=None, bf16="full", learning_rate=1e-2))
+@pytest.mark.parametrize("keys, dtype", [({"bf16": "full"}, "BF16"), ({"bfloat16": True}, "BF16"), ({"float16": True}, "F16")])
+def test_half_precision_weights(warm, molt, cache_dir, keys, dtype):
+    trained, _ = losses(molt, cache_dir, warm(max_steps=2, adapter=None, lora_target_linear=None, learning_rate=1e-2, **keys))
     assert len(trained) == 2 and all(loss == loss for loss in trained)  # not NaN
     with safe_open(Path("out") / "model.safetensors", "pt") as weights:
         dtypes = {weights.get_slice(k).get_dtype() for k in weights.keys()}
-    assert dtypes == {"BF16"}, dtypes
+    assert dtypes == {dtype}, dtypes
 
 
 # -- attention ---------------------------------------------------------------------------------

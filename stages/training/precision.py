@@ -9,7 +9,8 @@ Precision, as Axolotl resolves it, except where a CPU cannot do what it asks:
   * `bf16: full`: the weights themselves in bf16 (pure bf16 training and evaluation);
   * `fp16: true`: fp16 mixed precision with loss scaling on a GPU; on CPU it falls back to fp32
     with a warning (accelerate has no fp16 autocast on CPU: the Trainer would silently run fp32);
-  * `tf32: true`: TF32 matmuls on Ampere or newer GPUs; nothing to do on CPU (a note says so).
+  * `tf32: true`: TF32 matmuls on Ampere or newer GPUs; nothing to do on CPU (a note says so);
+  * `bfloat16` / `float16` / `float32: true`: the weights' own dtype, as Axolotl loads them.
 
 Attention: `attn_implementation` (transformers' names) or Axolotl's flags: `flash_attention` →
 flash_attention_2, `sdp_attention` → sdpa, `eager_attention` → eager, `xformers_attention` →
@@ -44,7 +45,9 @@ def precision_settings(params) -> dict:
 
     cuda = _cuda()
     bf16, fp16 = params.bf16, bool(params.fp16)
-    if bf16 == "auto":
+    if bf16 == "auto" and params.float16:
+        bf16 = False  # fp16 weights: no autocast on top
+    elif bf16 == "auto":
         bf16 = False if fp16 else (cuda and torch.cuda.is_bf16_supported())
         fp16 = fp16 or (cuda and not bf16)
     if fp16 and not cuda:
@@ -67,11 +70,14 @@ def precision_settings(params) -> dict:
 
 
 def cast_weights(model, params) -> None:
-    """`bf16: full`: the model's floating-point weights (adapter included) in bf16."""
+    """`bf16: full` or `bfloat16: true`: the model's floating-point weights (adapter included) in
+    bf16; `float16: true`: in fp16 (Axolotl's pure half-precision weights, without autocast)."""
     import torch
 
-    if params.bf16 == "full":
+    if params.bf16 == "full" or params.bfloat16:
         model.to(torch.bfloat16)
+    elif params.float16:
+        model.to(torch.float16)
 
 
 def attention_implementation(params) -> str | None:
