@@ -108,6 +108,7 @@ class Params(BaseModel, frozen=True):
     torch_compile: str | bool | None = None
     torch_compile_backend: str | None = None
     torch_compile_mode: str | None = None
+    plugins: list[str] | None = None  # checked at config load; the liger_* keys say what runs
     liger_rope: bool | None = None
     liger_rms_norm: bool | None = None
     liger_layer_norm: bool | None = None

@@ -84,3 +84,13 @@ def test_liger_plugin_loads_and_other_plugins_are_reported(tmp_path):
     path.write_text(yaml.safe_dump({**BASE, "plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]}))
     with pytest.warns(MoltConfigWarning, match="ignored: plugins: axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin — not supported yet"):
         load_config(path)
+
+
+def test_training_keys_are_read_by_the_train_stage(tmp_path):
+    """No key of this area is reported as set-but-ignored by the stages (dag.unread_settings)."""
+    from stages import dag
+
+    cfg = load(tmp_path, plugins=["axolotl.integrations.liger.LigerPlugin"], liger_rms_norm=True, bf16=True, tf32=True, sdp_attention=True,
+               torch_compile=True, torch_compile_backend="eager", lr_groups=[{"name": "a", "modules": ["q_proj"], "lr": 1e-4}],
+               gradient_checkpointing="offload", float32=True, lr_quadratic_warmup=True, optim_args={"rank": 4})
+    assert dag.unread_settings(cfg) == []
