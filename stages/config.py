@@ -826,7 +826,9 @@ def _real_batches_without_varlen_attention(cfg: MoltConfig) -> None:
     # costs micro_batch_size times more, so without those kernels a micro-batch is rows of sequence_len.
     if cfg.multipack_real_batches is None:
         extra = cfg.model_extra or {}
-        cfg.multipack_real_batches = not any(getattr(cfg, k, None) or extra.get(k) for k in VARLEN_ATTENTION_KEYS)
+        varlen = any(getattr(cfg, k, None) or extra.get(k) for k in VARLEN_ATTENTION_KEYS)
+        varlen = varlen or (cfg.attn_implementation or "").startswith(("flash_attention", "flex_attention"))
+        cfg.multipack_real_batches = not varlen
 
 
 @_rule

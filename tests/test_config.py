@@ -75,6 +75,8 @@ def test_real_batches_unless_varlen_attention(tmp_path):
         assert load(tmp_path, sample_packing=True, flash_attention=True).multipack_real_batches is False
         assert load(tmp_path, sample_packing=True, flash_attention=True, multipack_real_batches=True).multipack_real_batches is True
     assert load(tmp_path, sample_packing=True, multipack_real_batches=False).multipack_real_batches is False
+    assert load(tmp_path, sample_packing=True, attn_implementation="flash_attention_2").multipack_real_batches is False
+    assert load(tmp_path, sample_packing=True, attn_implementation="sdpa").multipack_real_batches is True
 
 
 def test_learning_rate_in_yaml11_exponent_form(tmp_path):
