@@ -241,6 +241,8 @@ def merge_lora(ctx, config, cache_dir):
     session = Session(config, ctx.args, cache_dir)
     if not session.config.adapter:
         fail("merge-lora: the config trains no adapter (set adapter: lora)")
+    if session.config.relora_steps:
+        fail(f"merge-lora: with relora_steps the adapter is merged at every restart and `molt train` already writes the full model to {session.output_dir()}; nothing to merge")
     done = session.resolve(session.plan("merge"))
     dest = session.output_dir() / "merged"
     _copy_dir(done["merge"].artifact.path, dest)

@@ -34,3 +34,8 @@ def test_test_datasets_become_the_validation_split(make_config, molt, workdir):
     assert result.exit_code == 0, result
     assert {"fetch_data[test0]", "format[test0]", "tokenize[test0]"} <= result.built(), result.output
     assert "5 validation rows" in result.output
+
+
+def test_merge_lora_after_relora_says_train_wrote_the_full_model(make_config, molt):
+    refused = molt("merge-lora", make_config(relora_steps=2))
+    assert refused.exit_code == 2 and "relora_steps" in refused.output and "full model" in refused.output
