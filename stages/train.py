@@ -727,6 +727,10 @@ def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -
         def on_step_end(self, args, state, control, **kwargs):
             self.advance(1)
 
+        def on_save(self, args, state, control, **kwargs):
+            # the pickled TrainingArguments: resuming never reads it, and loading it would run code
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "eval_loss" in logs:
                 evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
