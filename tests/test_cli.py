@@ -8,12 +8,12 @@ from conftest import ALL_NODES, artifact_dirs, status_rows
 
 
 def test_keys_no_stage_reads_are_named_not_dropped(warm, molt):
-    config = warm(rl="dpo", sample_packing=False, tf32=True, attn_implementation="sdpa")
+    config = warm(rl="dpo", sample_packing=False, peft_use_rslora=True, s2_attention=True)
     result = molt("status", config)
     assert result.exit_code == 0, result
-    for key in ("rl", "tf32", "attn_implementation"):
+    for key in ("rl", "peft_use_rslora", "s2_attention"):
         assert f"ignored: {key} — not supported yet" in result.output
-    assert result.output.count("ignored: attn_implementation") == 1
+    assert result.output.count("ignored: s2_attention") == 1
 
 
 def test_cli_override_changes_only_what_it_touches(warm, molt):
