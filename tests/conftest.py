@@ -240,3 +240,12 @@ def status_rows(molt, config: Path) -> dict[str, dict]:
 def artifact_dirs(cache: Path) -> set[str]:
     """`stage/key` of every artifact in a store."""
     return {f"{m.parent.parent.name}/{m.parent.name}" for m in Path(cache).glob("*/*/manifest.json")}
+
+
+def logged(molt, cache_dir: Path, config: Path) -> list[dict]:
+    """`molt train` of config; the loss and learning rate it logged at each step."""
+    result = molt("train", config)
+    assert result.exit_code == 0, result
+    assert "not supported yet" not in result.output, result.output
+    newest = max(cache_dir.glob("train/*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(newest.read_text())["loss_history"]

@@ -32,8 +32,8 @@ def scratch(tmp_path_factory, tokenizer_dir):
     return root
 
 
-def train(scratch: Path, family: str, name: str, **changes) -> tuple[Path, dict]:
-    """`molt train` of the base config on `family`; returns (output_dir, metrics)."""
+def train_result(scratch: Path, family: str, name: str, **changes):
+    """`molt train` of the base config on `family`, in `scratch`; the CLI result and the config."""
     config = base_config(tiny_model_dir(family))
     config.update(output_dir=f"out-{family}-{name}", **changes)
     config = {k: v for k, v in config.items() if v is not None}
@@ -42,9 +42,14 @@ def train(scratch: Path, family: str, name: str, **changes) -> tuple[Path, dict]
     old = os.getcwd()
     os.chdir(scratch)
     try:
-        result = invoke_molt("train", path, cache=scratch / "cache")
+        return invoke_molt("train", path, cache=scratch / "cache"), config
     finally:
         os.chdir(old)
+
+
+def train(scratch: Path, family: str, name: str, **changes) -> tuple[Path, dict]:
+    """`molt train` of the base config on `family`; returns (output_dir, metrics)."""
+    result, config = train_result(scratch, family, name, **changes)
     assert result.exit_code == 0, result
     out = scratch / config["output_dir"]
     return out, json.loads((out / "metrics.json").read_text())
@@ -113,16 +118,7 @@ def test_a_model_that_ignores_position_ids_is_refused_for_packing(scratch, monke
     import transformers.masking_utils as masking
 
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
-    config = base_config(tiny_model_dir("llama"))
-    config.update(output_dir="out-ignored", sample_packing=True)
-    path = scratch / "ignores.yml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    old = os.getcwd()
-    os.chdir(scratch)
-    try:
-        result = invoke_molt("train", path, cache=scratch / "cache")
-    finally:
-        os.chdir(old)
+    result, _ = train_result(scratch, "llama", "ignored", sample_packing=True)
     assert result.exit_code == 2, result
     assert "does not keep packed samples apart" in result.output and "sample_packing: false" in result.output
-    assert not (scratch / "out-ignored").exists()
+    assert not (scratch / "out-llama-ignored").exists()

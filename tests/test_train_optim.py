@@ -4,13 +4,12 @@ through `molt train`."""
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import logged
 from safetensors.torch import load_file
 
 from stages.store import DataError
@@ -108,13 +107,6 @@ def test_one_cycle_with_lr_div_factor():
     assert seen[3] == pytest.approx([LR, 4 * LR]) and seen[0] == pytest.approx([LR / 10, 4 * LR / 10])
     assert seen[-1] == pytest.approx([LR / 100, 4 * LR / 100])
 
-
-def logged(molt, cache_dir, config) -> list[dict]:
-    result = molt("train", config)
-    assert result.exit_code == 0, result
-    assert "not supported yet" not in result.output, result.output
-    newest = max(cache_dir.glob("train/*/metrics.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(newest.read_text())["loss_history"]
 
 
 def test_new_schedules_drive_training(warm, molt, cache_dir):

@@ -3,22 +3,14 @@ learning rate and loss logged at every step of a 4-step run."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from conftest import logged
 
 from stages.store import DataError
 from stages.train import Params, optimizer_settings, schedule_settings
 
 LR = 1e-3
 
-
-def logged(molt, cache_dir, config) -> list[dict]:
-    result = molt("train", config)
-    assert result.exit_code == 0, result
-    assert "not supported yet" not in result.output, result.output
-    newest = max(cache_dir.glob("train/*/metrics.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(newest.read_text())["loss_history"]
 
 
 def test_schedules_shape_the_learning_rate(warm, molt, cache_dir):
