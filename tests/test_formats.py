@@ -61,22 +61,23 @@ def pipeline(tokenizer_artifacts, tmp_path):
     return run
 
 
+def expected(tokenizer, pieces):
+    """(input_ids, labels) of `pieces` = [(text, trained), ...], tokenized piece by piece; also
+    checks that the pieces tokenize the same as their joined text (so boundaries are clean)."""
+    ids, labels = [], []
+    for text, trained in pieces:
+        piece = tokenizer.encode(text, add_special_tokens=False).ids
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    whole = "".join(t for t, _ in pieces)
+    assert tokenizer.encode(whole, add_special_tokens=False).ids == ids, "test pieces split a token"
+    return ids, labels
+
+
 @pytest.fixture
 def expect(fast_tokenizer):
-    """`expect([(text, trained), ...])` -> (input_ids, labels), tokenizing piece by piece; also
-    checks that the pieces tokenize the same as their joined text (so boundaries are clean)."""
-
-    def build(pieces):
-        ids, labels = [], []
-        for text, trained in pieces:
-            piece = fast_tokenizer.encode(text, add_special_tokens=False).ids
-            ids += piece
-            labels += piece if trained else [IGNORE] * len(piece)
-        whole = "".join(t for t, _ in pieces)
-        assert fast_tokenizer.encode(whole, add_special_tokens=False).ids == ids, "test pieces split a token"
-        return ids, labels
-
-    return build
+    """`expect([(text, trained), ...])` -> (input_ids, labels) with the SmolLM2 tokenizer."""
+    return lambda pieces: expected(fast_tokenizer, pieces)
 
 
 def chatml(role, content):

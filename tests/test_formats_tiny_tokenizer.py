@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_formats import expected
 
 from stages import chat_templates
 from stages import format as format_stage
@@ -98,16 +99,7 @@ def pipeline(tiny_artifacts, tmp_path):
 
 @pytest.fixture
 def expect(tiny):
-    def build(pieces):
-        ids, labels = [], []
-        for text, trained in pieces:
-            piece = tiny.encode(text, add_special_tokens=False).ids
-            ids += piece
-            labels += piece if trained else [IGNORE] * len(piece)
-        assert tiny.encode("".join(t for t, _ in pieces), add_special_tokens=False).ids == ids, "test pieces split a token"
-        return ids, labels
-
-    return build
+    return lambda pieces: expected(tiny, pieces)
 
 
 def test_tiny_tokenizer_differs_from_smollm2(tiny_artifacts, tiny):
