@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.metadata
-import inspect
 import json
 import shutil
 import time
@@ -24,6 +23,10 @@ from typing import Callable
 
 from pydantic import BaseModel
 
+from rich.markup import escape
+
+from stages import ui
+from stages.context import Context
 from stages.store import Artifact, Store, canonical_json, hash_file, hash_text, hash_tree, list_files, now, publish, read_table
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -346,11 +349,10 @@ class Runner:
         return artifact, True
 
     def _call(self, node: Node, key: str, inputs: dict[str, Artifact], out: Path) -> dict:
-        kwargs = {}
-        if "checkpoints" in inspect.signature(node.module.run).parameters:
-            kwargs["checkpoints"] = self.store.partial_dir(node.stage, key) / "checkpoints"
+        ctx = Context(rank=self.rank, world_size=self.world_size, checkpoints=self.store.partial_dir(node.stage, key) / "checkpoints",
+                      progress=ui.progress, log=lambda message: ui.console.print(escape(message)))
         try:
-            return node.module.run(node.params, {k: a.path for k, a in inputs.items()}, out, **kwargs) or {}
+            return node.module.run(node.params, {k: a.path for k, a in inputs.items()}, out, ctx) or {}
         except Exception as error:
             raise StageFailed(node, error) from error
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from stages.store import DataError, list_files, write_table
+from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("pyarrow",)
@@ -190,7 +191,7 @@ def sources(params: Params) -> list[tuple[str, Path]]:
     return out
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     import pyarrow as pa
 
     if _is_hub_id(params.dataset):

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from stages.store import DataError, list_files
+from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("transformers", "gguf", "safetensors", "torch")
@@ -84,7 +85,7 @@ def custom_code(root: Path) -> dict[str, str]:
     return {k: v if isinstance(v, str) else ", ".join(x for x in v if x) for k, v in found.items()}
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     root = locate(params)
     if root.is_file():
         return _convert_gguf(root, out)

@@ -27,7 +27,7 @@ from stages import workers
 from stages.chat_templates import TemplateChoiceError
 from stages.formats.rows import MODES, Kind, RowError, Segment, Tokens, UnknownKind
 from stages.store import DataError, read_table, write_table
-from stages.ui import progress
+from stages.context import QUIET, Context
 
 SCHEMA = 3
 LIBRARIES = ("pyarrow", "jinja2", "pyyaml")
@@ -131,14 +131,14 @@ def formatter(spec: Spec):
     return made
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     import pyarrow as pa
 
     spec = params.dataset
     formatter(spec)  # a bad type stops here, before any worker starts
     rows = read_table(inputs["data"] / "data.arrow").num_rows
     label = spec.type if isinstance(spec.type, str) and spec.type else "user-defined" if spec.type else "pretokenized"
-    with progress(f"format {label}", rows) as advance:
+    with ctx.progress(f"format {label}", rows) as advance:
         parts = workers.map_ranges(_format_rows, rows, workers.processes_for(rows, params.dataset_processes),
                                    (spec, params.eot_tokens, inputs["data"], inputs["tokenizer"]), advance)
     result = pa.concat_tables(parts)

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from stages.store import DataError, list_files
 from stages.training.model import load_base, with_trained_adapter
+from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("torch", "transformers", "peft", "safetensors")
@@ -34,7 +35,7 @@ class Params(BaseModel, frozen=True):
     peft: dict | None = None
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     trained = inputs["trained"] / "model"
     if not (trained / "adapter_config.json").exists():
         raise DataError("merge: the trained model is not a LoRA adapter (adapter is not set), nothing to merge")

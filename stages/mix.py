@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from stages.store import DataError, hash_text, read_table, write_table
+from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("pyarrow", "numpy")
@@ -47,7 +48,7 @@ def _dedup(table):
     return table.take(keep), table.num_rows - len(keep)
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     order = sorted(inputs, key=lambda k: (k.split(".")[0] != "train", int(k.split(".")[1])))
     train = _concat([inputs[k] for k in order if k.startswith("train.")])
     tests = [inputs[k] for k in order if k.startswith("test.")]

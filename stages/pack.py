@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from stages.store import DataError, read_table, write_table
-from stages.ui import console
+from stages.context import QUIET, Context
 
 SCHEMA = 2
 LIBRARIES = ("pyarrow", "numpy", "matplotlib")
@@ -231,7 +231,7 @@ def plan_split(params: Params, split: str, lengths: np.ndarray) -> tuple[list[np
     return bins, {"packed": bool(packed), "capacity": int(capacity), "rows_per_batch": int(rows_per_batch), "sequence_len": params.sequence_len}
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     stats, layout, fills = {}, {}, {}
     for split in ("train", "val"):
         table = read_table(inputs["dataset"] / f"{split}.arrow")
@@ -255,8 +255,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
             # Axolotl's sampler drops the incomplete batch and evaluation dies later; train's
             # epoch_batches evaluates it as a smaller batch, so this is said, not refused.
             stats[split]["short_of_one_batch"] = True
-            console.print(
-                f"[yellow]note:[/] the validation split is small for eval_sample_packing: its {table.num_rows} samples "
+            ctx.log(
+                f"note: the validation split is small for eval_sample_packing: its {table.num_rows} samples "
                 f"({tokens} tokens) pack into {len(bins)} rows of {capacity} tokens, fewer than one batch of "
                 f"eval_batch_size {per_batch} rows; it is evaluated as one smaller batch"
             )

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from stages import workers
 from stages.store import DataError, read_table, write_table
-from stages.ui import progress
+from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("tokenizers", "pyarrow", "numpy")
@@ -130,12 +130,12 @@ def _encode_prefixed(tokenizer, segments_batch: list[list[dict]], rows: list[int
         out[i] = (ids, np.asarray(labels, dtype=np.int64))
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     import pyarrow as pa
     import pyarrow.compute  # noqa: F401  (pa.compute below)
 
     rows = read_table(inputs["formatted"] / "formatted.arrow").num_rows
-    with progress("tokenize", rows) as advance:
+    with ctx.progress("tokenize", rows) as advance:
         parts = workers.map_ranges(_tokenize_rows, rows, workers.processes_for(rows, params.dataset_processes),
                                    (params, inputs["formatted"], inputs["tokenizer"]), advance)
     result = pa.concat_tables([table for table, _ in parts])

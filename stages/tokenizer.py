@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from stages import chat_templates
 from stages.store import DataError, list_files
+from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("transformers", "tokenizers")
@@ -52,7 +53,7 @@ def tokenizer_class(name: str | None):
     return cls
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path) -> dict:
+def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     source = params.tokenizer_config or str(inputs["model"])
     kwargs = {"use_fast": params.tokenizer_use_fast, "trust_remote_code": params.trust_remote_code}
     if params.tokenizer_legacy is not None:

@@ -39,6 +39,7 @@ from stages.store import DataError, list_files, read_table
 from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
 from stages.training.optim import check_optimizer, make_optimizer, make_scheduler, trainer_optimizer_name
 from stages.training.precision import cast_weights, compile_settings, liger_settings, offloaded_activations, precision_settings, set_attention
+from stages.context import QUIET, Context
 from stages.ui import console, progress
 
 SCHEMA = 3
@@ -612,7 +613,8 @@ def last_checkpoint(folder: Path) -> str | None:
     return str(max(whole, key=lambda p: int(p.name.split("-")[-1]))) if whole else None
 
 
-def run(params: Params, inputs: dict[str, Path], out: Path, checkpoints: Path) -> dict:
+def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
+    checkpoints = ctx.checkpoints or out.parent / f"{out.name}.checkpoints"
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     set_seed(params.seed)
