@@ -37,7 +37,12 @@ def reloaded_eval_loss(model, cache: Path) -> float:
 
 
 def quantized_base(model_dir, **bnb):
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**bnb), device_map="cpu", dtype=torch.float32).eval()
+    """The base as train loads it: bitsandbytes' quantized layers, on the kernel they trained with."""
+    from stages.training.model import same_4bit_kernel_in_eval
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**bnb), device_map="cpu", dtype=torch.float32)
+    same_4bit_kernel_in_eval(model)
+    return model.eval()
 
 
 def test_qlora_trains_reloads_and_merges(make_config, molt, tiny_model_dir, cache_dir):
@@ -87,3 +92,24 @@ def test_8bit_lora_trains_and_reloads(make_config, molt, tiny_model_dir, cache_d
     model = PeftModel.from_pretrained(quantized_base(tiny_model_dir, load_in_8bit=True), Path("out")).eval()
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear8bitLt"
     assert reloaded_eval_loss(model, cache_dir) == pytest.approx(metrics["eval_loss_after"], rel=1e-5)
+
+
+def test_4bit_layers_evaluate_on_their_training_kernel(tiny_model_dir):
+    """bitsandbytes would repack a 4-bit weight in place for its bf16 CPU inference kernel on the
+    first forward in eval mode without gradients (on AVX512-BF16 CPUs): the evaluation would then
+    differ from training, fail on layers narrower than a quantization block, and leave the next
+    training steps on a kernel with no backward. The base train loads keeps one kernel."""
+    from types import SimpleNamespace
+
+    from stages.training.model import load_base
+
+    params = SimpleNamespace(load_in_4bit=True, bnb_config_kwargs={"bnb_4bit_use_double_quant": False})
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    model = load_base(params, tiny_model_dir, vocab)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    with torch.no_grad():
+        trained = model.train()(SAMPLE).logits
+        evaluated = model.eval()(SAMPLE).logits
+    assert torch.equal(trained, evaluated)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)

@@ -122,11 +122,29 @@ def load_base(params, model_dir: Path, vocab_size: int, quantize: bool = True):
     extra.setdefault("dtype", torch.float32)
     trust = bool(_get(params, "trust_remote_code"))
     model = cls.from_pretrained(model_dir, config=model_config(params, model_dir), trust_remote_code=trust, **extra)
+    if quantized is not None:
+        same_4bit_kernel_in_eval(model)
     model.config.use_cache = False  # a KV cache would also switch off packed-sequence masking
     rows = embedding_rows(vocab_size, bool(_get(params, "resize_token_embeddings_to_32x")))
     if rows > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(rows)
     return model
+
+
+def same_4bit_kernel_in_eval(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on the kernel they train with when they evaluate on CPU.
+
+    Since bitsandbytes 0.49, a Linear4bit on a CPU with AVX512-BF16 repacks its weight in place,
+    the first time it runs in eval mode without gradients, for a bf16 inference kernel. That
+    kernel needs in_features a multiple of the quantization block (64) and out_features a
+    multiple of 32 (a small model fails: "shape '[32, 0]' is invalid"), computes in bf16 instead
+    of `bnb_4bit_compute_dtype`, and the weight stays repacked: the training steps after an
+    evaluation would go through the inference kernel, which passes no gradient back to the
+    layers below. The flag is per layer; switching it off keeps the dequantize-and-matmul path,
+    so evaluation computes what training computes, on every CPU."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_for_training(params, model_dir: Path, vocab_size: int):
