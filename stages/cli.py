@@ -119,8 +119,7 @@ def preprocess(ctx, config, debug, debug_num_examples, debug_text_only, cache_di
     done = session.resolve(session.plan("pack"))
     mix = done["mix"].artifact
     prepared = Path(session.config.dataset_prepared_path or "last_run_prepared") / mix.key
-    if not prepared.exists():
-        _save_prepared(mix.path, prepared)
+    _save_prepared(mix.path, prepared)
     console.print(f"prepared dataset: {prepared}  ({mix.manifest['rows']} train rows, {mix.manifest['val_rows']} validation rows)")
     if debug:
         tokenizer = done["tokenizer"].artifact.path / "tokenizer.json"
@@ -128,14 +127,28 @@ def preprocess(ctx, config, debug, debug_num_examples, debug_text_only, cache_di
 
 
 def _save_prepared(mix_dir: Path, dest: Path) -> None:
-    """Mirror the mixed dataset as `datasets.save_to_disk`, as Axolotl users expect to inspect it."""
+    """Mirror the mixed dataset as `datasets.save_to_disk`, as Axolotl users expect to inspect it:
+    `datasets.load_from_disk(dest)` gives a DatasetDict with `train` and, when there are held-out
+    rows (`val_set_size` or `test_datasets`), `validation`. With no held-out rows there is no
+    `validation` split, as Axolotl has no eval set then (an empty split saved by `datasets` has no
+    Arrow file and does not load back). A folder written with another set of splits is rewritten."""
     import datasets
 
-    datasets.disable_progress_bars()
     splits = {"train": read_table(mix_dir / "train.arrow"), "validation": read_table(mix_dir / "val.arrow")}
+    splits = {k: t for k, t in splits.items() if k == "train" or t.num_rows}
+    if dest.exists():
+        try:
+            if json.loads((dest / "dataset_dict.json").read_text()).get("splits") == list(splits):
+                return
+        except (OSError, ValueError):
+            pass
+    datasets.disable_progress_bars()
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    datasets.DatasetDict({k: datasets.Dataset(t) for k, t in splits.items()}).save_to_disk(str(tmp))
+    # one shard for an empty train split, so that it still writes an Arrow file that loads
+    shards = {k: (None if t.num_rows else 1) for k, t in splits.items()}
+    datasets.DatasetDict({k: datasets.Dataset(t) for k, t in splits.items()}).save_to_disk(str(tmp), num_shards=shards)
+    shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
 
 
