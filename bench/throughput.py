@@ -7,7 +7,7 @@ Alpaca-like lengths (bench.packing's distribution, samples over --seq-len droppe
 tokens. Each round runs one epoch (forward, backward, AdamW step per micro-batch) of every mode
 in turn, so a slow moment of a shared machine hits all modes alike; the table gives each
 mode's median real tokens/s and its ratio to "unpacked, pad to longest" measured in the same
-rounds. Modes use molt's own code (stages.pack bins and layout, stages.train collate, loss and
+rounds. Modes use molt's own code (stages.pack bins and layout, stages.training collate, loss and
 epoch batches):
 
 * packed: multipack bins of micro_batch_size x seq_len tokens, one row per micro-batch (with
@@ -56,7 +56,7 @@ def make_table(lengths: np.ndarray, vocab: int, seed: int = 0):
 
 def batches_for(mode: str, table, lengths: np.ndarray, seq_len: int, mbs: int, real_batches: bool = False) -> list[dict]:
     from stages.pack import _layout, pack_groups
-    from stages.train import collate, epoch_batches
+    from stages.training.batches import collate, epoch_batches
 
     if mode == "packed":
         bins = pack_groups(lengths, seq_len * (1 if real_batches else mbs), 100_000, 200, seed=0)
@@ -72,7 +72,7 @@ def batches_for(mode: str, table, lengths: np.ndarray, seq_len: int, mbs: int, r
 def epoch(model, optimizer, batches: list[dict], device: str) -> float:
     import torch
 
-    from stages.train import token_loss
+    from stages.training.loss import token_loss
 
     if device == "cuda":
         torch.cuda.synchronize()

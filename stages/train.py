@@ -36,6 +36,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from stages.store import DataError, list_files, read_table
+from stages.training.batches import RankBatches, Rows, data_loader, make_collator
+from stages.training.evaluation import evaluation_loss
+from stages.training.loss import token_loss
 from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
 from stages.training.optim import check_optimizer, make_optimizer, make_scheduler, trainer_optimizer_name
 from stages.training.precision import cast_weights, compile_settings, liger_settings, offloaded_activations, precision_settings, set_attention
@@ -44,7 +47,8 @@ from stages.ui import console, progress
 
 SCHEMA = 3
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
-IGNORE = -100
+INPUTS = {"packed": "pack", "model": "fetch_model", "tokenizer": "tokenizer"}
+EVERY_RANK = True  # DDP: every rank trains; rank 0 commits
 
 
 class Params(BaseModel, frozen=True):
@@ -164,164 +168,6 @@ class Params(BaseModel, frozen=True):
     pad_to_sequence_len: bool | None = None
     batch_flattening: bool = False
     group_by_length: bool = False
-
-
-# -- batches ---------------------------------------------------------------------------------
-
-PAD_MULTIPLE = 8
-
-
-def collate(rows: list[dict], pad_id: int, width: int | None = None, multiple_of: int = PAD_MULTIPLE, flatten: bool = False) -> dict:
-    """Rows to tensors. No attention mask: position_ids restarting at 0 mark where each sample
-    (and the padding) begins, and transformers derives a block-diagonal causal mask from them
-    (cu_seqlens for flash-attention). `flatten` concatenates the rows into one (padding-free
-    batches, `batch_flattening`); `width` pads to a constant length (`pad_to_sequence_len`),
-    otherwise to the longest row rounded up to `multiple_of`. Padding has label -100 and
-    position_ids of its own, so it is a separate block that nothing attends to."""
-    import torch
-
-    ids = [list(r["input_ids"]) for r in rows]
-    labels = [list(r["labels"]) for r in rows]
-    pos = [list(r["position_ids"]) for r in rows]
-    if flatten:
-        ids, pos = [sum(ids, [])], [sum(pos, [])]
-        labels = [sum(([IGNORE] + lab[1:] for lab in labels), [])]  # each row's first label: never a target
-    longest = max(len(r) for r in ids)
-    target = max(width or 0, longest)
-    if width is None and multiple_of > 1:
-        target = -(-target // multiple_of) * multiple_of
-    batch = {"input_ids": [], "labels": [], "position_ids": []}
-    for i, lab, p in zip(ids, labels, pos):
-        pad = target - len(i)
-        batch["input_ids"].append(i + [pad_id] * pad)
-        batch["labels"].append(lab + [IGNORE] * pad)
-        batch["position_ids"].append(p + list(range(pad)))
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-
-
-def make_collator(split_layout: dict, pad_id: int, pad_to_sequence_len: bool, batch_flattening: bool):
-    """The collate of a split (pack's layout.json entry): constant width = the row capacity (times
-    the rows of a micro-batch when they are flattened into one) with pad_to_sequence_len."""
-    width = split_layout["capacity"] * (split_layout["rows_per_batch"] if batch_flattening else 1)
-    width = width if pad_to_sequence_len else None
-    return lambda rows: collate(rows, pad_id, width=width, flatten=batch_flattening)
-
-
-def token_loss(outputs, labels, num_items_in_batch=None):
-    """Cross-entropy summed over the trained tokens, divided by the number of trained tokens of
-    the whole optimizer step (`num_items_in_batch`: every micro-batch of the accumulation and, by
-    the Trainer, every rank), or of this batch when not given. So a packed batch and the same
-    samples in any other batching give the same loss and the same gradients."""
-    import torch
-    import torch.nn.functional as F
-
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-    targets = labels[..., 1:].reshape(-1).to(logits.device)
-    logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()  # bf16/fp16 logits: the softmax in fp32
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
-    if num_items_in_batch is None:
-        num_items_in_batch = (targets != IGNORE).sum()
-    if torch.is_tensor(num_items_in_batch):
-        return total / num_items_in_batch.to(total.device).clamp(min=1)
-    return total / max(1, num_items_in_batch)
-
-
-def epoch_batches(lengths, rows_per_batch: int, world_size: int, seed: int, epoch: int, shuffle: bool = True, group_by_length: bool = False) -> list[list[list[int]]]:
-    """Each rank's micro-batches for one epoch, as row indices; an index >= len(lengths) is an
-    empty row (no tokens, nothing trained). Every rank gets the same number of batches, every row
-    appears exactly once across the ranks, and batches differ in size by at most one row; only
-    when there are fewer rows than batches are empty rows added. The order is drawn from `seed`
-    and `epoch` (the same on every rank). `group_by_length` sorts rows by length within
-    mega-batches of 50 batches, so a batch holds rows of similar length (less padding)."""
-    import numpy as np
-
-    n = len(lengths)
-    per_rank = max(1, -(-n // (rows_per_batch * world_size)))
-    total = per_rank * world_size
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    chunks = np.array_split(order, total)
-    if group_by_length and n:
-        lengths = np.asarray(lengths)
-        mega = 50 * world_size
-        chunks = []
-        for start in range(0, total, mega):
-            k = min(mega, total - start)
-            lo = (n * start) // total
-            hi = (n * (start + k)) // total
-            part = order[lo:hi]
-            part = part[np.argsort(-lengths[part], kind="stable")]
-            chunks += np.array_split(part, k)
-    batches = [c.tolist() if len(c) else [n] for c in chunks]
-    return [batches[r::world_size] for r in range(world_size)]
-
-
-class RankBatches:
-    """A batch sampler over `epoch_batches` for one rank; the Trainer calls `set_epoch`."""
-
-    def __init__(self, lengths, rows_per_batch: int, world_size: int, rank: int, seed: int, shuffle: bool = True, group_by_length: bool = False):
-        self.lengths, self.rows_per_batch, self.world_size, self.rank = list(lengths), rows_per_batch, world_size, rank
-        self.seed, self.shuffle, self.group_by_length, self.epoch = seed, shuffle, group_by_length, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return max(1, -(-len(self.lengths) // (self.rows_per_batch * self.world_size)))
-
-    def __iter__(self):
-        yield from epoch_batches(self.lengths, self.rows_per_batch, self.world_size, self.seed, self.epoch, self.shuffle, self.group_by_length)[self.rank]
-
-
-class Rows:
-    """Packed rows from an Arrow table; an index past the end is an empty row (see epoch_batches)."""
-
-    def __init__(self, table, pad_id: int):
-        self.table, self.pad_id = table, pad_id
-        self.lengths = table.column("length").to_pylist() if "length" in table.column_names else [len(r) for r in table.column("input_ids").to_pylist()]
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def __getitem__(self, i: int) -> dict:
-        if i >= self.table.num_rows:
-            return {"input_ids": [self.pad_id], "labels": [IGNORE], "position_ids": [0]}
-        row = self.table.slice(i, 1)
-        return {k: row.column(k)[0].as_py() for k in ("input_ids", "labels", "position_ids")}
-
-
-def _loader(trainer, rows: Rows, sampler: RankBatches, collate_fn):
-    from torch.utils.data import DataLoader
-
-    loader = trainer.accelerator.prepare(DataLoader(rows, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0))
-    # the sampler already picks this rank's batches: accelerate's shard wrapper must pass them through
-    shard = getattr(loader, "batch_sampler", None)
-    if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
-        shard.num_processes, shard.process_index = 1, 0
-    return loader
-
-
-def evaluation_loss(trainer, loader) -> float | None:
-    """Token-weighted validation loss: summed over every trained token of every batch on every
-    rank, divided by their number (not a mean of per-batch means)."""
-    import torch
-
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    device = trainer.args.device
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            logits = model(**batch).logits
-            n = (labels[..., 1:] != IGNORE).sum()
-            total += torch.stack([token_loss({"logits": logits}, labels, 1).double(), n.double()])
-    total = trainer.accelerator.reduce(total, reduction="sum") if trainer.accelerator.num_processes > 1 else total
-    model.train(was_training)
-    return float(total[0] / total[1]) if total[1] > 0 else None
 
 
 def _load_model(params: Params, model_dir: Path, vocab_size: int, packed: bool):
@@ -677,11 +523,11 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
 
         def get_train_dataloader(self):
             sampler = RankBatches(train_rows.lengths, train_batch, world, args.process_index, params.seed, group_by_length=params.group_by_length)
-            return _loader(self, train_rows, sampler, collator("train"))
+            return data_loader(self, train_rows, sampler, collator("train"))
 
         def get_eval_dataloader(self, eval_dataset=None):
             sampler = RankBatches(val_rows.lengths, eval_batch, world, args.process_index, params.seed, shuffle=False)
-            return _loader(self, val_rows, sampler, collator("val"))
+            return data_loader(self, val_rows, sampler, collator("val"))
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             """The token-weighted loss of evaluation_loss (not a mean of batch means)."""

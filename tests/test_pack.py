@@ -13,7 +13,8 @@ import torch
 
 from stages import pack
 from stages.store import DataError, read_table, write_table
-from stages.train import collate, token_loss
+from stages.training.batches import collate
+from stages.training.loss import token_loss
 
 IGNORE = -100
 
@@ -296,5 +297,5 @@ def test_an_eval_split_short_of_one_packed_batch_is_named_with_the_numbers(tmp_p
     assert "1 rows of 64 tokens" in message and "eval_batch_size 4" in message
     assert manifest["packing"]["val"]["short_of_one_batch"] is True
     # train evaluates the one row as a batch of its own
-    from stages.train import epoch_batches
+    from stages.training.batches import epoch_batches
     assert epoch_batches([manifest["packing"]["val"]["tokens"]], 4, 1, 0, 0, shuffle=False) == [[[0]]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.train import RankBatches, epoch_batches
+from stages.training.batches import RankBatches, epoch_batches
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -41,7 +41,7 @@ def test_packed_unpacked_and_flattened_steps_give_the_same_weights(make_config, 
 
 def test_pad_to_sequence_len_gives_constant_shapes(make_config, molt, workdir):
     from stages.store import read_table
-    from stages.train import make_collator
+    from stages.training.batches import make_collator
 
     config = make_config(sample_packing=True, pad_to_sequence_len=True, multipack_real_batches=False)
     result = molt("run", config, "--until", "pack")

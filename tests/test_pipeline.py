@@ -290,7 +290,7 @@ def test_packed_rows_give_each_sample_the_logits_it_has_alone(warm, cache_dir, t
     from transformers import AutoModelForCausalLM
 
     from stages.store import read_table
-    from stages.train import collate
+    from stages.training.batches import collate
 
     config = warm()
     rows = status_rows(molt, config)

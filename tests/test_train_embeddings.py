@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from stages.store import read_table
-from stages.train import collate, token_loss
+from stages.training.batches import collate
+from stages.training.loss import token_loss
 
 UNIT = "<|unit|>"
 UNIT_ROWS = [{"instruction": f"Tag {n} metres.", "input": "", "output": f"{n} {UNIT} m"} for n in (3, 8, 21, 40, 75, 99)]

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from stages import fetch_model, tokenizer
 from stages.store import DataError, read_table
-from stages.train import collate, token_loss
+from stages.training.batches import collate
+from stages.training.loss import token_loss
 from stages.training.model import load_base, load_for_training
 
 LINEAR_ROPE = {"type": "linear", "factor": 2.0}

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from stages.config import ConfigError, config_from_dict
 from stages.store import read_table
-from stages.train import collate, token_loss
+from stages.training.batches import collate
+from stages.training.loss import token_loss
 from stages.training.model import _nf4_round_trip, load_base, with_adapter, with_trained_adapter
 
 pytest.importorskip("bitsandbytes")

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from bench.pipeline import TINY_FAMILIES, tiny_model_dir
 from stages.store import read_table
-from stages.train import collate, token_loss
+from stages.training.batches import collate
+from stages.training.loss import token_loss
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory, tokenizer_dir):

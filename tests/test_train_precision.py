@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 
 from stages.store import DataError
-from stages.train import Params, collate
+from stages.train import Params
+from stages.training.batches import collate
 from stages.training.precision import attention_implementation, compile_settings, precision_settings, set_attention
 
 LR = 1e-3

@@ -14,7 +14,8 @@ pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from stages.store import read_table  # noqa: E402
-from stages.train import collate, token_loss  # noqa: E402
+from stages.training.batches import collate  # noqa: E402
+from stages.training.loss import token_loss  # noqa: E402
 
 SAMPLE = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
 
