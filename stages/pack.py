@@ -42,6 +42,7 @@ from stages.context import QUIET, Context
 
 SCHEMA = 2
 LIBRARIES = ("pyarrow", "numpy", "matplotlib")
+INPUTS = {"dataset": "mix"}
 IGNORE = -100
 
 

@@ -29,6 +29,8 @@ from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("tokenizers", "pyarrow", "numpy")
+PER_DATASET = True
+INPUTS = {"formatted": "format", "tokenizer": "tokenizer"}
 BATCH = 1024
 IGNORE = -100
 

@@ -20,6 +20,7 @@ from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("transformers", "tokenizers")
+INPUTS = {"model": "fetch_model"}
 INFO = "molt_tokenizer.json"
 
 
@@ -36,10 +37,12 @@ class Params(BaseModel, frozen=True):
 
 
 def sources(params: Params) -> list[tuple[str, Path]]:
+    template = chat_templates.template_file(params.chat_template)
+    found = [(f"chat_template {template.stem}", template)] if template else []
     if not params.tokenizer_config or not Path(params.tokenizer_config).exists():
-        return []
+        return found
     root = Path(params.tokenizer_config)
-    return [(p.relative_to(root).as_posix() if root.is_dir() else p.name, p) for p in list_files(root)]
+    return found + [(p.relative_to(root).as_posix() if root.is_dir() else p.name, p) for p in list_files(root)]
 
 
 def tokenizer_class(name: str | None):

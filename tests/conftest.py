@@ -153,11 +153,11 @@ def invoke_molt(*args, cache: Path) -> MoltResult:
     an edit of a stage module between two calls is seen, as a new process would see it."""
     from click.testing import CliRunner
 
-    from stages import dag
+    from stages import fingerprint
     from stages.cli import main
     from stages.ui import console
 
-    dag._parsed.cache_clear()
+    fingerprint.clear_caches()
     args = [str(a) for a in args]
     if "--cache-dir" not in args:
         args += ["--cache-dir", str(cache)]

@@ -47,12 +47,12 @@ def test_builtin_template_renders_the_model_format(name):
 
 
 def test_qwen_25_adds_its_default_system_prompt():
-    text = chat_templates.render(chat_templates.BUILTIN["qwen_25"], CHAT[1:3])
+    text = chat_templates.render(chat_templates.builtin("qwen_25"), CHAT[1:3])
     assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi")
 
 
 def test_jamba_without_system_has_an_empty_system_turn_and_a_generation_prompt():
-    text = chat_templates.render(chat_templates.BUILTIN["jamba"], CHAT[1:3], add_generation_prompt=True)
+    text = chat_templates.render(chat_templates.builtin("jamba"), CHAT[1:3], add_generation_prompt=True)
     assert text == "<|startoftext|><|bom|><|system|> <|eom|><|bom|><|user|> Hi<|eom|><|bom|><|assistant|> Hello<|eom|><|bom|><|assistant|>"
 
 
@@ -66,24 +66,24 @@ def test_builtin_templates_refuse_what_the_model_format_cannot_say(name, message
     from jinja2 import TemplateError
 
     with pytest.raises(TemplateError, match=error):
-        chat_templates.render(chat_templates.BUILTIN[name], messages, bos_token="<s>", eos_token="</s>")
+        chat_templates.render(chat_templates.builtin(name), messages, bos_token="<s>", eos_token="</s>")
 
 
 def test_mistral_v2v3_puts_the_system_text_into_a_last_user_turn():
-    text = chat_templates.render(chat_templates.BUILTIN["mistral_v2v3"], CHAT[:4], bos_token="<s>", eos_token="</s>")
+    text = chat_templates.render(chat_templates.builtin("mistral_v2v3"), CHAT[:4], bos_token="<s>", eos_token="</s>")
     assert text == "<s>[INST] Hi[/INST] Hello</s>[INST] Be terse.\n\nBye[/INST]"
 
 
 def test_qwen_25_tool_results_are_a_user_turn():
     messages = CHAT[1:3] + [{"role": "tool", "content": "42"}, {"role": "tool", "content": "43"}]
-    text = chat_templates.render(chat_templates.BUILTIN["qwen_25"], messages)
+    text = chat_templates.render(chat_templates.builtin("qwen_25"), messages)
     assert text.endswith("<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response>"
                          "\n<tool_response>\n43\n</tool_response><|im_end|>\n")
 
 
 def test_llama3_2_vision_renders_image_parts():
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-    text = chat_templates.render(chat_templates.BUILTIN["llama3_2_vision"], messages, bos_token="<s>")
+    text = chat_templates.render(chat_templates.builtin("llama3_2_vision"), messages, bos_token="<s>")
     assert text == "<s><|start_header_id|>user<|end_header_id|>\n\n<|image|>What is this?<|eot_id|>"
 
 
@@ -98,7 +98,7 @@ def test_chosen_template_is_saved_with_the_tokenizer(cohere_tokenizer):
     import json
 
     saved = json.loads((cohere_tokenizer / "molt_tokenizer.json").read_text())["chat_template"]
-    assert saved == chat_templates.BUILTIN["cohere"]
+    assert saved == chat_templates.builtin("cohere")
     assert json.loads((cohere_tokenizer / "tokenizer_config.json").read_text()).get("chat_template", saved) == saved
 
 
@@ -114,7 +114,7 @@ def test_repeated_assistant_content_is_masked_per_turn(template):
                         {"role": "user", "content": "Again."}, {"role": "assistant", "content": "The sky is blue."}]}
     from stages import format as format_stage
 
-    tokenizer = {"chat_template": chat_templates.BUILTIN[template], "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "adds_bos": False}
+    tokenizer = {"chat_template": chat_templates.builtin(template), "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "adds_bos": False}
     made = format_stage.formatter(format_stage.Spec(type="chat_template"))
     segments = made.row(row, tokenizer)
     merged: list[list] = []
@@ -125,4 +125,4 @@ def test_repeated_assistant_content_is_masked_per_turn(template):
             merged.append([text, train])
     assert [t for t, train in merged if train] == ["The sky is blue." + TURN_END[template]] * 2
     text = "".join(s.text for s in segments)
-    assert text == chat_templates.render(chat_templates.BUILTIN[template], row["messages"], bos_token="<|im_start|>", eos_token="<|im_end|>")
+    assert text == chat_templates.render(chat_templates.builtin(template), row["messages"], bos_token="<|im_start|>", eos_token="<|im_end|>")

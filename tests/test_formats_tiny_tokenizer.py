@@ -208,7 +208,7 @@ NO_SYSTEM = {"gemma"}  # Gemma's template refuses a system message
 def test_builtin_templates_through_the_tiny_tokenizer(pipeline, tiny, template):
     messages = CHAT["messages"][1:] if template in NO_SYSTEM else CHAT["messages"]
     [(ids, labels)] = pipeline([{"messages": messages}], template=template, type="chat_template")
-    text = chat_templates.render(chat_templates.BUILTIN[template], messages, bos_token="<bos>", eos_token="<end_of_turn>")
+    text = chat_templates.render(chat_templates.builtin(template), messages, bos_token="<bos>", eos_token="<end_of_turn>")
     encoding = tiny.encode(text, add_special_tokens=False)
     assert ids == encoding.ids
     runs, current = [], None

@@ -90,9 +90,9 @@ def alpaca_source():
         path.write_bytes(original)
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         importlib.reload(module)
-        from stages import dag
+        from stages import fingerprint
 
-        dag._parsed.cache_clear()
+        fingerprint.clear_caches()
     assert path.read_bytes() == original
 
 

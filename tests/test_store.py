@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import textwrap
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from stages import dag
 from stages.store import ROWS_PER_BATCH, Store, hash_text, hash_tree, read_table, write_table
 
 KEY = hash_text("some record")
@@ -89,11 +87,11 @@ def _resolve_slowly(cache: str, data_path: str, log: str, barrier) -> tuple[str,
 
     original = fetch_data.run
 
-    def slow_run(params, inputs, out):
+    def slow_run(params, inputs, out, ctx):
         with open(log, "a") as f:
             f.write("ran\n")
         time.sleep(1.5)
-        return original(params, inputs, out)
+        return original(params, inputs, out, ctx)
 
     fetch_data.run = slow_run
     node = dag_._node("fetch_data", {"datasets": [{"path": data_path}]}, {}, 0)
@@ -165,89 +163,6 @@ def test_write_table_bytes_do_not_depend_on_chunking_or_metadata(tmp_path):
     assert read_table(tmp_path / "one.arrow").equals(one)
     write_table(_table(n - 1), tmp_path / "other.arrow")
     assert (tmp_path / "other.arrow").read_bytes() != (tmp_path / "one.arrow").read_bytes()
-
-
-# -- code fingerprint ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_package(tmp_path, monkeypatch):
-    """`write(name, source)` puts module `stages.<name>` in a throwaway package dir that the
-    fingerprint code reads instead of the real one."""
-    package = tmp_path / "stages"
-    package.mkdir()
-    monkeypatch.setattr(dag, "PACKAGE_DIR", package)
-    monkeypatch.setattr(dag, "REPO_DIR", tmp_path)
-    dag._parsed.cache_clear()
-
-    def write(name: str, source: str) -> None:
-        (package / f"{name}.py").write_text(source)
-        dag._parsed.cache_clear()
-
-    yield write
-    dag._parsed.cache_clear()
-
-
-BASE = textwrap.dedent('''
-    """Module docstring."""
-    from stages import helper
-
-
-    def f(x):
-        """Doc."""
-        return x + 1  # a comment
-
-
-    class C:
-        """Class doc."""
-
-        y = 2
-''')
-
-
-def test_fingerprint_ignores_comments_docstrings_and_formatting(fake_package):
-    fake_package("helper", "Z = 1\n")
-    fake_package("mod", BASE)
-    before = dag.code_fingerprint(["stages.mod"], ())
-    assert set(before["files"]) == {"stages/mod.py", "stages/helper.py"}
-    fake_package("mod", BASE.replace("Module docstring.", "Reworded.").replace('"""Doc."""', "# only a comment now").replace("# a comment", "") + "\n\n# trailing\n")
-    assert dag.code_fingerprint(["stages.mod"], ()) == before
-    fake_package("mod", BASE.replace("return x + 1", "return (x\n            + 1)"))
-    assert dag.code_fingerprint(["stages.mod"], ()) == before
-
-
-@pytest.mark.parametrize("edit", [
-    lambda s: s.replace("x + 1", "x + 2"),
-    lambda s: s.replace("y = 2", "y = 2\n    z = 3"),
-    lambda s: s + "\nUNUSED = 1\n",
-    lambda s: s.replace('"""Class doc."""', '"""Class doc."""\n    "a string statement after the docstring"'),
-])
-def test_fingerprint_sees_code_changes(fake_package, edit):
-    fake_package("helper", "Z = 1\n")
-    fake_package("mod", BASE)
-    before = dag.code_fingerprint(["stages.mod"], ())
-    fake_package("mod", edit(BASE))
-    after = dag.code_fingerprint(["stages.mod"], ())
-    assert after["files"]["stages/mod.py"] != before["files"]["stages/mod.py"]
-    assert after["files"]["stages/helper.py"] == before["files"]["stages/helper.py"]
-
-
-def test_fingerprint_follows_imports(fake_package):
-    fake_package("helper", "from . import deep\nZ = 1\n")
-    fake_package("deep", "W = 1\n")
-    fake_package("mod", BASE)
-    before = dag.code_fingerprint(["stages.mod"], ("pyarrow", "no-such-library-x"))
-    assert set(before["files"]) == {"stages/mod.py", "stages/helper.py", "stages/deep.py"}
-    assert before["libs"]["pyarrow"] == pa.__version__ and before["libs"]["no-such-library-x"] == "absent"
-    fake_package("deep", "W = 2\n")
-    assert dag.code_fingerprint(["stages.mod"], ())["files"] != before["files"]
-
-
-def test_real_stage_closure():
-    dag._parsed.cache_clear()
-    closure = dag.import_closure(["stages.format", "stages.formats.alpaca"])
-    assert {"stages.format", "stages.formats.alpaca", "stages.formats.rows", "stages.store", "stages.chat_templates"} <= set(closure)
-    assert "stages.formats.chat_template" not in closure  # another strategy's edits don't reach alpaca datasets
 
 
 # -- adopting published artifacts (after `dvc pull`) -----------------------------------------
