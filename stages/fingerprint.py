@@ -71,7 +71,8 @@ def _dump(nodes) -> str:
 
 
 def _ours(module: str, root: str) -> bool:
-    return module.split(".")[0] == "stages" or module == root
+    """molt's own code, or the package of a stage defined outside it (`root`)."""
+    return module.split(".")[0] in ("stages", root)
 
 
 def _is_module(name: str) -> bool:
