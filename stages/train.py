@@ -26,7 +26,6 @@ gradients. The validation loss is token-weighted the same way.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -36,12 +35,15 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from stages.store import DataError, list_files, read_table
+from stages.training.arguments import schedule_checkpoints, training_arguments
 from stages.training.batches import RankBatches, Rows, data_loader, make_collator
 from stages.training.evaluation import evaluation_loss
 from stages.training.loss import token_loss
 from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
-from stages.training.optim import check_optimizer, make_optimizer, make_scheduler, trainer_optimizer_name
-from stages.training.precision import cast_weights, compile_settings, liger_settings, offloaded_activations, precision_settings, set_attention
+from stages.training.optim import make_optimizer, make_scheduler
+from stages.training.plots import save_loss_plot
+from stages.training.precision import cast_weights, offloaded_activations, set_attention
+from stages.training.trackers import tracker_environment
 from stages.context import QUIET, Context
 from stages.ui import console, progress
 
@@ -170,7 +172,7 @@ class Params(BaseModel, frozen=True):
     group_by_length: bool = False
 
 
-def _load_model(params: Params, model_dir: Path, vocab_size: int, packed: bool):
+def _load_model(params: Params, model_dir: Path, vocab_size: int, packed: bool, log):
     """The model to train (stages/training/model.py, shared with merge). Only causal LMs: the
     packed rows hold next-token labels, not the class labels a classifier head needs."""
     if not is_causal_lm(params.model_type):
@@ -179,7 +181,7 @@ def _load_model(params: Params, model_dir: Path, vocab_size: int, packed: bool):
             "the data has no class labels for a classification head (reward-model training is not supported yet)"
         )
     model = load_for_training(params, model_dir, vocab_size)
-    set_attention(model, params)
+    set_attention(model, params, log)
     cast_weights(model, params)
     if packed:
         check_packed_masking(model)
@@ -208,104 +210,6 @@ def loraplus_optimizer(trainer, params: Params):
     kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
     extra = {"loraplus_lr_embedding": params.loraplus_lr_embedding} if params.loraplus_lr_embedding is not None else {}
     return create_loraplus_optimizer(trainer.model, cls, lr=trainer.args.learning_rate, loraplus_lr_ratio=params.loraplus_lr_ratio, loraplus_weight_decay=trainer.args.weight_decay, **extra, **kwargs)
-
-
-def schedule_settings(params: Params) -> dict:
-    """TrainingArguments for the learning-rate schedule. Names are transformers' (linear, cosine,
-    constant, constant_with_warmup, cosine_with_restarts, polynomial, inverse_sqrt, ...);
-    `cosine_min_lr_ratio` turns cosine into cosine_with_min_lr (the floor a fraction of the peak).
-    one_cycle, log_sweep, lr_quadratic_warmup and cosine_constant_lr_ratio are built by
-    training.optim.make_scheduler (MoltTrainer.create_scheduler); which keys combine is checked
-    at config load."""
-    name, kwargs = params.lr_scheduler, dict(params.lr_scheduler_kwargs or {})
-    if name in ("one_cycle", "log_sweep"):
-        return {"lr_scheduler_type": "constant"}  # replaced by create_scheduler
-    if name == "cosine" and params.cosine_min_lr_ratio is not None:
-        name, kwargs = "cosine_with_min_lr", {"min_lr_rate": params.cosine_min_lr_ratio, **kwargs}
-    from transformers import SchedulerType
-
-    if name not in {s.value for s in SchedulerType}:
-        raise DataError(f"lr_scheduler: {name!r} is not a scheduler; use one of one_cycle, log_sweep, {', '.join(s.value for s in SchedulerType)}")
-    return {"lr_scheduler_type": name, "lr_scheduler_kwargs": kwargs}
-
-
-def optimizer_settings(params: Params) -> dict:
-    """TrainingArguments for the optimizer: its name (a stand-in for the ones molt builds), Adam's
-    betas and epsilon where given, `optim_args` as transformers' "k=v,k=v" string (Axolotl also
-    takes a mapping), `optim_target_modules` for GaLore / APOLLO."""
-    check_optimizer(params.optimizer)
-    settings = {"optim": trainer_optimizer_name(params.optimizer)}
-    settings.update({name: getattr(params, name) for name in ("adam_beta1", "adam_beta2", "adam_epsilon") if getattr(params, name) is not None})
-    if isinstance(params.optim_args, dict):
-        settings["optim_args"] = ",".join(f"{k}={v}" for k, v in params.optim_args.items())
-    elif params.optim_args:
-        settings["optim_args"] = params.optim_args
-    if params.optim_target_modules:
-        # Axolotl also spells transformers' all-linear with an underscore
-        settings["optim_target_modules"] = "all-linear" if params.optim_target_modules == "all_linear" else params.optim_target_modules
-    return settings
-
-
-def checkpointing_settings(params: Params, model) -> dict:
-    """Activation checkpointing: recompute each layer's activations in the backward pass (less
-    memory, same gradients). Non-reentrant by default, which needs no input gradients; with the
-    reentrant variant a frozen embedding would cut the graph, so the inputs are made to need grads."""
-    if not params.gradient_checkpointing:  # true, or offload (MoltTrainer keeps what it saves in CPU memory)
-        return {}
-    kwargs = {"use_reentrant": False, **(params.gradient_checkpointing_kwargs or {})}
-    if kwargs["use_reentrant"] and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": kwargs}
-
-
-def every(steps: int | float | None, per_epoch: int | None, steps_per_epoch: int) -> int | float | None:
-    """An evaluation or save interval in optimizer steps (a float < 1 stays a fraction of the run,
-    which the Trainer resolves), from `*_steps` or `*s_per_epoch`; None: never."""
-    if per_epoch:
-        return max(1, steps_per_epoch // per_epoch)
-    return steps
-
-
-def schedule_checkpoints(args, params: Params, steps_per_epoch: int, has_val: bool) -> bool:
-    """Evaluation and saving during training; returns whether checkpoints are saved. An interval
-    (`eval_steps`, `evals_per_epoch`, `save_steps`, `saves_per_epoch`) means the "steps"
-    strategy; `eval_strategy` / `save_strategy` say it outright (no, steps, epoch; saves also
-    best: a checkpoint whenever `metric_for_best_model` improves). Checkpoints go to the
-    artifact's `checkpoints/` (a later run resumes from one with `resume_from_checkpoint`);
-    early stopping keeps the best one and ends with its weights."""
-    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
-
-    eval_every = every(params.eval_steps, params.evals_per_epoch, steps_per_epoch)
-    save_every = every(params.save_steps, params.saves_per_epoch, steps_per_epoch)
-    evaluate = params.eval_strategy or ("steps" if eval_every else "no")
-    save = params.save_strategy or ("steps" if save_every else "no")
-    if evaluate not in ("no", "steps", "epoch"):
-        raise DataError(f"eval_strategy: {evaluate!r}: use no, steps or epoch")
-    if save not in ("no", "steps", "epoch", "best"):
-        raise DataError(f"save_strategy: {save!r}: use no, steps, epoch or best")
-    if evaluate != "no" and not has_val:
-        raise DataError(f"eval_strategy {evaluate} (eval_steps / evals_per_epoch): there is no validation split (set val_set_size or test_datasets)")
-    if save == "steps" and not save_every:
-        raise DataError("save_strategy: steps needs save_steps or saves_per_epoch")
-    if save == "best" and evaluate == "no":
-        raise DataError("save_strategy: best saves at evaluations: schedule them (eval_steps, evals_per_epoch or eval_strategy)")
-    metric = params.metric_for_best_model or "eval_loss"
-    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
-    if metric != "eval_loss":
-        raise DataError(f"metric_for_best_model: {params.metric_for_best_model!r}: molt's evaluation measures the loss only (use eval_loss)")
-    higher = params.greater_is_better if params.greater_is_better is not None else False
-    args.eval_strategy = IntervalStrategy(evaluate)
-    if evaluate == "steps":
-        args.eval_steps = eval_every or args.logging_steps  # the Trainer's default: evaluate when it logs
-    args.save_strategy = SaveStrategy(save)
-    if save == "steps":
-        args.save_steps = save_every
-    args.save_total_limit, args.save_only_model = params.save_total_limit, params.save_only_model
-    if save == "best" or params.early_stopping_patience:
-        args.metric_for_best_model, args.greater_is_better = metric, higher
-    if params.early_stopping_patience:
-        args.load_best_model_at_end = True
-    return save != "no"
 
 
 class LossWatchdog:
@@ -365,93 +269,6 @@ def profiler_callback(start: int, steps: int, path: Path):
     return Profile()
 
 
-# What each tracker needs installed: (report_to name, module, pip package, molt extra)
-TRACKERS = {
-    "use_tensorboard": ("tensorboard", "tensorboard", "tensorboard"),
-    "wandb_project": ("wandb", "wandb", "wandb"),
-    "use_mlflow": ("mlflow", "mlflow", "mlflow-skinny"),
-    "use_comet": ("comet_ml", "comet_ml", "comet-ml"),
-}
-
-
-def trackers(params: Params) -> list[str]:
-    """transformers `report_to` names of the trackers the config turns on: tensorboard
-    (`use_tensorboard`), wandb (a `wandb_project`, unless `wandb_mode: disabled`), mlflow
-    (`use_mlflow`, or an `mlflow_tracking_uri` / `mlflow_experiment_name`), comet (`use_comet`).
-    None otherwise: nothing is reported anywhere unless configured. A tracker whose package is not
-    installed is an error naming it, before any training."""
-    import importlib.util
-
-    on = {
-        "use_tensorboard": params.use_tensorboard,
-        "wandb_project": bool(params.wandb_project) and params.wandb_mode != "disabled",
-        "use_mlflow": params.use_mlflow if params.use_mlflow is not None else bool(params.mlflow_tracking_uri or params.mlflow_experiment_name),
-        "use_comet": bool(params.use_comet),
-    }
-    names = []
-    for key, (name, module, package) in TRACKERS.items():
-        if not on[key]:
-            continue
-        if importlib.util.find_spec(module) is None:
-            raise DataError(f"{key}: reporting to {name} needs the Python package {package}, which is not installed (pip install {package})")
-        names.append(name)
-    return names
-
-
-@contextlib.contextmanager
-def tracker_environment(params: Params):
-    """The environment transformers' tracker callbacks read, set for the run and restored after.
-    Tracker output stays out of the artifact (its files carry timestamps and run ids, so the
-    artifact's bytes would differ run to run): it goes where each tracker puts it relative to the
-    working directory: tensorboard `runs/<time>_<host>/`, wandb `wandb/` (or $WANDB_DIR), mlflow
-    `mlflow_tracking_uri` (default a file store in `mlruns/`), comet offline archives in
-    `.cometml-runs/`. The trackers' own usage telemetry is switched off."""
-    import os
-
-    names = trackers(params)
-    env = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "WANDB_ERROR_REPORTING": "false"}
-    if "tensorboard" in names:
-        import socket
-        from datetime import datetime
-
-        env["TENSORBOARD_LOGGING_DIR"] = str(Path("runs") / f"{datetime.now():%b%d_%H-%M-%S}_{socket.gethostname()}")
-    if "wandb" in names:
-        env.update(WANDB_PROJECT=params.wandb_project, WANDB_SILENT="true")
-        wandb = {"WANDB_ENTITY": params.wandb_entity, "WANDB_MODE": params.wandb_mode, "WANDB_RUN_ID": params.wandb_run_id, "WANDB_WATCH": params.wandb_watch, "WANDB_LOG_MODEL": params.wandb_log_model}
-        env.update({k: v for k, v in wandb.items() if v})
-    if "mlflow" in names:
-        uri = env["MLFLOW_TRACKING_URI"] = params.mlflow_tracking_uri or Path("mlruns").resolve().as_uri()
-        if "://" not in uri or uri.startswith("file:"):
-            env["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 wants a database; a local directory is what was asked for
-        if params.mlflow_experiment_name:
-            env["MLFLOW_EXPERIMENT_NAME"] = params.mlflow_experiment_name
-    if "comet_ml" in names:
-        mode = (params.comet_mode or "online").lower()
-        env["COMET_START_ONLINE"] = "false" if mode == "offline" else "true"
-        env["COMET_OFFLINE_DIRECTORY"] = os.environ.get("COMET_OFFLINE_DIRECTORY", ".cometml-runs")
-        if params.comet_project_name:
-            env["COMET_PROJECT_NAME"] = params.comet_project_name
-    where = {"tensorboard": env.get("TENSORBOARD_LOGGING_DIR"), "wandb": f"{params.wandb_mode or 'online'}, {os.environ.get('WANDB_DIR', 'wandb')}/",
-             "mlflow": env.get("MLFLOW_TRACKING_URI"), "comet_ml": f"{params.comet_mode or 'online'}"}
-    for name in names:
-        console.print(f"  reporting to {name}: {where[name]}")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        if "wandb" in names:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish()  # writes the offline run's last records
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def last_checkpoint(folder: Path) -> str | None:
     """The newest whole checkpoint in folder: the Trainer writes trainer_state.json last, so a
     checkpoint a kill cut short has none."""
@@ -461,7 +278,7 @@ def last_checkpoint(folder: Path) -> str | None:
 
 def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     checkpoints = ctx.checkpoints or out.parent / f"{out.name}.checkpoints"
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 
     set_seed(params.seed)
     tokenizer_info = json.loads((inputs["tokenizer"] / "molt_tokenizer.json").read_text())
@@ -472,7 +289,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     if len(train_rows) == 0:
         raise DataError("no training rows: every sample was dropped before packing")
     packed = params.batch_flattening or layout["train"]["packed"] or layout["val"]["packed"]
-    model = _load_model(params, inputs["model"], tokenizer_info["vocab_size"], packed)
+    model = _load_model(params, inputs["model"], tokenizer_info["vocab_size"], packed, ctx.log)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def collator(split: str):
@@ -480,37 +297,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
 
     train_batch = layout["train"]["rows_per_batch"]
     eval_batch = layout["val"]["rows_per_batch"]
-    warmup = params.warmup_steps if params.warmup_steps is not None else (params.warmup_ratio or 0.0)
-    args = TrainingArguments(
-        output_dir=str(checkpoints),  # moved into the artifact when saves are scheduled
-        per_device_train_batch_size=train_batch,
-        per_device_eval_batch_size=eval_batch,
-        gradient_accumulation_steps=params.gradient_accumulation_steps,
-        num_train_epochs=params.num_epochs,
-        max_steps=params.max_steps or -1,
-        learning_rate=params.learning_rate,
-        **optimizer_settings(params),
-        **schedule_settings(params),
-        **checkpointing_settings(params, model),
-        **precision_settings(params),
-        **compile_settings(params),
-        **liger_settings(params),
-        warmup_steps=warmup,
-        weight_decay=params.weight_decay,
-        max_grad_norm=params.max_grad_norm if params.max_grad_norm is not None else 1.0,
-        seed=params.seed,
-        data_seed=params.seed,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=trackers(params),  # none unless the config asks; no telemetry
-        run_name=params.wandb_name or params.mlflow_run_name,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        average_tokens_across_devices=True,  # the loss divides by the trained tokens of all ranks
-        neftune_noise_alpha=params.neftune_noise_alpha,
-    )
+    args = training_arguments(params, model, layout, checkpoints, ctx.log)
     world = max(1, args.world_size)
     batches_per_epoch = RankBatches(train_rows.lengths, train_batch, world, 0, params.seed).__len__()
     steps_per_epoch = max(1, -(-batches_per_epoch // params.gradient_accumulation_steps))
@@ -589,7 +376,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
                 history.append({"step": state.global_step, "loss": round(float(logs["loss"]), 6), "lr": float(logs.get("learning_rate", 0.0))})
                 console.print(f"  step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}")
 
-    with progress("train", total_steps) as advance, tracker_environment(params):
+    with progress("train", total_steps) as advance, tracker_environment(params, ctx.log):
         trainer = MoltTrainer(model=model, args=args, train_dataset=train_rows, compute_loss_func=token_loss, eval_dataset=val_rows, callbacks=[Report(advance), *callbacks])
         trainer.remove_callback(PrinterCallback)  # Report prints the loss; no raw dicts
         before = evaluation_loss(trainer, trainer.get_eval_dataloader()) if len(val_rows) else None
@@ -637,40 +424,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         **({"relora_restarts": relora.restarts} if relora is not None else {}),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    _plot(history, evals, before, after, out / "loss.png")
+    save_loss_plot(history, evals, before, after, out / "loss.png")
     trained_tokens = sum(train_rows.lengths)
     # timings go in the manifest, not in metrics.json: the artifact's bytes stay reproducible
     return {"metrics": {k: v for k, v in metrics.items() if k not in ("loss_history", "eval_history")}, "adapter": params.adapter, "train_seconds": round(seconds, 3), "tokens_per_epoch": trained_tokens}
-
-
-def _plot(history: list[dict], evals: list[dict], before, after, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = loss_figure(history, evals, before, after)
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-
-
-def loss_figure(history: list[dict], evals: list[dict], before, after):
-    """The training loss per logged step and the validation loss: a curve through the evaluation
-    before training, the scheduled ones and the final one; two points when none were scheduled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", ms=3, label="train loss")
-    points = ([(0, before)] if before is not None else []) + [(e["step"], e["eval_loss"]) for e in evals]
-    if after is not None and history and (not points or points[-1][0] != history[-1]["step"]):
-        points.append((history[-1]["step"], after))
-    if len(points) > 2 or (evals and points):
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="s", ms=4, color="tab:red", label="eval loss")
-    elif points:
-        ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:red", zorder=3, label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig

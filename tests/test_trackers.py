@@ -10,7 +10,8 @@ import os
 import pytest
 
 from stages.store import DataError
-from stages.train import Params, trackers
+from stages.train import Params
+from stages.training.trackers import trackers
 
 
 def test_no_tracker_unless_configured():

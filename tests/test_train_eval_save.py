@@ -10,7 +10,9 @@ import pytest
 
 from stages.config import ConfigError, load_config
 from stages.store import DataError
-from stages.train import Params, loss_figure, schedule_checkpoints
+from stages.train import Params
+from stages.training.arguments import schedule_checkpoints
+from stages.training.plots import loss_figure
 
 
 def newest_train(cache: Path) -> Path:

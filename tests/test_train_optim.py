@@ -13,7 +13,8 @@ from conftest import logged
 from safetensors.torch import load_file
 
 from stages.store import DataError
-from stages.train import Params, optimizer_settings, schedule_settings
+from stages.train import Params
+from stages.training.arguments import optimizer_settings, schedule_settings
 from stages.training.optim import check_optimizer, make_optimizer, make_scheduler, parameter_groups
 
 LR = 1e-3

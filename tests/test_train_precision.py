@@ -19,7 +19,7 @@ LR = 1e-3
 
 
 def settings(**keys) -> dict:
-    return precision_settings(Params(learning_rate=LR, **keys))
+    return precision_settings(Params(learning_rate=LR, **keys), log=print)
 
 
 def test_precision_on_cpu(capsys):
@@ -28,10 +28,10 @@ def test_precision_on_cpu(capsys):
     assert settings(bf16=True) == {"bf16": True, "use_cpu": True}  # CPU bf16 autocast
     assert settings(bf16="full") == {"bf16_full_eval": True, "use_cpu": True}
     assert settings(fp16=True) == {}
-    assert "fp16: true needs a CUDA GPU" in capsys.readouterr().err
+    assert "fp16: true needs a CUDA GPU" in capsys.readouterr().out
     assert settings(tf32=True) == {}
     assert settings(float16=True) == {} and settings(bfloat16=True) == {}  # the weights' dtype; no autocast
-    assert "tf32: true changes CUDA matmuls only" in capsys.readouterr().err
+    assert "tf32: true changes CUDA matmuls only" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bf16_capable, auto", [(True, {"bf16": True}), (False, {"fp16": True})])
@@ -79,7 +79,7 @@ def test_half_precision_weights(warm, molt, cache_dir, keys, dtype):
 
 
 def attention(**keys):
-    return attention_implementation(Params(learning_rate=LR, **keys))
+    return attention_implementation(Params(learning_rate=LR, **keys), log=print)
 
 
 def test_attention_flags_map_to_transformers_names():
@@ -117,7 +117,7 @@ def test_packed_samples_stay_apart(kernel, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    set_attention(model, Params(learning_rate=LR, attn_implementation=kernel))
+    set_attention(model, Params(learning_rate=LR, attn_implementation=kernel), log=print)
     assert model.config._attn_implementation == kernel
     model.eval()
     first, second = [5, 17, 42, 99, 7], [8, 3, 250, 11]
@@ -185,7 +185,7 @@ def test_attention_kernel_reaches_the_adapter_model(warm, molt, cache_dir, tiny_
     from transformers import AutoModelForCausalLM
 
     wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"]))
-    set_attention(wrapped, Params(learning_rate=LR, eager_attention=True))
+    set_attention(wrapped, Params(learning_rate=LR, eager_attention=True), log=print)
     assert wrapped.base_model.model.config._attn_implementation == "eager"
     # in training it is set on the LoRA-wrapped model before the packed-masking probe; eager and sdpa train alike
     sdpa, _ = losses(molt, cache_dir, warm(max_steps=2, sdp_attention=True))

@@ -7,7 +7,8 @@ import pytest
 from conftest import logged
 
 from stages.store import DataError
-from stages.train import Params, optimizer_settings, schedule_settings
+from stages.train import Params
+from stages.training.arguments import optimizer_settings, schedule_settings
 
 LR = 1e-3
 

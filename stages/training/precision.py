@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 
 from stages.store import DataError
-from stages.ui import console
 
 ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "xformers_attention": "xformers", "eager_attention": "eager"}
 ATTENTION_NAMES = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -39,8 +38,9 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def precision_settings(params) -> dict:
-    """TrainingArguments for `bf16` / `fp16` / `tf32` on this machine (see the module docstring)."""
+def precision_settings(params, log) -> dict:
+    """TrainingArguments for `bf16` / `fp16` / `tf32` on this machine (see the module docstring);
+    `log` is told where CPU cannot do what the config asks."""
     import torch
 
     cuda = _cuda()
@@ -51,7 +51,7 @@ def precision_settings(params) -> dict:
         bf16 = False if fp16 else (cuda and torch.cuda.is_bf16_supported())
         fp16 = fp16 or (cuda and not bf16)
     if fp16 and not cuda:
-        console.print("[yellow]warning:[/] fp16: true needs a CUDA GPU (fp16 mixed precision with loss scaling); training in fp32 on CPU (bf16: true uses CPU bf16 autocast)")
+        log("warning: fp16: true needs a CUDA GPU (fp16 mixed precision with loss scaling); training in fp32 on CPU (bf16: true uses CPU bf16 autocast)")
         fp16 = False
     settings: dict = {}
     if bf16 == "full":
@@ -63,7 +63,7 @@ def precision_settings(params) -> dict:
     if settings and not cuda:
         settings["use_cpu"] = True  # transformers only allows bf16 on CPU when told it is on CPU
     if params.tf32 and not cuda:
-        console.print("note: tf32: true changes CUDA matmuls only; nothing to do on CPU")
+        log("note: tf32: true changes CUDA matmuls only; nothing to do on CPU")
     elif params.tf32 is not None and cuda:
         settings["tf32"] = bool(params.tf32)
     return settings
@@ -80,9 +80,9 @@ def cast_weights(model, params) -> None:
         model.to(torch.float16)
 
 
-def attention_implementation(params) -> str | None:
+def attention_implementation(params, log) -> str | None:
     """The transformers attn_implementation the config asks for (None: the model's default);
-    refused when its package or a CUDA GPU is missing."""
+    refused when its package or a CUDA GPU is missing. `log` is told what xformers_attention runs."""
     name = params.attn_implementation or next((v for k, v in ATTENTION_FLAGS.items() if getattr(params, k)), None)
     if name is None:
         return None
@@ -99,13 +99,13 @@ def attention_implementation(params) -> str | None:
     if name == "flex_attention" and not _cuda():
         raise DataError("attn_implementation: flex_attention needs a CUDA GPU (PyTorch's FlexAttention has no backward pass on CPU); on CPU use sdp_attention: true")
     if name == "xformers":
-        console.print("note: xformers_attention runs PyTorch's memory-efficient SDPA kernel (xformers' algorithm) through attn_implementation: sdpa")
+        log("note: xformers_attention runs PyTorch's memory-efficient SDPA kernel (xformers' algorithm) through attn_implementation: sdpa")
         return "sdpa"
     return name
 
 
-def set_attention(model, params) -> None:
-    name = attention_implementation(params)
+def set_attention(model, params, log) -> None:
+    name = attention_implementation(params, log)
     if name is not None:
         model.set_attn_implementation(name)
 
