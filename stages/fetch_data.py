@@ -1,15 +1,18 @@
 """fetch_data: one entry of `datasets:` snapshotted to a canonical Arrow table.
 
 Reads local json / jsonl / csv / parquet / arrow / text files, folders of them, and `save_to_disk`
-folders (`path`, `data_files`, `ds_type`, `split` or `train_on_split`), and the same through
-fsspec URLs (`file://`, `memory://`, `s3://`, ...: remote files are copied into a local
-content cache first, `MOLT_REMOTE_CACHE` or ~/.cache/molt/remote). `shards` + `shards_idx` keep
-one contiguous shard of the rows, as `datasets.Dataset.shard` does. A folder laid out as a Hugging
-Face dataset repository (README.md with `configs:`) is read by `datasets` with `name`; a hub id
-(`org/name`, with `name` and `revision` = a cached commit) is read from the local datasets cache
-only, never downloaded; `revision` on a local path is refused. Writes `data.arrow`. The
-source files' bytes are hashed into the key, so editing a data file reruns exactly what depends
-on it.
+folders (`path`, `data_files`, `ds_type`, `split` or `train_on_split`), and the same through fsspec
+URLs (`file://` is read in place; `memory://`, `s3://`, ...: remote files are copied into a local
+content cache when the stage runs, `MOLT_REMOTE_CACHE` or ~/.cache/molt/remote). `shards` +
+`shards_idx` keep one contiguous shard of the rows, as `datasets.Dataset.shard` does. A folder laid
+out as a Hugging Face dataset repository (README.md with `configs:`) is read by `datasets` with
+`name`; a hub id (`org/name`, with `name` and `revision` = a cached commit) is read from the local
+datasets cache only, never downloaded; `revision` on a local path is refused. Writes `data.arrow`.
+The source files' bytes are hashed into the key, so editing a data file reruns exactly what depends
+on it. A remote file is keyed on the metadata its filesystem reports (`fs.info()`: size, etag /
+checksum, version id, modification time), never on a download, so `molt status` makes no copy; a
+filesystem that reports nothing beyond a file's size is refused with a clear error (a same-size edit
+would go unseen), the fix being a local copy of the data.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel
 
@@ -71,6 +74,100 @@ def _fetch_remote(url: str) -> Path:
             tmp.write_bytes(data)
             tmp.replace(target)
     return dest if fs.isdir(root) else dest / Path(root).name
+
+
+# fs.info() fields (lower case, without - and _) that change when a file's content does
+IDENTITY = {"etag", "contentmd5", "md5", "md5hash", "digest", "crc", "crc32c", "checksum", "sha", "sha1", "sha256",
+            "blobid", "oid", "versionid", "generation", "metageneration", "lastmodified", "mtime", "modified",
+            "modify", "updated", "created", "timecreated", "creationtime"}
+
+
+def _remote(url: str):
+    """(filesystem, path, info) of a remote file or folder: metadata only, no byte is read."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        return fs, root, fs.info(root)
+    except FileNotFoundError:
+        raise DataError(f"dataset path {url!r}: not found") from None
+
+
+def _listing(fs, root: str, info: dict) -> list[tuple[str, str, dict]]:
+    """(path relative to root, path, info) of each file under a remote folder; ("", root, info) for a file."""
+    if info.get("type") != "directory":
+        return [("", root, info)]
+    found = fs.find(root, detail=True)
+    return sorted(((PurePosixPath(name).relative_to(root).as_posix(), name, meta) for name, meta in found.items()), key=lambda e: e[0])
+
+
+def _flat_info(info: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, dict):
+            out.update(_flat_info(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _identity(fs, name: str, info: dict) -> str:
+    """A remote file's identity for the key, from its metadata, e.g.
+    `s3://bucket/data.jsonl size=123 ETag="abc" LastModified=2024-05-01T10:00:00+00:00`."""
+    url = fs.unstrip_protocol(name)
+    fields = {k: v for k, v in _flat_info(info).items()
+              if k.rsplit(".", 1)[-1].lower().replace("-", "").replace("_", "") in IDENTITY and v not in (None, "")}
+    if not fields:
+        protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+        raise DataError(f"dataset file {url!r}: its filesystem ({protocol}) reports no etag, checksum, version id or modification "
+                        f"time (only {', '.join(sorted(info)) or 'nothing'}), so molt cannot tell a changed file from the same one "
+                        "without downloading it; copy the data to a local path and point the dataset at it")
+    text = {k: v.isoformat() if hasattr(v, "isoformat") else str(v) for k, v in fields.items()}
+    size = f" size={info['size']}" if info.get("size") is not None else ""
+    return url + size + "".join(f" {k}={v}" for k, v in sorted(text.items()))
+
+
+def _remote_sources(source: Source) -> list[tuple[str, Path | str]]:
+    """sources() of a dataset that names fsspec URLs: each remote file's identity from its metadata
+    (the files _files() would copy and read, or a superset), local files as paths."""
+    _check_revision(source)
+    path = _local(source.path)
+    if not source.data_files:
+        fs, root, info = _remote(path)
+        files = _listing(fs, root, info)
+        if info.get("type") == "directory":
+            top = {rel for rel, _, _ in files if "/" not in rel}
+            if source.name and "README.md" not in top:
+                raise DataError(f"dataset {source.path!r}: name {source.name!r} needs a dataset repository folder (a README.md whose YAML header lists configs:)")
+            if not top & {"state.json", "dataset_dict.json", "README.md"}:  # a saved dataset or repository reads them all
+                files = [f for f in files if PurePosixPath(f[0]).suffix in SUFFIXES]
+            if not files:
+                raise DataError(f"dataset path {source.path!r}: folder holds no {'/'.join(SUFFIXES)} files")
+        return [(rel or PurePosixPath(root).name, _identity(fs, name, meta)) for rel, name, meta in files]
+    out: list[tuple[str, Path | str]] = []
+    for name in _data_files(source):
+        name = _local(name)
+        local = Path(name)
+        if _is_url(name):
+            fs, p, info = _remote(name)
+        elif _is_url(path) and not (local.is_absolute() or local.exists()):  # a file under the remote root
+            fs, root, _ = _remote(path)
+            p = f"{root.rstrip('/')}/{name}"
+            try:
+                info = fs.info(p)
+            except FileNotFoundError:
+                raise DataError(f"dataset data_files {name!r}: no such file in {source.path!r}") from None
+        else:
+            root = Path(path).expanduser()
+            f = local if local.is_absolute() or local.exists() or not root.is_dir() else root / local
+            if not f.exists():
+                raise DataError(f"dataset data_files {str(f)!r}: no such file")
+            label = _label(f, source, root)
+            out += [(f"{label}/{q.relative_to(f).as_posix()}", q) for q in list_files(f)] if f.is_dir() else [(label, f)]
+            continue
+        base = PurePosixPath(p).name if _is_url(name) else name
+        out += [(f"{base}/{rel}" if rel else base, _identity(fs, n, meta)) for rel, n, meta in _listing(fs, p, info)]
+    return out
 
 
 class Params(BaseModel, frozen=True):
@@ -132,6 +229,10 @@ def _cached_hub_dirs(source: Source) -> list[Path]:
     return sorted(found, key=lambda d: d.stat().st_mtime)
 
 
+def _data_files(source: Source) -> list[str]:
+    return [source.data_files] if isinstance(source.data_files, str) else list(source.data_files or [])
+
+
 def _files(source: Source) -> list[Path]:
     _check_revision(source)
     if _is_hub_id(source):
@@ -177,7 +278,11 @@ def _label(f: Path, source: Source, root: Path) -> str:
     return f.name if f.is_absolute() or f == root else f.as_posix()
 
 
-def sources(params: Params) -> list[tuple[str, Path]]:
+def sources(params: Params) -> list[tuple[str, Path | str]]:
+    """(label, Path) of each local file read, hashed by content, and (label, identity) of each remote
+    one: its metadata as a string, so computing the key downloads and copies nothing (run() does)."""
+    if _is_url(_local(params.dataset.path)) or any(_is_url(_local(n)) for n in _data_files(params.dataset)):
+        return _remote_sources(params.dataset)
     if _is_hub_id(params.dataset):  # the cached Arrow files, under the cache's own config/version/commit names
         return [(f"{params.dataset.path}/{'/'.join(p.parts[-4:])}", p) for p in _files(params.dataset)]
     out = []

@@ -68,7 +68,7 @@ def test_file_url_reads_the_local_file(tmp_path):
     assert rows == ROWS[:3] and labels == ["d.jsonl"]
 
 
-def test_memory_url_is_copied_and_its_bytes_are_keyed(tmp_path, monkeypatch):
+def test_memory_url_is_copied_and_its_metadata_is_keyed(tmp_path, monkeypatch):
     import fsspec
 
     monkeypatch.setenv("MOLT_REMOTE_CACHE", str(tmp_path / "remote"))
@@ -79,9 +79,10 @@ def test_memory_url_is_copied_and_its_bytes_are_keyed(tmp_path, monkeypatch):
         rows, labels = fetch(tmp_path, path="memory://molt-test/data")
         assert rows == ROWS[:3] and labels == ["a.jsonl", "sub/b.jsonl"]
         params = fetch_data.Params(dataset=fetch_data.Source(path="memory://molt-test/data"))
-        before = {label: p.read_bytes() for label, p in fetch_data.sources(params)}
+        before = dict(fetch_data.sources(params))  # identities from metadata, not the bytes
+        assert before["a.jsonl"].startswith("memory:///molt-test/data/a.jsonl size=") and "created=" in before["a.jsonl"]
         fs.pipe("/molt-test/data/sub/b.jsonl", (json.dumps(ROWS[3]) + "\n").encode())
-        after = {label: p.read_bytes() for label, p in fetch_data.sources(params)}
+        after = dict(fetch_data.sources(params))
         assert before["a.jsonl"] == after["a.jsonl"] and before["sub/b.jsonl"] != after["sub/b.jsonl"]
         assert fetch(tmp_path, path="json", data_files="memory://molt-test/data/a.jsonl")[0] == ROWS[:2]
         with pytest.raises(DataError, match="not found"):
