@@ -68,6 +68,8 @@ class Session:
             return dag.plan(self.values, until)
         except KeyError as error:
             fail(error.args[0])
+        except ConfigError as error:  # a key a planned stage needs is unset (e.g. train's learning_rate)
+            fail(f"{self.config_path}: {error}")
 
     def resolve(self, nodes: list[dag.Node], run: bool = True) -> dict[str, dag.Resolution]:
         try:
@@ -183,7 +185,7 @@ LAUNCHERS = {"accelerate": ["-m", "accelerate.commands.launch"], "torchrun": ["-
 
 def launch(launcher: str, launcher_args: list[str], command: list[str]) -> None:
     """Replace this process with `launcher [launcher_args] -m stages.cli COMMAND`: every process it
-    starts runs molt with its own RANK (see dag.EVERY_RANK for how the stages share the work)."""
+    starts runs molt with its own RANK (the stage contract in stages/dag.py says how the stages share the work)."""
     launcher_args = list(launcher_args)
     if launcher == "accelerate" and "--cpu" in launcher_args and "--mpirun_hostfile" not in launcher_args and _processes(launcher_args) > 1:
         # `accelerate launch --cpu` starts one process unless MPI is set up; its torchrun path

@@ -23,10 +23,10 @@ from pydantic import BaseModel
 from rich.markup import escape
 
 from stages import fingerprint, ui
+from stages.config import slice_params
 from stages.context import Context
 from stages.store import Artifact, Store, canonical_json, hash_file, hash_text, hash_tree, list_files, now, publish, read_table
 
-REPO_DIR = fingerprint.REPO_DIR
 
 
 class StageFailed(Exception):
@@ -101,20 +101,6 @@ def _is_set(value) -> bool:
 
 def stage_module(stage: str):
     return importlib.import_module(stage if "." in stage else f"stages.{stage}")
-
-
-def slice_params(cls: type[BaseModel], values: dict) -> BaseModel:
-    """Build a stage's Params from the config: only its declared fields, nested models sliced
-    the same way (a dataset entry), so a stage cannot read a key it did not declare."""
-    picked = {}
-    for name, f in cls.model_fields.items():
-        if name not in values:
-            continue
-        value, annotation = values[name], f.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
-            value = slice_params(annotation, value)
-        picked[name] = value
-    return cls.model_validate(picked)
 
 
 @dataclass
@@ -502,8 +488,8 @@ def dvc_yaml(nodes: list[Node], config_path: str, config_keys: set[str], publish
             if isinstance(path, str):  # a remote file's identity: nothing in the repo to track
                 continue
             path = Path(path)
-            if path.is_absolute() and path.is_relative_to(REPO_DIR):
-                path = path.relative_to(REPO_DIR)
+            if path.is_absolute() and path.is_relative_to(Path.cwd()):  # inside the DVC repo
+                path = path.relative_to(Path.cwd())
             if not path.is_absolute() and ".." not in path.parts:
                 deps.append(path.as_posix())
         deps += [f"{publish_dir}/{up.dvc_name}" for up in n.inputs.values()]
