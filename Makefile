@@ -7,9 +7,9 @@ LOCK := requirements.lock
 # torch goes in first, pinned: its CPU wheel is on this machine's disk, an unpinned torch pulls a
 # CUDA build of several GB (`make lock TORCH=...` moves it; the lock then pins it for make venv)
 TORCH ?= 2.13.0
-# what $(call freeze,PIP) lists of that pip's venv, as the lock lists it: molt itself (editable)
-# and the venv's own setuptools left out, torch without its local label (+cpu), sorted
-freeze = $(1) freeze --all --exclude-editable --exclude setuptools | sed -E 's/^(torch==[^+]*)\+.*/\1/' | LC_ALL=C sort -f
+# what $(call freeze,PIP) lists of that pip's venv, as the lock lists it: every package, pip and
+# setuptools too, but molt itself (editable); torch without its local label (+cpu); sorted
+freeze = $(1) freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' | LC_ALL=C sort -f
 
 .PHONY: demo test venv lock
 
