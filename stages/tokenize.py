@@ -18,12 +18,11 @@ length, row). `dataset_processes` worker processes share the rows (same bytes fo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from stages import workers
+from stages.config import stage_params
 from stages.store import DataError, read_table, write_table
 from stages.context import QUIET, Context
 
@@ -35,12 +34,8 @@ BATCH = 1024
 IGNORE = -100
 
 
-class Params(BaseModel, frozen=True):
-    sequence_len: int
-    train_on_inputs: bool = False
-    excess_length_strategy: Literal["drop", "truncate", "raise"] | None = None
-    # how many worker processes; the output is the same for any number, so it is not in the key
-    dataset_processes: int | None = Field(default=None, exclude=True)
+# dataset_processes: how many worker processes; the output is the same for any number, so it is not in the key
+Params = stage_params("sequence_len", "train_on_inputs", "excess_length_strategy", unkeyed=("dataset_processes",))
 
 
 def labels_for(segments: list[dict], offsets: list[tuple[int, int]], ids: list[int], train_all: bool) -> np.ndarray:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from stages import chat_templates
+from stages.config import stage_params
 from stages.store import DataError, list_files
 from stages.context import QUIET, Context
 
@@ -24,16 +23,8 @@ INPUTS = {"model": "fetch_model"}
 INFO = "molt_tokenizer.json"
 
 
-class Params(BaseModel, frozen=True):
-    tokenizer_config: str | None = None
-    tokenizer_type: str | None = None
-    tokenizer_use_fast: bool = True
-    tokenizer_legacy: bool | None = None
-    trust_remote_code: bool = False
-    chat_template: str | None = None
-    chat_template_jinja: str | None = None
-    special_tokens: dict[str, str] | None = None
-    tokens: list[str] | None = None
+Params = stage_params("tokenizer_config", "tokenizer_type", "tokenizer_use_fast", "tokenizer_legacy", "trust_remote_code",
+                      "chat_template", "chat_template_jinja", "special_tokens", "tokens")
 
 
 def sources(params: Params) -> list[tuple[str, Path]]:

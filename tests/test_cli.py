@@ -7,13 +7,21 @@ from pathlib import Path
 from conftest import ALL_NODES, artifact_dirs, status_rows
 
 
-def test_keys_no_stage_reads_are_named_not_dropped(warm, molt):
-    config = warm(rl="dpo", sample_packing=False, peft_use_rslora=True, s2_attention=True)
+def test_keys_no_stage_reads_are_named_not_dropped(make_config, molt):
+    config = make_config(deepspeed="zero3.json", fsdp=["full_shard"], lora_mlp_kernel=True)
     result = molt("status", config)
     assert result.exit_code == 0, result
-    for key in ("rl", "peft_use_rslora", "s2_attention"):
-        assert f"ignored: {key} — not supported yet" in result.output
-    assert result.output.count("ignored: s2_attention") == 1
+    for note in ("deepspeed: zero3.json — not supported yet: molt trains unsharded on one process (DDP with --launcher)",
+                 "fsdp: [full_shard] — not supported yet: molt trains unsharded on one process (DDP with --launcher)",
+                 "lora_mlp_kernel: true — not supported yet: molt runs PEFT's LoRA layers (same result, without a fused kernel)"):
+        assert f"warning: {note}" in result.output
+    assert result.output.count("lora_mlp_kernel") == 1
+
+
+def test_keys_that_would_change_the_model_are_refused(make_config, molt):
+    result = molt("status", make_config(rl="dpo", sample_packing=False))
+    assert result.exit_code == 2, result
+    assert "rl: dpo is not supported yet: molt would train plain supervised fine-tuning instead of DPO" in result.output
 
 
 def test_cli_override_changes_only_what_it_touches(warm, molt):

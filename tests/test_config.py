@@ -9,6 +9,7 @@ import yaml
 
 from stages.config import (
     DATASET_UNSUPPORTED_KEYS,
+    UNSUPPORTED,
     UNSUPPORTED_KEYS,
     UNSUPPORTED_PREFIXES,
     ConfigError,
@@ -159,7 +160,7 @@ def test_model_dump_json_round_trip(tmp_path):
     ({"load_in_8bit": True}, ["load_in_8bit", "adapter"]),
     ({"deepspeed": "zero3.json", "fsdp": ["full_shard"]}, ["deepspeed", "fsdp", "zero3.json"]),
     ({"deepspeed": "zero3.json", "fsdp_config": {"fsdp_version": 2}}, ["deepspeed", "fsdp_config"]),
-    ({"sample_packing": True, "rl": "dpo"}, ["sample_packing", "rl", "dpo"]),
+    ({"sample_packing": True, "rl": "dpo"}, ["rl: dpo is not supported yet: molt would train plain supervised fine-tuning instead of DPO"]),
     ({"chat_template": "jinja"}, ["chat_template", "jinja", "chat_template_jinja"]),
     ({"excess_length_strategy": "cut"}, ["excess_length_strategy", "'cut'", "truncate"]),
     ({"val_set_size": -0.1}, ["val_set_size", "-0.1", "greater than or equal to 0"]),
@@ -216,20 +217,20 @@ def test_missing_base_model(tmp_path):
 
 def test_unsupported_and_unknown_keys_warn_and_are_kept(tmp_path):
     path = write(tmp_path, {**BASE, "sage_attention": True, "swanlab_project": "x", "bogus_key": 1,
-                            "datasets": [{"path": "d", "input_transform": "x", "colour": "red"}]})
+                            "datasets": [{"path": "d", "preprocess_shards": 4, "colour": "red"}]})
     with pytest.warns(MoltConfigWarning) as record:
         cfg = load_config(path)
     expected = [
-        "ignored: sage_attention — not supported yet",
-        "ignored: swanlab_project — not supported yet",
+        "sage_attention: true — not supported yet: molt uses the attention attn_implementation names (transformers' default otherwise)",
+        "swanlab_project: x — not supported yet: molt reports to tensorboard, wandb, mlflow or comet only",
         "unknown key: bogus_key (not an Axolotl or molt option)",
-        "ignored: datasets[0].input_transform — not supported yet",
+        "datasets[0].preprocess_shards: 4 — not supported yet: molt formats a dataset whole (dataset_processes spreads it over processes)",
         "unknown key: datasets[0].colour (not an Axolotl or molt option)",
     ]
     assert sorted(cfg.config_warnings) == sorted(expected)
     assert sorted(str(w.message) for w in record) == sorted(expected)
     assert cfg.model_extra == {"sage_attention": True, "swanlab_project": "x", "bogus_key": 1}
-    assert cfg.datasets[0].model_extra == {"input_transform": "x", "colour": "red"}
+    assert cfg.datasets[0].model_extra == {"preprocess_shards": 4, "colour": "red"}
 
 
 def test_unknown_key_in_dataset_type_dict(tmp_path):
@@ -249,6 +250,67 @@ def test_duplicate_yaml_key_warns(tmp_path):
     with pytest.warns(MoltConfigWarning, match="duplicate key: lora_r"):
         cfg = load_config(path)
     assert cfg.lora_r == 16 and "line 4" in cfg.config_warnings[0]
+
+
+def _table_sample(row):
+    """A value the row acts on: 7, unless the row's inert value (what molt does anyway) is true or a name."""
+    if row.inert is True:
+        return False
+    return "random" if isinstance(row.inert, str) else 7
+
+
+@pytest.mark.parametrize("key", sorted(UNSUPPORTED))
+def test_every_unsupported_key_is_refused_or_warned_with_its_reason(tmp_path, key):
+    row = UNSUPPORTED[key]
+    name = key.replace("*", "x") if key.endswith("*") else key.removeprefix("datasets[].")
+    value = _table_sample(row)
+    shown_value = {False: "false", 7: "7"}.get(value, value)
+    if key.startswith("datasets[]."):
+        keys, shown = {"datasets": [{**BASE["datasets"][0], name: value}]}, f"datasets[0].{name}"
+    else:
+        keys, shown = {name: value}, name
+    reason = row.reason.format(value=shown_value, VALUE=str(shown_value).upper())
+    if row.refused:
+        message = load_error(tmp_path, **keys)
+        assert f"  - {shown}: {shown_value} is not supported yet: {reason}" in message.splitlines()
+    else:
+        with pytest.warns(MoltConfigWarning) as record:
+            cfg = load_config(write(tmp_path, {**BASE, **keys}))
+        assert cfg.config_warnings == [str(w.message) for w in record] == [f"{shown}: {shown_value} — not supported yet: {reason}"]
+    # null, or the value that asks for what molt does anyway, says nothing
+    quiet = {"datasets": [{**BASE["datasets"][0], name: row.inert}]} if key.startswith("datasets[].") else {name: row.inert}
+    for keys in (quiet, {k: ([{**v[0], name: None}] if k == "datasets" else None) for k, v in quiet.items()}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MoltConfigWarning)
+            load_config(write(tmp_path, {**BASE, **keys}))
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"rl": "dpo"}, "rl: dpo is not supported yet: molt would train plain supervised fine-tuning instead of DPO"),
+    ({"datasets": [{"path": "d", "skip": 10}]}, "datasets[0].skip: 10 is not supported yet: molt would train on every row, the first 10 too"),
+    ({"base_model_config": "other-model"}, "base_model_config: other-model is not supported yet: molt reads the model's config from base_model"),
+])
+def test_refusals_name_the_key_value_and_what_molt_would_do_instead(tmp_path, keys, message):
+    assert message in load_error(tmp_path, **keys).splitlines()[1]
+
+
+@pytest.mark.parametrize("keys, note", [
+    ({"deepspeed": "x.json"}, "deepspeed: x.json — not supported yet: molt trains unsharded on one process (DDP with --launcher)"),
+    ({"fsdp": ["full_shard"]}, "fsdp: [full_shard] — not supported yet: molt trains unsharded on one process (DDP with --launcher)"),
+    ({"processor_type": "AutoProcessor"}, "processor_type: AutoProcessor — not supported yet: molt trains on text; "
+     "rows whose messages hold image parts are refused when formatted"),
+])
+def test_warnings_say_what_molt_does_instead(tmp_path, keys, note):
+    assert load(tmp_path, **keys).config_warnings == [note]
+
+
+def test_keys_restating_others_load_silently(tmp_path):
+    # older configs repeat base_model as base_model_config; newer ones add `relora: true` to relora_steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MoltConfigWarning)
+        cfg = load_config(write(tmp_path, {**BASE, "base_model_config": BASE["base_model"], "relora": True, "relora_steps": 5, "adapter": "lora"}))
+    assert "base_model_config" not in cfg.model_extra and "relora" not in cfg.model_extra
+    assert "relora: true is not supported yet" in load_error(tmp_path, relora=True, adapter="lora")
 
 
 def test_unsupported_table_is_disjoint_from_fields():
@@ -375,7 +437,7 @@ def test_yaml_example_from_axolotl_loads(tmp_path):
         special_tokens:
           pad_token: <|end_of_text|>
         """)
-    with pytest.warns(MoltConfigWarning, match="ignored: flash_attn_rms_norm"):
+    with pytest.warns(MoltConfigWarning, match="flash_attn_rms_norm: true — not supported yet: molt runs the model's own modules"):
         cfg = load_config(write(tmp_path, text))
     assert cfg.flash_attention is True and cfg.optimizer == "paged_adamw_8bit"
     assert cfg.batch_size == 4 and cfg.pad_to_sequence_len is True

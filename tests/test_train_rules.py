@@ -53,8 +53,6 @@ def load(tmp_path, **keys):
     ({"optimizer": "galore_adamw_layerwise", "optim_target_modules": ["mlp"], "gradient_accumulation_steps": 2}, "gradient_accumulation_steps must be 1 (got 2)"),
     ({"optimizer": "galore_adamw_layerwise", "optim_target_modules": ["mlp"], "micro_batch_size": 2, "batch_size": 8}, "gradient_accumulation_steps must be 1 (got 4)"),
     ({"liger_rms_norm": True}, "liger_rms_norm: the liger_* keys belong to the Liger plugin: add plugins: [axolotl.integrations.liger.LigerPlugin]"),
-    ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_fused_linear_cross_entropy": True}, "liger_fused_linear_cross_entropy: not supported: molt computes the loss itself"),
-    ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_cross_entropy": True}, "liger_cross_entropy: not supported"),
     ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_swiglu": True, "liger_glu_activation": True}, "liger_swiglu and liger_glu_activation are the same option"),
 ])
 def test_combinations_that_cannot_work_are_refused_at_load(tmp_path, keys, message):
@@ -84,6 +82,18 @@ def test_liger_plugin_loads_and_other_plugins_are_reported(tmp_path):
     path.write_text(yaml.safe_dump({**BASE, "plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]}))
     with pytest.warns(MoltConfigWarning, match="ignored: plugins: axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin — not supported yet"):
         load_config(path)
+
+
+@pytest.mark.parametrize("key", ["liger_cross_entropy", "liger_fused_linear_cross_entropy"])
+def test_liger_loss_kernels_load_with_a_warning(tmp_path, key):
+    # they change memory, not the loss: molt computes the loss itself, so they are named, not refused
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump({**BASE, "plugins": ["axolotl.integrations.liger.LigerPlugin"], key: True}))
+    with pytest.warns(MoltConfigWarning) as record:
+        load_config(path)
+    assert [str(w.message) for w in record] == [
+        f"{key}: true — not supported yet: molt computes the loss itself from the logits (summed over the trained tokens of the whole "
+        "optimizer step), so Liger's loss kernels would never run (same loss, more memory)"]
 
 
 def test_training_keys_are_read_by_the_train_stage(tmp_path):
