@@ -8,11 +8,11 @@ from conftest import ALL_NODES, artifact_dirs, status_rows
 
 
 def test_keys_no_stage_reads_are_named_not_dropped(make_config, molt):
-    config = make_config(deepspeed="zero3.json", fsdp=["full_shard"], lora_mlp_kernel=True)
+    config = make_config(deepspeed="zero3.json", dataloader_num_workers=4, lora_mlp_kernel=True)
     result = molt("status", config)
     assert result.exit_code == 0, result
     for note in ("deepspeed: zero3.json — not supported yet: molt trains unsharded on one process (DDP with --launcher)",
-                 "fsdp: [full_shard] — not supported yet: molt trains unsharded on one process (DDP with --launcher)",
+                 "dataloader_num_workers: 4 — not supported yet: molt loads the batches in the training process (no workers, no pinned memory)",
                  "lora_mlp_kernel: true — not supported yet: molt runs PEFT's LoRA layers (same result, without a fused kernel)"):
         assert f"warning: {note}" in result.output
     assert result.output.count("lora_mlp_kernel") == 1
