@@ -70,8 +70,8 @@ def test_loss_watchdog_aborts_with_the_reason(warm, molt, cache_dir):
 
 def test_intervals_per_epoch_and_watchdog_patience():
     from stages.store import DataError
-    from stages.train import LossWatchdog
     from stages.training.arguments import every
+    from stages.training.callbacks import LossWatchdog
 
     assert every(None, 4, 10) == 2 and every(None, 20, 10) == 1  # at least every step
     assert every(0.25, None, 10) == 0.25 and every(None, None, 10) is None

@@ -13,7 +13,8 @@ Everything else is transformers' own (cosine, linear, constant, cosine_with_min_
 
 Optimizers: the transformers names, plus `adopt_adamw` (ADOPT with decoupled weight decay, from
 pytorch-optimizer); `lr_groups` puts the parameters whose names contain one of a group's
-`modules` in a parameter group with the group's `lr`.
+`modules` in a parameter group with the group's `lr`; `loraplus_lr_ratio` builds peft's LoRA+
+optimizer.
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ def make_optimizer(trainer, params):
         kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
     groups = parameter_groups(model, params.lr_groups or [], trainer.args.learning_rate, trainer.args.weight_decay, set(trainer.get_decay_parameter_names(model)))
     return cls(groups, lr=trainer.args.learning_rate, **kwargs)
+
+
+def loraplus_optimizer(trainer, params):
+    """LoRA+: the B matrices learn `loraplus_lr_ratio` times faster than A (peft's grouping), with
+    the optimizer class and settings the Trainer would have used."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    extra = {"loraplus_lr_embedding": params.loraplus_lr_embedding} if params.loraplus_lr_embedding is not None else {}
+    return create_loraplus_optimizer(trainer.model, cls, lr=trainer.args.learning_rate, loraplus_lr_ratio=params.loraplus_lr_ratio, loraplus_weight_decay=trainer.args.weight_decay, **extra, **kwargs)
 
 
 def parameter_groups(model, lr_groups: list[dict], lr: float, weight_decay: float, decay_names: set[str]) -> list[dict]:
