@@ -32,8 +32,8 @@ import shutil
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, Field
 
+from stages.config import stage_params
 from stages.context import QUIET, Context
 from stages.store import DataError, list_files, read_table
 from stages.training.arguments import schedule_checkpoints, training_arguments
@@ -48,123 +48,30 @@ INPUTS = {"packed": "pack", "model": "fetch_model", "tokenizer": "tokenizer"}
 EVERY_RANK = True  # DDP needs every rank in the run
 
 
-class Params(BaseModel, frozen=True):
-    adapter: str | None = None
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str | None = None
-    lora_target_linear: bool | None = None
-    lora_modules_to_save: list[str] | None = None
-    lora_fan_in_fan_out: bool | None = None
-    lora_model_dir: str | None = None
-    peft_use_dora: bool | None = None
-    peft_layers_to_transform: list[int] | int | None = None
-    loraplus_lr_ratio: float | None = None
-    loraplus_lr_embedding: float | None = None
-    unfrozen_parameters: list[str] | None = None
-    neftune_noise_alpha: float | None = None
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    bnb_config_kwargs: dict | None = None
-    trust_remote_code: bool = False
-    model_type: str | None = None
-    overrides_of_model_config: dict | None = None
-    overrides_of_model_kwargs: dict | None = None
-    resize_token_embeddings_to_32x: bool = False
-    peft: dict | None = None
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    eval_batch_size: int | None = None
-    num_epochs: float = 1.0
-    max_steps: int | None = None
-    learning_rate: float
-    optimizer: str = "adamw_torch"
-    lr_scheduler: str = "cosine"
-    warmup_steps: int | None = None
-    warmup_ratio: float | None = None
-    cosine_min_lr_ratio: float | None = None
-    lr_div_factor: float | None = None
-    lr_scheduler_kwargs: dict | None = None
-    adam_beta1: float | None = None
-    adam_beta2: float | None = None
-    adam_epsilon: float | None = None
-    optim_args: str | dict | None = None
-    optim_target_modules: list[str] | str | None = None
-    lr_groups: list[dict] | None = None
-    cosine_constant_lr_ratio: float | None = None
-    lr_quadratic_warmup: bool | None = None
-    log_sweep_min_lr: float | None = None
-    log_sweep_max_lr: float | None = None
-    bf16: str | bool | None = "auto"
-    fp16: bool | None = None
-    tf32: bool | None = None
-    bfloat16: bool | None = None
-    float16: bool | None = None
-    float32: bool | None = None
-    attn_implementation: str | None = None
-    flash_attention: bool | None = None
-    sdp_attention: bool | None = None
-    xformers_attention: bool | None = None
-    eager_attention: bool | None = None
-    torch_compile: str | bool | None = None
-    torch_compile_backend: str | None = None
-    torch_compile_mode: str | None = None
-    plugins: list[str] | None = None  # checked at config load; the liger_* keys say what runs
-    liger_rope: bool | None = None
-    liger_rms_norm: bool | None = None
-    liger_layer_norm: bool | None = None
-    liger_glu_activation: bool | None = None
-    liger_swiglu: bool | None = None
-    gradient_checkpointing: str | bool = False
-    gradient_checkpointing_kwargs: dict | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = None
-    logging_steps: int | None = None
-    eval_steps: int | float | None = None
-    evals_per_epoch: int | None = None
-    save_steps: int | float | None = None
-    saves_per_epoch: int | None = None
-    save_total_limit: int | None = None
-    early_stopping_patience: int | None = None
-    loss_watchdog_threshold: float | None = None
-    loss_watchdog_patience: int | None = None
-    eval_strategy: str | None = None
-    save_strategy: str | None = None
-    metric_for_best_model: str | None = None
-    greater_is_better: bool | None = None
-    save_safetensors: bool | None = None
-    save_only_model: bool = False
-    profiler_steps: int | None = None
-    profiler_steps_start: int | None = None
-    relora_steps: int | None = None
-    relora_warmup_steps: int | None = None
-    relora_anneal_steps: int | None = None
-    relora_prune_ratio: float | None = None
-    relora_cpu_offload: bool = False
-    # trackers: where a run is reported, not what it computes; their logs live outside the artifact
-    use_tensorboard: bool = Field(default=False, exclude=True)
-    wandb_project: str | None = Field(default=None, exclude=True)
-    wandb_name: str | None = Field(default=None, exclude=True)
-    wandb_entity: str | None = Field(default=None, exclude=True)
-    wandb_mode: str | None = Field(default=None, exclude=True)
-    wandb_run_id: str | None = Field(default=None, exclude=True)
-    wandb_watch: str | None = Field(default=None, exclude=True)
-    wandb_log_model: str | None = Field(default=None, exclude=True)
-    use_mlflow: bool | None = Field(default=None, exclude=True)
-    mlflow_tracking_uri: str | None = Field(default=None, exclude=True)
-    mlflow_experiment_name: str | None = Field(default=None, exclude=True)
-    mlflow_run_name: str | None = Field(default=None, exclude=True)
-    use_comet: bool | None = Field(default=None, exclude=True)
-    comet_mode: str | None = Field(default=None, exclude=True)
-    comet_project_name: str | None = Field(default=None, exclude=True)
-    resume_from_checkpoint: str | None = None
-    # how to run, not what: a resumed run ends with the same weights, so it stays out of the key
-    auto_resume_from_checkpoints: bool = Field(default=False, exclude=True)
-    seed: int = 42
-    pad_to_sequence_len: bool | None = None
-    batch_flattening: bool = False
-    group_by_length: bool = False
+# tracker keys say where a run is reported, not what it computes (their logs live outside the artifact);
+# auto_resume_from_checkpoints says how to run, not what: a resumed run ends with the same weights
+Params = stage_params(
+    "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear", "lora_modules_to_save",
+    "lora_fan_in_fan_out", "lora_model_dir", "peft_use_dora", "peft_layers_to_transform", "loraplus_lr_ratio", "loraplus_lr_embedding",
+    "unfrozen_parameters", "neftune_noise_alpha", "load_in_4bit", "load_in_8bit", "bnb_config_kwargs", "trust_remote_code", "model_type",
+    "overrides_of_model_config", "overrides_of_model_kwargs", "resize_token_embeddings_to_32x", "peft",
+    "micro_batch_size", "gradient_accumulation_steps", "eval_batch_size", "num_epochs", "max_steps", "optimizer", "lr_scheduler",
+    "warmup_steps", "warmup_ratio", "cosine_min_lr_ratio", "lr_div_factor", "lr_scheduler_kwargs", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "optim_args", "optim_target_modules", "lr_groups", "cosine_constant_lr_ratio", "lr_quadratic_warmup",
+    "log_sweep_min_lr", "log_sweep_max_lr", "weight_decay", "max_grad_norm", "seed",
+    "bf16", "fp16", "tf32", "bfloat16", "float16", "float32", "attn_implementation", "flash_attention", "sdp_attention",
+    "xformers_attention", "eager_attention", "torch_compile", "torch_compile_backend", "torch_compile_mode", "plugins", "liger_rope",
+    "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_swiglu", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+    "logging_steps", "eval_steps", "evals_per_epoch", "save_steps", "saves_per_epoch", "save_total_limit", "early_stopping_patience",
+    "loss_watchdog_threshold", "loss_watchdog_patience", "eval_strategy", "save_strategy", "metric_for_best_model", "greater_is_better",
+    "save_safetensors", "save_only_model", "profiler_steps", "profiler_steps_start", "resume_from_checkpoint",
+    "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio", "relora_cpu_offload",
+    "pad_to_sequence_len", "batch_flattening", "group_by_length",
+    required=("learning_rate",),
+    unkeyed=("use_tensorboard", "wandb_project", "wandb_name", "wandb_entity", "wandb_mode", "wandb_run_id", "wandb_watch", "wandb_log_model",
+             "use_mlflow", "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name", "use_comet", "comet_mode", "comet_project_name",
+             "auto_resume_from_checkpoints"),
+)
 
 
 def sources(params: Params) -> list[tuple[str, Path]]:

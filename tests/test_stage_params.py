@@ -49,13 +49,7 @@ def own_model_classes(module) -> list[str]:
     return sorted(set(found))
 
 
-def stage_ids():
-    # train's Params is switched to stage_params by its owner; until then its check is expected to fail
-    return [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="train.Params not derived yet: remove this mark when it is"))
-            if s == "train" else s for s in dag.STAGES]
-
-
-@pytest.mark.parametrize("stage", stage_ids())
+@pytest.mark.parametrize("stage", dag.STAGES)
 def test_every_key_a_stage_reads_is_declared_once(stage):
     module = dag.stage_module(stage)
     assert own_model_classes(module) == []
