@@ -488,7 +488,9 @@ def dvc_yaml(nodes: list[Node], config_path: str, config_keys: set[str], publish
             if isinstance(path, str):  # a remote file's identity: nothing in the repo to track
                 continue
             path = Path(path)
-            if path.is_absolute() and path.is_relative_to(Path.cwd()):  # inside the DVC repo
+            # molt's own data files (a built-in template) are deps where the package lies inside
+            # the DVC repo; other absolute paths (a model in a venv or a cache) are not tracked
+            if path.is_absolute() and path.is_relative_to(fingerprint.PACKAGE_DIR) and path.is_relative_to(Path.cwd()):
                 path = path.relative_to(Path.cwd())
             if not path.is_absolute() and ".." not in path.parts:
                 deps.append(path.as_posix())
