@@ -32,7 +32,6 @@ import shutil
 import time
 from pathlib import Path
 
-
 from stages.config import stage_params
 from stages.context import QUIET, Context
 from stages.store import DataError, list_files, read_table
