@@ -15,6 +15,7 @@ rules a row cannot say (CHECKS). Imports stay light (pydantic, PyYAML, stdlib): 
 this first.
 """
 
+import difflib
 import fnmatch
 import re
 import sys
@@ -347,12 +348,24 @@ class DatasetConfig(BaseModel):
         return self
 
 
+# The built-in chat templates, one file each (as stages/chat_templates.py reads them, without Jinja).
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATE_FALLBACK_PREFIX = "tokenizer_default_fallback_"
+
+
 def _resolve_chat_template(owner: "DatasetConfig | MoltConfig") -> None:
     # Axolotl: a custom template alone implies `chat_template: jinja`; `jinja` alone is an error.
     if owner.chat_template_jinja and not owner.chat_template:
         owner.chat_template = "jinja"
     if owner.chat_template == "jinja" and not owner.chat_template_jinja:
         raise ValueError("chat_template: jinja requires chat_template_jinja (the template text or a path to it)")
+    name = (owner.chat_template or "").removeprefix(TEMPLATE_FALLBACK_PREFIX)
+    if name and name not in ("jinja", "tokenizer_default") and not (TEMPLATES_DIR / f"{name}.jinja").is_file():
+        builtin = sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+        close = difflib.get_close_matches(name, builtin, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"chat_template: unknown template {owner.chat_template!r}{hint}; expected a built-in one ({', '.join(builtin)}), "
+                         f"jinja with chat_template_jinja, tokenizer_default or {TEMPLATE_FALLBACK_PREFIX}<built-in>")
 
 
 def _merge_property_mappings(ds: DatasetConfig) -> None:
@@ -371,6 +384,34 @@ def _merge_property_mappings(ds: DatasetConfig) -> None:
 
 
 # -- the whole config -----------------------------------------------------------------------------
+
+# The names `optimizer` and `lr_scheduler` take, checked at load without importing transformers:
+# transformers' OptimizerNames and SchedulerType (tests/test_config.py compares them with the
+# installed version), plus the ones molt builds itself (stages/training/optim.py). Whether an
+# optimizer's package or GPU is there is checked when training starts.
+OPTIMIZERS: tuple[str, ...] = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor", "adamw_anyprecision",
+    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit",
+    "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
+    "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+    "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise",
+    "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw",
+    "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw",
+    "adopt_adamw",  # molt's own
+)
+LR_SCHEDULERS: tuple[str, ...] = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+    "one_cycle", "log_sweep",  # molt's own
+)
+
+
+def _one_of(key: str, value: str, names: tuple[str, ...]) -> str:
+    if value in names:
+        return value
+    close = difflib.get_close_matches(value, names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ValueError(f"unknown {key} {value!r}{hint}; expected one of {', '.join(names)}")
 
 
 class LrGroup(TypedDict):
@@ -582,6 +623,24 @@ class MoltConfig(BaseModel):
     @classmethod
     def _empty_adapter_is_none(cls, value: Any) -> Any:
         return None if value == "" else value  # Axolotl examples write `adapter:` or `adapter: ""`
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        return _one_of("optimizer", value, OPTIMIZERS)
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_lr_scheduler(cls, value: str) -> str:
+        return _one_of("lr_scheduler", value, LR_SCHEDULERS)
+
+    @field_validator("val_set_size")
+    @classmethod
+    def _whole_row_count(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"expected a fraction of the rows below 1 (e.g. 0.05) or a whole number of rows (e.g. {int(value)}): "
+                             "a value of 1 or more is a row count")
+        return value
 
     @field_validator("pretraining_dataset", mode="before")
     @classmethod
@@ -1037,12 +1096,66 @@ def slice_params(cls: type[BaseModel], values: dict) -> BaseModel:
 # -- loading --------------------------------------------------------------------------------------
 
 
+# A config with every alias written out may hold this many nodes plus scalar characters: nested
+# aliases ("billion laughs": each level repeats the one before ten times) stay small in the file and
+# in PyYAML's shared objects, but validating or dumping them would expand them until memory runs out.
+MAX_EXPANDED_YAML = 1_000_000
+
+
+class _ExpansionError(yaml.YAMLError):
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that records duplicate mapping keys (PyYAML keeps the last one without a word)."""
+    """SafeLoader that records duplicate mapping keys (PyYAML keeps the last one without a word)
+    and refuses aliases that would expand the config beyond MAX_EXPANDED_YAML."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.duplicates: list[str] = []
+        self.aliases: list[tuple[str, Any, yaml.Node]] = []  # (anchor, where it is used, the node it names)
+
+    def compose_node(self, parent: Any, index: Any) -> yaml.Node:
+        alias = self.peek_event() if self.check_event(yaml.AliasEvent) else None
+        node = super().compose_node(parent, index)
+        if alias is not None:
+            self.aliases.append((alias.anchor, alias.start_mark, node))
+        return node
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None and self.aliases:
+            self._bound_expansion(node)
+        return node
+
+    def _bound_expansion(self, root: yaml.Node) -> None:
+        sizes: dict[int, int] = {}
+        open_nodes: set[int] = set()
+
+        def size(node: yaml.Node) -> int:  # memoised: linear in the distinct nodes, however large the expansion
+            if id(node) in sizes:
+                return sizes[id(node)]
+            if id(node) in open_nodes:
+                anchor, mark, _ = next(a for a in self.aliases if a[2] is node)
+                raise _ExpansionError(f"alias *{anchor} refers to the node it is inside (a recursive structure): not a config", mark)
+            open_nodes.add(id(node))
+            if isinstance(node, yaml.ScalarNode):
+                total = 1 + len(node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                total = 1 + sum(size(child) for child in node.value)
+            else:
+                total = 1 + sum(size(k) + size(v) for k, v in node.value)
+            open_nodes.discard(id(node))
+            sizes[id(node)] = total
+            return total
+
+        if size(root) > MAX_EXPANDED_YAML:
+            anchor, mark, _ = max(self.aliases, key=lambda a: sizes[id(a[2])])  # max keeps the first of equals
+            raise _ExpansionError(
+                f"alias *{anchor} (with the aliases inside it) expands the config beyond {MAX_EXPANDED_YAML:,} nodes and characters; "
+                "expected a config without nested aliases that repeat one another (a \"billion laughs\" file)", mark)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
@@ -1066,6 +1179,10 @@ def _read_yaml(path: Path) -> tuple[Any, list[str]]:
     loader = _YamlLoader(text)
     try:
         return loader.get_single_data(), [f"{path}: {d}" for d in loader.duplicates]
+    except _ExpansionError as error:
+        raise ConfigError(f"{path}: line {error.problem_mark.line + 1}: {error.problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply (expected a config of at most a few hundred levels)") from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -16,6 +16,7 @@ from stages.config import (
     DatasetConfig,
     MoltConfig,
     MoltConfigWarning,
+    config_from_dict,
     known_unsupported_keys,
     load_config,
     parse_cli_overrides,
@@ -442,3 +443,54 @@ def test_yaml_example_from_axolotl_loads(tmp_path):
     assert cfg.flash_attention is True and cfg.optimizer == "paged_adamw_8bit"
     assert cfg.batch_size == 4 and cfg.pad_to_sequence_len is True
     assert cfg.datasets[0].message_property_mappings == {"role": "from", "content": "value"}
+
+
+def test_optimizer_and_scheduler_names_are_transformers_own_plus_molts():
+    # config.py keeps the names as a table (it must not import transformers); they must be the installed ones
+    from transformers import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from stages.config import LR_SCHEDULERS, OPTIMIZERS
+    from stages.training.optim import OWN_OPTIMIZERS
+
+    assert set(OPTIMIZERS) == {o.value for o in OptimizerNames} | set(OWN_OPTIMIZERS)
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType} | {"one_cycle", "log_sweep"}
+    with pytest.raises(ConfigError, match=r"optimizer: got 'adamw_torhc': unknown optimizer 'adamw_torhc' \(did you mean adamw_torch\?\); expected one of"):
+        config_from_dict({**BASE, "optimizer": "adamw_torhc"})
+    with pytest.raises(ConfigError, match=r"unknown lr_scheduler 'cosin' \(did you mean cosine\?\)"):
+        config_from_dict({**BASE, "lr_scheduler": "cosin"})
+
+
+def test_val_set_size_of_one_or_more_is_a_whole_row_count():
+    assert config_from_dict({**BASE, "val_set_size": 0.25}).val_set_size == 0.25
+    assert config_from_dict({**BASE, "val_set_size": 3}).val_set_size == 3
+    with pytest.raises(ConfigError, match=r"val_set_size: got 1.5: expected a fraction of the rows below 1 .* or a whole number of rows"):
+        config_from_dict({**BASE, "val_set_size": 1.5})
+
+
+def test_an_unknown_chat_template_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"chat_template: unknown template 'chatmll' \(did you mean chatml\?\)"):
+        config_from_dict({**BASE, "chat_template": "chatmll"})
+    with pytest.raises(ConfigError, match=r"datasets\[0\]: chat_template: unknown template 'nope'"):
+        config_from_dict({**BASE, "datasets": [{"path": "d.jsonl", "type": "chat_template", "chat_template": "nope"}]})
+    for name in ("llama3", "tokenizer_default", "tokenizer_default_fallback_chatml"):
+        assert config_from_dict({**BASE, "chat_template": name}).chat_template == name
+
+
+def test_nested_yaml_aliases_are_bounded(tmp_path):
+    levels = ["a0: &a0 [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    path = tmp_path / "laughs.yml"
+    path.write_text("base_model: m\n" + "\n".join(levels) + "\n")
+    with pytest.raises(ConfigError, match=r"laughs.yml: line 10: alias \*a7 .* expands the config beyond 1,000,000"):
+        load_config(path)
+    path.write_text("base_model: m\na: &a [1, *a]\n")
+    with pytest.raises(ConfigError, match=r"line 2: alias \*a refers to the node it is inside"):
+        load_config(path)
+    path.write_text("a: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(path)
+    # aliases that stay small load as before
+    path.write_text("base_model: m\nd: &d {path: data.jsonl, type: alpaca}\ndatasets: [*d, *d]\n")
+    with pytest.warns(MoltConfigWarning, match="unknown key: d"):
+        assert len(load_config(path).datasets) == 2
