@@ -23,6 +23,7 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
+from stages import origin
 from stages.config import dataset_params, stage_params
 from stages.store import DataError, list_files, write_table
 from stages.context import QUIET, Context
@@ -291,17 +292,26 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     import pyarrow as pa
 
     if _is_hub_id(params.dataset):
-        tables = [_read_hub(params.dataset)]
+        read = [(params.dataset.path, _read_hub(params.dataset), None)]
     else:
-        tables = [_read(f, params.dataset) for f in _files(params.dataset)]
+        root = Path(_local(params.dataset.path)).expanduser()  # a URL's files are labelled by name
+        read = [(_label(f, params.dataset, root), *_read(f, params.dataset)) for f in _files(params.dataset)]
+    tables = [t for _, t, _ in read]
     try:
         table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     except pa.ArrowInvalid as error:
         raise DataError(f"dataset {params.dataset.path!r}: its files have incompatible columns ({error})") from None
     if table.num_rows == 0:
-        raise DataError(f"dataset {params.dataset.path!r}: no rows")
+        raise DataError(f"dataset {params.dataset.path!r}: no rows ({', '.join(label for label, _, _ in read)}: empty)")
+    files, lines, rows = [], [], []
+    for label, t, numbers in read:
+        files += [label] * t.num_rows
+        lines += numbers if numbers is not None else [None] * t.num_rows
+        rows += range(1, t.num_rows + 1)
+    where = _shard(origin.table(files, lines, rows), params.dataset)
     table = _shard(table, params.dataset)
     write_table(table, out / "data.arrow")
+    write_table(where, out / origin.FILE)
     return {"rows": table.num_rows}
 
 
@@ -355,66 +365,91 @@ def _read_dataset_repo(path: Path, source: Source):
 
 
 def _read(path: Path, source: Source):
+    """(table, the 1-based line of each row, or None where the file is not line-based)."""
     import pyarrow as pa
 
     if _is_dataset_repo(path):
-        return _read_dataset_repo(path, source)
+        return _read_dataset_repo(path, source), None
 
     if _is_saved_dataset(path):
         from datasets import load_from_disk
 
-        return _split_of(load_from_disk(str(path)), source, str(path)).data.table
+        return _split_of(load_from_disk(str(path)), source, str(path)).data.table, None
     kind = source.ds_type or SUFFIXES.get(path.suffix)
     try:
         if kind == "json":
             return _read_json(path)
         if kind == "text":  # one row per line, in a `text` column, as datasets' text loader
-            return pa.table({"text": pa.array(path.read_text(encoding="utf-8").splitlines(), type=pa.string())})
+            lines = _decode(path).splitlines()
+            return pa.table({"text": pa.array(lines, type=pa.string())}), list(range(1, len(lines) + 1))
         if kind == "csv":
             import pyarrow.csv
 
-            return pyarrow.csv.read_csv(path)
+            table = pyarrow.csv.read_csv(path)
+            data = path.read_bytes()
+            one_line_each = len(data.rstrip(b"\r\n").split(b"\n")) == table.num_rows + 1  # no quoted line breaks
+            return table, list(range(2, table.num_rows + 2)) if one_line_each else None
         if kind == "parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path)
+            return pq.read_table(path), None
         if kind == "arrow":
             try:
-                return pa.ipc.open_file(str(path)).read_all()
+                return pa.ipc.open_file(str(path)).read_all(), None
             except pa.ArrowInvalid:
-                return pa.ipc.open_stream(pa.OSFile(str(path))).read_all()
-    except pa.ArrowInvalid as error:
+                return pa.ipc.open_stream(pa.OSFile(str(path))).read_all(), None
+    except (pa.ArrowInvalid, OSError) as error:
         raise DataError(f"{path}: cannot read as {kind}: {error}") from None
     raise DataError(f"{path}: unknown data file type {path.suffix!r} (set ds_type to one of json, csv, parquet, arrow, text)")
 
 
+def _decode(path: Path) -> str:
+    """A file's text as UTF-8 (a byte-order mark dropped); bad bytes are named by line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - data.rfind(b"\n", 0, error.start)
+        raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[error.start]:02x} at byte {column} of the line); "
+                        "save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
 def _read_json(path: Path):
-    """JSON Lines (or a JSON array), parsed row by row so an error names its line."""
+    """JSON Lines (or a JSON array of rows), parsed row by row so an error names its line (a
+    row of an array: its 1-based number). Lines end at \\n only: U+2028 and the other breaks
+    str.splitlines knows are valid inside a JSON string."""
     import pyarrow as pa
 
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path)
     rows: list = []
+    lines: list | None = None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
-        lines = [None] * len(rows)
+            raise DataError(f"{path} line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
     else:
         lines = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: invalid JSON ({error.msg}, column {error.colno})") from None
+                if number == 1 and line.lstrip().startswith("{"):
+                    return _read_json_object(path, text)
+                raise DataError(f"{path} line {number}: invalid JSON ({error.msg}, column {error.colno})") from None
             lines.append(number)
+
+    def where(i: int) -> str:
+        return f"{path} line {lines[i]}" if lines is not None else f"{path} row {i + 1}"
+
     columns: dict[str, list] = {}
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            where = f"line {lines[i]}" if lines[i] else f"item {i}"
-            raise DataError(f"{path}: {where}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{where(i)}: expected a JSON object, got {type(row).__name__}")
         for k in row:
             columns.setdefault(k, [])
     for k in columns:
@@ -424,5 +459,48 @@ def _read_json(path: Path):
         try:
             arrays[k] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-            raise DataError(f"{path}: column {k!r} mixes types across rows ({error})") from None
-    return pa.table(arrays)
+            i = _first_misfit(values)
+            raise DataError(f"{where(i)}: field {k!r}: {type(values[i]).__name__} {_short(values[i])}, where the rows before it "
+                            f"hold another type ({error})") from None
+    return pa.table(arrays), lines
+
+
+def _first_misfit(values: list) -> int:
+    """The first row whose value Arrow cannot put in one column with the values before it."""
+    import pyarrow as pa
+
+    low, high = 1, len(values)  # values[:high] fails; find the shortest failing prefix
+    while low < high:
+        mid = (low + high) // 2
+        try:
+            pa.array(values[:mid])
+            low = mid + 1
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            high = mid
+    return high - 1
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _read_json_object(path: Path, text: str):
+    """A .json file that is one (pretty-printed) JSON object: columns of equal length are rows (as
+    datasets reads such a file); any other object is refused, saying what was expected."""
+    import pyarrow as pa
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
+    lengths = {len(v) for v in value.values() if isinstance(v, list)}
+    if value and all(isinstance(v, list) for v in value.values()) and len(lengths) == 1:
+        rows = [dict(zip(value, items)) for items in zip(*value.values())]
+        try:
+            return pa.Table.from_pylist(rows), None
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+            raise DataError(f"{path}: its columns do not convert ({error})") from None
+    keys = ", ".join(map(repr, list(value)[:5])) + (", ..." if len(value) > 5 else "")
+    raise DataError(f"{path} line 1: one JSON object (keys {keys}) spanning several lines, not rows; expected JSON Lines "
+                    "(one object per line) or a JSON array of row objects")

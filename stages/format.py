@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 from jinja2 import TemplateError
 
-from stages import chat_templates, workers
+from stages import chat_templates, origin, workers
 from stages.chat_templates import TemplateChoiceError
 from stages.config import dataset_params, stage_params
 from stages.formats.rows import MODES, Kind, RowError, Segment, Tokens, UnknownKind
@@ -129,6 +130,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
                                    (spec, params.eot_tokens, inputs["data"], inputs["tokenizer"]), advance)
     result = pa.concat_tables(parts)
     write_table(result, out / "formatted.arrow")
+    if (inputs["data"] / origin.FILE).is_file():  # tokenize names a row's file and line from it
+        shutil.copyfile(inputs["data"] / origin.FILE, out / origin.FILE)
     return {"rows": result.num_rows}
 
 
@@ -147,9 +150,9 @@ def _format_rows(start: int, stop: int, spec: Spec, eot_tokens: list[str] | None
             try:
                 result = made.row(row, tokenizer)
             except RowError as error:
-                raise DataError(f"row {i}: {error}") from None
+                raise DataError(f"{origin.where(data, i)}: {error}") from None
             except (TemplateChoiceError, TemplateError) as error:
-                raise DataError(f"row {i}: chat template: {error}") from None
+                raise DataError(f"{origin.where(data, i)}: chat template: {error}") from None
             if isinstance(result, Tokens):
                 segments.append([])
                 ids.append(result.input_ids)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import workers
+from stages import origin, workers
 from stages.config import stage_params
 from stages.store import DataError, read_table, write_table
 from stages.context import QUIET, Context
@@ -138,6 +138,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     result = pa.concat_tables([table for table, _ in parts])
     dropped = {k: sum(counts["dropped"][k] for _, counts in parts) for k in ("too_long", "too_short", "nothing_trained")}
     truncated, chunked = (sum(counts[k] for _, counts in parts) for k in ("truncated", "chunked"))
+    _say_dropped(ctx, dropped, [counts["first"] for _, counts in parts], rows, params, inputs["formatted"])
     if result.num_rows == 0:
         raise DataError(f"no rows left after tokenizing (dropped: {dropped}); check sequence_len and the dataset's trained turns")
     write_table(result, out / "tokenized.arrow")
@@ -145,6 +146,23 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     if chunked:
         stats["chunked"] = chunked
     return stats
+
+
+WHY_DROPPED = {
+    "too_long": "longer than sequence_len {sequence_len} tokens (excess_length_strategy: drop; raise sequence_len or set "
+                "excess_length_strategy: truncate to keep them)",
+    "too_short": "under 2 tokens",
+    "nothing_trained": "with no trained token (check roles_to_train / train_on_inputs)",
+}
+
+
+def _say_dropped(ctx: Context, dropped: dict[str, int], firsts: list[dict[str, int]], rows: int, params: Params, formatted: Path) -> None:
+    """One line per kind of dropped row, as Axolotl says how many long samples it dropped."""
+    for kind, count in dropped.items():
+        if count:
+            row = min(f[kind] for f in firsts if kind in f)
+            why = WHY_DROPPED[kind].format(sequence_len=params.sequence_len)
+            ctx.log(f"tokenize: dropped {count} of {rows} rows {why}; the first is {origin.where(formatted, row)}")
 
 
 def _tokenize_rows(start: int, stop: int, params: Params, formatted: Path, tokenizer_dir: Path, advance=None):
@@ -166,14 +184,17 @@ def _tokenize_rows(start: int, stop: int, params: Params, formatted: Path, token
         for values in columns.values():
             values.clear()
 
-    counts = {"dropped": {"too_long": 0, "too_short": 0, "nothing_trained": 0}, "truncated": 0, "chunked": 0}
+    counts = {"dropped": {"too_long": 0, "too_short": 0, "nothing_trained": 0}, "truncated": 0, "chunked": 0, "first": {}}
     dropped = counts["dropped"]
+    first: dict[str, int] = counts["first"]  # the first dropped row of each kind, for the message
 
     def keep(source_row: int, ids, labels) -> None:
         if len(ids) < 2:
             dropped["too_short"] += 1
+            first.setdefault("too_short", source_row)
         elif not (np.asarray(labels) != IGNORE).any():
             dropped["nothing_trained"] += 1
+            first.setdefault("nothing_trained", source_row)
         else:
             columns["input_ids"].append(ids)
             columns["labels"].append(labels)
@@ -192,7 +213,7 @@ def _tokenize_rows(start: int, stop: int, params: Params, formatted: Path, token
             if mode == "tokens":
                 ids = given_ids[k]
                 if max(ids) >= vocab:
-                    raise DataError(f"row {source_row}: field 'input_ids': token id {max(ids)} is outside the tokenizer's vocabulary of {vocab}")
+                    raise DataError(f"{origin.where(formatted, source_row)}: field 'input_ids': token id {max(ids)} is outside the tokenizer's vocabulary of {vocab}")
                 labels = np.asarray(ids if params.train_on_inputs else given_labels[k], dtype=np.int64)
             else:
                 ids, labels = encoded[k]
@@ -203,9 +224,10 @@ def _tokenize_rows(start: int, stop: int, params: Params, formatted: Path, token
                 continue
             if len(ids) > params.sequence_len:
                 if strategy == "raise":
-                    raise DataError(f"row {source_row}: {len(ids)} tokens, over sequence_len {params.sequence_len} (excess_length_strategy: raise)")
+                    raise DataError(f"{origin.where(formatted, source_row)}: {len(ids)} tokens, over sequence_len {params.sequence_len} (excess_length_strategy: raise)")
                 if strategy == "drop":
                     dropped["too_long"] += 1
+                    first.setdefault("too_long", source_row)
                     continue
                 ids, labels = ids[: params.sequence_len], labels[: params.sequence_len]
                 counts["truncated"] += 1

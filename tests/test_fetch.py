@@ -117,5 +117,5 @@ def test_a_row_that_is_not_an_object_names_its_line(tmp_path):
     path.write_text(json.dumps(ROWS[0]) + "\n[1, 2]\n")
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(DataError, match=r"d.jsonl: line 2: expected a JSON object"):
+    with pytest.raises(DataError, match=r"d.jsonl line 2: expected a JSON object"):
         fetch_data.run(fetch_data.Params(dataset=fetch_data.Source(path=str(path))), {}, out)

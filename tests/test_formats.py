@@ -115,7 +115,7 @@ def test_alpaca_train_on_inputs_trains_everything(pipeline):
 
 
 def test_alpaca_missing_output_names_row_and_field(pipeline):
-    with pytest.raises(DataError, match=r"row 1: field 'output': missing"):
+    with pytest.raises(DataError, match=r"row 2: field 'output': missing"):
         pipeline([{"instruction": "a", "output": "b"}, {"instruction": "c"}], type="alpaca")
 
 
@@ -254,7 +254,7 @@ def test_chat_roles_mapping_and_field_names(pipeline, expect):
 
 def test_chat_unknown_role_names_row_and_field(pipeline):
     rows = [REPEAT, msgs(("user", "hi"), ("robot", "beep"))]
-    with pytest.raises(DataError, match=r"row 1: field 'messages\[1\]\.role': unknown role 'robot'"):
+    with pytest.raises(DataError, match=r"row 2: field 'messages\[1\]\.role': unknown role 'robot'"):
         pipeline(rows, type="chat_template")
 
 
@@ -298,5 +298,5 @@ def test_chat_system_column_and_drop_system_message(pipeline, expect, row, drop,
 
 
 def test_chat_system_column_must_be_text(pipeline):
-    with pytest.raises(DataError, match=r"row 0: field 'system': expected text, got int"):
+    with pytest.raises(DataError, match=r"row 1: field 'system': expected text, got int"):
         pipeline([{"system": 3, **msgs(("user", "Hi"), ("assistant", "Hello"))}], type="chat_template")

@@ -169,11 +169,11 @@ def test_user_defined_defaults_and_row_system(pipeline, fast_tokenizer):
 
 
 @pytest.mark.parametrize("type_, row, message", [
-    ("jeopardy", {"question": "q", "answer": "a"}, r"row 0: field 'category': missing"),
-    ("explainchoice", {"question": "q", "choices": "a b", "solution": "a"}, r"row 0: field 'choices': expected a list of texts"),
-    ("alpaca_chat.load_qa", {"question": "q", "answer": 4}, r"row 0: field 'answer': expected text, got int"),
-    ("pygmalion", {"conversations": [{"role": "narrator", "value": "x"}]}, r"row 0: field 'conversations\[0\]\.role': unknown role 'narrator'"),
-    ("creative_acr.load_revise", {"instruction": "q", "answer": "a", "revision": "b", "scores": None, "critiques": {}}, r"row 0: field 'scores': expected a mapping"),
+    ("jeopardy", {"question": "q", "answer": "a"}, r"row 1: field 'category': missing"),
+    ("explainchoice", {"question": "q", "choices": "a b", "solution": "a"}, r"row 1: field 'choices': expected a list of texts"),
+    ("alpaca_chat.load_qa", {"question": "q", "answer": 4}, r"row 1: field 'answer': expected text, got int"),
+    ("pygmalion", {"conversations": [{"role": "narrator", "value": "x"}]}, r"row 1: field 'conversations\[0\]\.role': unknown role 'narrator'"),
+    ("creative_acr.load_revise", {"instruction": "q", "answer": "a", "revision": "b", "scores": None, "critiques": {}}, r"row 1: field 'scores': expected a mapping"),
 ])
 def test_bad_rows_name_row_and_field(pipeline, type_, row, message):
     with pytest.raises(DataError, match=message):

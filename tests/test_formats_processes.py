@@ -45,7 +45,7 @@ def test_two_processes_write_the_same_bytes_as_one(tokenizer_artifacts, tmp_path
 def test_a_bad_row_is_named_the_same_with_workers(tokenizer_artifacts, tmp_path, monkeypatch):
     monkeypatch.setattr(workers, "MIN_ROWS_PER_PROCESS", 60)
     rows = ROWS[:150] + [{"messages": [{"role": "robot", "content": "beep"}]}] + ROWS[:10]
-    with pytest.raises(DataError, match=r"^row 150: field 'messages\[0\]\.role': unknown role 'robot'"):
+    with pytest.raises(DataError, match=r"^row 151: field 'messages\[0\]\.role': unknown role 'robot'"):
         stages_bytes(tokenizer_artifacts["chatml"], tmp_path, rows, 2)
 
 

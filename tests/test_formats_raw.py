@@ -46,10 +46,10 @@ def test_input_output_train_on_inputs(pipeline):
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"segments": None}, r"row 0: field 'segments': missing"),
-    ({"segments": []}, r"row 0: field 'segments': expected a non-empty list"),
-    ({"segments": [{"text": "a", "label": "yes"}]}, r"row 0: field 'segments\[0\]\.label': expected true or false"),
-    ({"segments": [{"label": True}]}, r"row 0: field 'segments\[0\]\.text': missing"),
+    ({"segments": None}, r"row 1: field 'segments': missing"),
+    ({"segments": []}, r"row 1: field 'segments': expected a non-empty list"),
+    ({"segments": [{"text": "a", "label": "yes"}]}, r"row 1: field 'segments\[0\]\.label': expected true or false"),
+    ({"segments": [{"label": True}]}, r"row 1: field 'segments\[0\]\.text': missing"),
 ])
 def test_input_output_bad_rows(pipeline, row, message):
     with pytest.raises(DataError, match=message):
@@ -89,7 +89,7 @@ def test_completion_keeps_text_beyond_64_sequence_lens(pipeline, fast_tokenizer)
 
 
 def test_completion_missing_field_names_it(pipeline):
-    with pytest.raises(DataError, match=r"row 1: field 'body': missing"):
+    with pytest.raises(DataError, match=r"row 2: field 'body': missing"):
         pipeline([{"body": "a b"}, {"text": "c"}], type="completion", field="body")
 
 
@@ -110,12 +110,12 @@ def test_pretokenized_without_labels_trains_all(pipeline):
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"input_ids": [1, 2], "labels": [1]}, r"row 1: field 'labels': 1 labels for 2 input_ids"),
-    ({"input_ids": [1, 2], "attention_mask": [1, 1, 1]}, r"row 1: field 'attention_mask': 3 values for 2 input_ids"),
-    ({"input_ids": [1, 2], "attention_mask": [1, 2]}, r"row 1: field 'attention_mask': values must be 0 or 1"),
-    ({"input_ids": None}, r"row 1: field 'input_ids': missing"),
-    ({"input_ids": [1, 2], "labels": [1, -5]}, r"row 1: field 'labels': a negative label other than -100"),
-    ({"input_ids": [1, 10_000_000]}, r"row 1: field 'input_ids': token id 10000000 is outside the tokenizer's vocabulary"),
+    ({"input_ids": [1, 2], "labels": [1]}, r"row 2: field 'labels': 1 labels for 2 input_ids"),
+    ({"input_ids": [1, 2], "attention_mask": [1, 1, 1]}, r"row 2: field 'attention_mask': 3 values for 2 input_ids"),
+    ({"input_ids": [1, 2], "attention_mask": [1, 2]}, r"row 2: field 'attention_mask': values must be 0 or 1"),
+    ({"input_ids": None}, r"row 2: field 'input_ids': missing"),
+    ({"input_ids": [1, 2], "labels": [1, -5]}, r"row 2: field 'labels': a negative label other than -100"),
+    ({"input_ids": [1, 10_000_000]}, r"row 2: field 'input_ids': token id 10000000 is outside the tokenizer's vocabulary"),
 ])
 def test_pretokenized_bad_rows_name_row_and_field(pipeline, row, message):
     good = {"input_ids": [1, 2], "labels": [1, 2], "attention_mask": [1, 1]}
@@ -145,7 +145,7 @@ def test_chat_training_detail_trains_only_the_given_characters(pipeline, expect)
 def test_chat_training_detail_out_of_range_names_row_and_field(pipeline):
     row = {"messages": [{"role": "user", "content": "Q?"},
                         {"role": "assistant", "content": "ok", "detail": [{"begin_offset": 0, "end_offset": 5, "train": True}]}]}
-    with pytest.raises(DataError, match=r"row 0: field 'messages\[1\]\.detail\[0\]': offsets 0\.\.5 are not inside"):
+    with pytest.raises(DataError, match=r"row 1: field 'messages\[1\]\.detail\[0\]': offsets 0\.\.5 are not inside"):
         pipeline([row], type="chat_template", message_field_training_detail="detail")
 
 

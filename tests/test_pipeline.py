@@ -217,7 +217,7 @@ def test_malformed_jsonl_line_is_refused_with_file_and_line(warm, molt):
     lines = Path("data/chat.jsonl").read_text().splitlines()
     lines[2] = lines[2][:-5]  # cut the closing braces of line 3
     Path("data/chat.jsonl").write_text("\n".join(lines) + "\n")
-    _refused(molt, config, "chat.jsonl:3", "invalid JSON")
+    _refused(molt, config, "chat.jsonl line 3", "invalid JSON")
 
 
 def test_unknown_role_is_refused_with_row_and_field(warm, molt):
@@ -226,7 +226,7 @@ def test_unknown_role_is_refused_with_row_and_field(warm, molt):
     rows[2] = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}
     write_jsonl(Path("data/chat.jsonl"), rows)
     # the rows parse, so the new snapshot is kept; format refuses and writes nothing
-    _refused(molt, config, "datasets[1]", "row 2", "messages[1].role", "'robot'", new={"fetch_data"})
+    _refused(molt, config, "datasets[1]", "chat.jsonl line 3", "messages[1].role", "'robot'", new={"fetch_data"})
 
 
 # -- train and merge -------------------------------------------------------------------------
