@@ -11,6 +11,8 @@ fetched again. A model that ships its own modelling code (`auto_map`) is refused
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -43,20 +45,42 @@ def locate(params: Params) -> Path:
         return _embedded_gguf(name.lower())
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise DataError(f"base_model {name!r}: directory has no config.json (expected a Hugging Face model directory)")
-        return path
+        return _model_dir(name, path)
+    if looks_like_path(name):
+        raise DataError(f"base_model {name!r}: the directory {path.absolute()} does not exist "
+                        "(expected a Hugging Face model directory, a hub id such as org/name in the local cache, or 'smollm2-135m-instruct')")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(name, revision=params.revision_of_model, local_files_only=True))
+        return _model_dir(name, Path(snapshot_download(name, revision=params.revision_of_model, local_files_only=True)))
     except (LocalEntryNotFoundError, ValueError, OSError) as error:
         raise DataError(
             f"base_model {name!r}: not a local directory and not in the local Hugging Face cache; "
             f"molt makes no network calls at run time. Download it elsewhere (huggingface-cli download {name}) "
             f"or set base_model to a model directory or to 'smollm2-135m-instruct'. ({type(error).__name__})"
         ) from None
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")  # org/name, or a bare name
+WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def looks_like_path(name: str) -> bool:
+    """A value meant as a local path, not a hub id: it starts with . / or ~, or has more parts than org/name."""
+    return name.startswith((".", "/", "~", os.sep)) or (os.sep in name or "/" in name) and not HUB_ID.fullmatch(name)
+
+
+def _model_dir(name: str, path: Path) -> Path:
+    """`path` if it holds a model transformers can load: a config.json and weights."""
+    if not path.is_dir():
+        raise DataError(f"base_model {name!r}: {path} is a file, not a directory (expected a Hugging Face model directory)")
+    if not (path / "config.json").exists():
+        raise DataError(f"base_model {name!r}: directory has no config.json (expected a Hugging Face model directory)")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHTS):
+        raise DataError(f"base_model {name!r}: the directory {path} has a config.json but no weights "
+                        "(expected model.safetensors, or model-*-of-*.safetensors with model.safetensors.index.json, or pytorch_model.bin)")
+    return path
 
 
 def sources(params: Params) -> list[tuple[str, Path]]:

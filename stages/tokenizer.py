@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages import chat_templates
+from stages import chat_templates, fetch_model
 from stages.config import stage_params
 from stages.store import DataError, list_files
 from stages.context import QUIET, Context
@@ -21,19 +21,49 @@ SCHEMA = 1
 LIBRARIES = ("transformers", "tokenizers")
 INPUTS = {"model": "fetch_model"}
 INFO = "molt_tokenizer.json"
+# the files one of which a tokenizer directory holds
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 Params = stage_params("tokenizer_config", "tokenizer_type", "tokenizer_use_fast", "tokenizer_legacy", "trust_remote_code",
                       "chat_template", "chat_template_jinja", "special_tokens", "tokens")
 
 
+def locate(params: Params) -> Path | None:
+    """The local file or directory `tokenizer_config` names (None: the fetched model's tokenizer):
+    the embedded alias (its GGUF file), a local path, or a hub id already in the local Hugging Face
+    cache; never downloads."""
+    name = params.tokenizer_config
+    if not name:
+        return None
+    if name.lower() in fetch_model.EMBEDDED:
+        return fetch_model._embedded_gguf(name.lower())
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if fetch_model.looks_like_path(name):
+        raise DataError(f"tokenizer_config {name!r}: {path.absolute()} does not exist "
+                        "(expected a tokenizer or model directory, a hub id such as org/name in the local cache, or 'smollm2-135m-instruct')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError) as error:
+        raise DataError(
+            f"tokenizer_config {name!r}: not a local directory and not in the local Hugging Face cache; "
+            f"molt makes no network calls at run time. Download it elsewhere (huggingface-cli download {name}) "
+            f"or set tokenizer_config to a tokenizer directory, or leave it unset to use base_model's tokenizer. ({type(error).__name__})"
+        ) from None
+
+
 def sources(params: Params) -> list[tuple[str, Path]]:
     template = chat_templates.template_file(params.chat_template)
     found = [(f"chat_template {template.stem}", template)] if template else []
-    if not params.tokenizer_config or not Path(params.tokenizer_config).exists():
+    root = locate(params)
+    if root is None:
         return found
-    root = Path(params.tokenizer_config)
-    return found + [(p.relative_to(root).as_posix() if root.is_dir() else p.name, p) for p in list_files(root)]
+    return found + [(p.relative_to(root).as_posix() if root.is_dir() else p.name, p) for p in list_files(root) if not p.name.startswith(".")]
 
 
 def tokenizer_class(name: str | None):
@@ -48,11 +78,20 @@ def tokenizer_class(name: str | None):
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
-    source = params.tokenizer_config or str(inputs["model"])
+    source = locate(params) or inputs["model"]
     kwargs = {"use_fast": params.tokenizer_use_fast, "trust_remote_code": params.trust_remote_code}
     if params.tokenizer_legacy is not None:
         kwargs["legacy"] = params.tokenizer_legacy
-    tokenizer = tokenizer_class(params.tokenizer_type).from_pretrained(source, **kwargs)
+    what = f"tokenizer_config {params.tokenizer_config!r}" if params.tokenizer_config else f"base_model {inputs['model'].name}"
+    if source.is_file() and source.suffix == ".gguf":  # the embedded alias: the tokenizer inside the GGUF file
+        source, kwargs["gguf_file"] = source.parent, source.name
+    elif source.is_dir() and not any((source / name).exists() for name in TOKENIZER_FILES):
+        raise DataError(f"{what}: the directory holds no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+    try:
+        tokenizer = tokenizer_class(params.tokenizer_type).from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError) as error:  # files transformers cannot read
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{what}: cannot load a tokenizer from it (expected tokenizer.json or the tokenizer files transformers reads): {first}") from None
     base_size = len(tokenizer)
     if params.special_tokens:
         tokenizer.add_special_tokens(dict(params.special_tokens))

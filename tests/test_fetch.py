@@ -52,6 +52,35 @@ def test_local_model_dir_is_copied_and_its_files_are_keyed(tmp_path, tiny_model_
         fetch_model.locate(fetch_model.Params(base_model=str(tmp_path)))
 
 
+def test_a_model_path_that_is_missing_or_has_no_weights_is_named(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    for name in ("./no_such_model", "/no/such/model", "models/org/name"):
+        with pytest.raises(DataError, match=rf"base_model '{name}': the directory .* does not exist") as error:
+            fetch_model.locate(fetch_model.Params(base_model=name))
+        assert "huggingface-cli" not in str(error.value)
+    assert fetch_model.looks_like_path("a/b/c") and not fetch_model.looks_like_path("acme/tiny-llama")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    with pytest.raises(DataError, match=r"base_model 'bare': the directory bare has a config.json but no weights \(expected model.safetensors"):
+        fetch_model.locate(fetch_model.Params(base_model="bare"))
+
+
+def test_tokenizer_config_resolves_offline_or_says_why(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    from stages import tokenizer
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(DataError, match=r"tokenizer_config 'EleutherAI/gpt-neox-20b': not a local directory and not in the local Hugging Face cache; molt makes no network calls"):
+        tokenizer.sources(tokenizer.Params(tokenizer_config="EleutherAI/gpt-neox-20b"))
+    with pytest.raises(DataError, match=r"tokenizer_config './nope': .* does not exist"):
+        tokenizer.locate(tokenizer.Params(tokenizer_config="./nope"))
+    assert tokenizer.locate(tokenizer.Params(tokenizer_config="smollm2-135m-instruct")).suffix == ".gguf"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"tokenizer_config '.*empty': the directory holds no tokenizer \(expected one of tokenizer.json"):
+        tokenizer.run(tokenizer.Params(tokenizer_config=str(tmp_path / "empty")), {"model": tmp_path}, tmp_path / "out")
+
+
 def test_embedded_alias_points_at_the_shipped_gguf():
     path = fetch_model.locate(fetch_model.Params(base_model="smollm2-135m-instruct"))
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
