@@ -1186,7 +1186,10 @@ def _read_yaml(path: Path) -> tuple[Any, list[str]]:
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML syntax error{where}: {error.problem or error.context}") from None
+        problem = error.problem or error.context
+        if "'\\t'" in (problem or ""):
+            problem += " (YAML indents with spaces; expected no tab characters in the indentation)"
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: YAML error: {error}") from None
     finally:
