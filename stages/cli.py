@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -32,8 +33,19 @@ def cache_option(f):
     return click.option("--cache-dir", envvar="MOLT_CACHE_DIR", default="cache", show_default=True, type=click.Path(file_okay=False), help="Artifact store (or MOLT_CACHE_DIR).")(f)
 
 
+def _out_of_space(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _no_space_message(stage: str, error: OSError, root: Path) -> str:
+    return (f"{stage}: ran out of disk space while writing its artifact ({error.strerror}); the store ({root}) keeps no part "
+            "of it, only the artifacts finished before; free some space (or `molt gc`) and run again")
+
+
 class Session:
     """A config loaded with its overrides, its stage plan and a runner over the store."""
+
+    _building: str | None = None  # the stage instance being built, for a commit that fails
 
     def __init__(self, config_path: str, extra_args: list[str], cache_dir: str, published: Path | None = Path("artifacts"), quiet: bool = False):
         warnings.simplefilter("ignore", MoltConfigWarning)  # printed below, once, in our own words
@@ -59,6 +71,7 @@ class Session:
     def _event(self, how: str, node: dag.Node, key: str) -> None:
         name = escape(f"{node.name:<16}")  # "[test0]" is not rich markup
         if how == "start":
+            self._building = node.name
             console.print(f"  [cyan]▶[/] {name} building [dim]{key[:12]}[/]")
         elif how in SYMBOL:
             console.print(f"  {SYMBOL[how]:<24} {name} [dim]{key[:12]}[/]")
@@ -79,11 +92,21 @@ class Session:
             label = f" ({failure.node_label})" if failure.node_label else ""
             if isinstance(failure.error, (DataError, ConfigError)):
                 fail(f"{failure.node}{label}: {failure.error}")
+            if _out_of_space(failure.error):
+                fail(_no_space_message(f"{failure.node}{label}", failure.error, self.store.root))
             raise
         except DataError as error:  # raised while computing a key (a missing source, an unknown type)
             fail(str(error))
+        except OSError as error:  # while committing an artifact: the stage that was building is at fault
+            if _out_of_space(error):
+                fail(_no_space_message(self._building or "molt", error, self.store.root))
+            raise
         finally:
-            self.store.index.save()
+            try:
+                self.store.index.save()
+            except OSError as error:  # a full disk: the index only caches hashes, so it is rebuilt next time
+                if not _out_of_space(error):
+                    raise
         return self.runner.done
 
     def output_dir(self) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from stages import chat_templates, origin, workers
-from stages.chat_templates import TemplateChoiceError
+from stages.chat_templates import TemplateChoiceError, TemplateSourceError
 from stages.config import dataset_params, stage_params
 from stages.formats.rows import MODES, Kind, RowError, Segment, Tokens, UnknownKind
 from stages.store import DataError, read_table, write_table
@@ -151,6 +151,8 @@ def _format_rows(start: int, stop: int, spec: Spec, eot_tokens: list[str] | None
                 result = made.row(row, tokenizer)
             except RowError as error:
                 raise DataError(f"{origin.where(data, i)}: {error}") from None
+            except TemplateSourceError as error:  # the template's fault, not the row's
+                raise DataError(str(error)) from None
             except (TemplateChoiceError, TemplateError) as error:
                 raise DataError(f"{origin.where(data, i)}: chat template: {error}") from None
             if isinstance(result, Tokens):

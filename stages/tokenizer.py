@@ -108,6 +108,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     info = {
         "chat_template": template,
+        "chat_template_choice": params.chat_template,  # how messages name it
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,

@@ -105,7 +105,9 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
     messages = messages_of(row, spec)
     special = {"bos_token": tokenizer["bos_token"] or "", "eos_token": tokenizer["eos_token"] or ""}
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    text = chat_templates.render(template, plain, **special)
+    # a dataset's own chat_template, else the top-level choice the tokenizer stage resolved
+    name = chat_templates.template_name(spec.chat_template or tokenizer.get("chat_template_choice"))
+    text = chat_templates.render(template, plain, name=name, **special)
     # `eot_tokens` (Axolotl's key) names the turn ends; by default the EOS and common templates' markers
     turn_ends = tuple(t for t in (*(tokenizer.get("eot_tokens") or TURN_ENDS), special["eos_token"]) if t)
 
@@ -117,7 +119,7 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
         trained = message.get("train", True if detail is not None else message["role"] in spec.roles_to_train)
         if not trained and spec.train_on_eos != "all":
             continue
-        start, end = _locate(template, plain, i, text, special)
+        start, end = _locate(template, plain, i, text, special, name)
         if trained and detail is not None:  # character ranges decide inside the content
             spans += _detail_spans(detail, start, end, text, message["content"])
         elif trained:
@@ -135,10 +137,10 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
     return _segments(text, spans)
 
 
-def _locate(template: str, messages: list[dict], i: int, text: str, special: dict) -> tuple[int, int]:
+def _locate(template: str, messages: list[dict], i: int, text: str, special: dict, name: str) -> tuple[int, int]:
     probe = [dict(m) for m in messages]
     probe[i]["content"] = PLACEHOLDER
-    rendered = chat_templates.render(template, probe, **special)
+    rendered = chat_templates.render(template, probe, name=name, **special)
     start = rendered.find(PLACEHOLDER)
     if start < 0:
         raise RowError(f"messages[{i}]", "the chat template does not render this turn's content")
