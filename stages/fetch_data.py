@@ -7,7 +7,9 @@ content cache when the stage runs, `MOLT_REMOTE_CACHE` or ~/.cache/molt/remote).
 `shards_idx` keep one contiguous shard of the rows, as `datasets.Dataset.shard` does. A folder laid
 out as a Hugging Face dataset repository (README.md with `configs:`) is read by `datasets` with
 `name`; a hub id (`org/name`, with `name` and `revision` = a cached commit) is read from the local
-datasets cache only, never downloaded; `revision` on a local path is refused. Writes `data.arrow`.
+datasets cache only, never downloaded; `revision` on a local path is refused. Writes `data.arrow`
+and `origin.arrow` (each row's file, line and row, so later stages' errors can name them; see
+stages/origin.py). JSON is read as UTF-8 (a byte-order mark dropped), one row a line (lines end at line feeds only).
 The source files' bytes are hashed into the key, so editing a data file reruns exactly what depends
 on it. A remote file is keyed on the metadata its filesystem reports (`fs.info()`: size, etag /
 checksum, version id, modification time), never on a download, so `molt status` makes no copy; a

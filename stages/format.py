@@ -3,7 +3,8 @@
 Reads the fetched rows (`data.arrow`) and the tokenizer's `molt_tokenizer.json` (chat template,
 special token strings). Writes `formatted.arrow`: per row, `segments` (text, trained?, from a
 training detail?), how tokenize encodes them (`mode`: joined / separate / prefix / chunk /
-tokens), `input_ids` and `labels` for pretokenized rows, and the source `row` number.
+tokens), `input_ids` and `labels` for pretokenized rows, and the source `row` number; the fetched
+`origin.arrow` is copied along, so an error names a row's file and line.
 `dataset_processes` worker processes share the rows (same bytes for any number).
 
 `type:` names a prompt strategy the way Axolotl does: `alpaca`, `alpaca:chatml` (a prompt style),
