@@ -73,6 +73,11 @@ class Session:
         if how == "start":
             self._building = node.name
             console.print(f"  [cyan]▶[/] {name} building [dim]{key[:12]}[/]")
+        elif how in ("damaged", "damaged-input"):
+            where = _shown(self.store.artifact_dir(node.stage, key))
+            found = "changed on disk" if how == "damaged" else "found by re-hashing it before a stage read it"
+            console.print(f"[yellow]warning:[/] {escape(node.name)} ({escape(where)}): its files do not match its manifest ({found}); "
+                          f"moved to {escape(_shown(self.store.root / 'quarantine' / node.stage / key))}; rebuilding")
         elif how in SYMBOL:
             console.print(f"  {SYMBOL[how]:<24} {name} [dim]{key[:12]}[/]")
 
@@ -111,6 +116,14 @@ class Session:
 
     def output_dir(self) -> Path:
         return Path(self.config.output_dir)
+
+
+def _shown(path: Path) -> str:
+    """A store path as the user named it: relative to the working directory when inside it."""
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _copy_dir(src: Path, dest: Path) -> None:
@@ -322,7 +335,11 @@ def status(config, as_json, cache_dir):
     for n in nodes:
         res = done[n.name]
         row = {"stage": n.name, "key": res.key, "state": "cached" if res.artifact else "missing", "why": []}
-        if res.artifact is None and n.name in refs:
+        if res.damaged is not None and res.damaged.path != session.store.artifact_dir(n.stage, res.key):
+            row["why"] = ["quarantined: its files did not match its manifest (the next run rebuilds it)"]
+        elif res.damaged is not None:  # its downstream keys still come from the content its manifest records
+            row["state"], row["why"] = "corrupt", ["files changed on disk: they do not match the manifest (the next run rebuilds it)"]
+        elif res.artifact is None and n.name in refs:
             old = session.store.artifact_dir(n.stage, refs[n.name]) / "manifest.json"
             if old.exists():
                 row["state"] = "stale"
@@ -340,7 +357,7 @@ def status(config, as_json, cache_dir):
     from rich.table import Table
 
     table = Table("stage", "state", "key", "why")
-    colour = {"cached": "green", "stale": "yellow", "missing": "red"}
+    colour = {"cached": "green", "stale": "yellow", "missing": "red", "corrupt": "red"}
     for r in rows:
         table.add_row(escape(r["stage"]), f"[{colour[r['state']]}]{r['state']}[/]", (r["key"] or "-")[:12], escape("; ".join(r["why"])))
     console.print(table)
@@ -420,14 +437,23 @@ def stage(config, stage, index, test, publish_dir, cache_dir):
 
 
 @main.command()
-@click.argument("config")
+@click.argument("config", required=False)
+@click.option("--store", "whole_store", is_flag=True, help="Re-hash every artifact in the store instead; quarantine those that do not match their manifest.")
+@click.option("--remove", is_flag=True, help="With --store: delete damaged artifacts instead of quarantining them.")
 @cache_option
-def verify(config, cache_dir):
-    """Recompute the data stages into a scratch store and compare with the stored artifacts."""
+def verify(config, whole_store, remove, cache_dir):
+    """Recompute the data stages of CONFIG into a scratch store and compare with the stored
+    artifacts; or, with --store, re-hash every stored artifact against its manifest."""
     import tempfile
 
     from rich.table import Table
 
+    if whole_store:
+        return verify_store(Store(cache_dir), remove)
+    if remove:
+        fail("--remove goes with --store")
+    if config is None:
+        fail("molt verify CONFIG (recompute its data stages) or molt verify --store (re-hash every artifact)")
     session = Session(config, [], cache_dir, quiet=True)
     nodes = session.plan("pack")
     stored = session.resolve(nodes, run=False)
@@ -459,6 +485,38 @@ def verify(config, cache_dir):
         if missing:
             fail(f"not in the store, nothing to compare: {', '.join(missing)} (run `molt preprocess {config}` first)", code=1)
     console.print("[green]every data stage reproduces[/]")
+
+
+def verify_store(store: Store, remove: bool) -> None:
+    """Re-hash every artifact's files (the stat index not trusted) against its manifest; move
+    those that do not match to quarantine/<stage>/<key> (or delete them); exit 1 if any."""
+    from stages.store import MANIFEST, hash_tree
+
+    reserved = {"tmp", "quarantine", "index", "locks", "refs", "leases"}
+    checked, damaged = 0, []
+    for manifest_path in sorted(store.root.glob(f"*/*/{MANIFEST}")):
+        path = manifest_path.parent
+        stage, key = path.parent.name, path.name
+        if stage in reserved or key.endswith(".partial"):
+            continue
+        checked += 1
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            why = None if manifest.get("key") == key else "its manifest names another key"
+            if why is None and hash_tree(path) != manifest.get("content"):
+                why = "its files do not match its manifest"
+        except (OSError, ValueError) as error:
+            why = f"unreadable ({error})"
+        if why is None:
+            continue
+        with store.lock(stage, key):
+            dest = store.quarantine(stage, key, remove=remove)
+        store.index.save()
+        damaged.append(f"{stage}/{key}")
+        console.print(f"[red]damaged:[/] {escape(_shown(path))}: {escape(why)}; " + ("removed" if remove else f"moved to {escape(_shown(dest))}"))
+    if damaged:
+        fail(f"{len(damaged)} of {checked} artifacts did not match their manifests ({'removed' if remove else 'quarantined'}); the next run rebuilds them", code=1)
+    console.print(f"[green]all {checked} artifacts match their manifests[/]")
 
 
 @main.command()

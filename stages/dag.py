@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -235,7 +236,8 @@ class Resolution:
     key: str | None  # None when an upstream artifact is missing (status without running)
     record: dict | None
     artifact: Artifact | None = None
-    how: str = ""  # "cached", "adopted", "ran", "missing", "blocked"
+    how: str = ""  # "cached", "adopted", "ran", "missing", "blocked", "damaged" (status only)
+    damaged: Artifact | None = None  # its manifest is there, its files do not match it
 
 
 class Runner:
@@ -246,6 +248,8 @@ class Runner:
         self.refs_path = store.root / "refs" / f"{refs_id}.json" if refs_id else None
         self.on_event = on_event or (lambda event, node, detail: None)
         self.done: dict[str, Resolution] = {}
+        # re-hash a stage's inputs before it reads them (MOLT_CHECK_INPUTS=0: off, for bench.integrity)
+        self.check_inputs = os.environ.get("MOLT_CHECK_INPUTS", "1") != "0"
 
     # the record is everything the key hashes; it is also written into the manifest
     def record(self, node: Node, inputs: dict[str, Artifact]) -> dict:
@@ -268,26 +272,66 @@ class Runner:
         if node.name in self.done:
             return self.done[node.name]
         ups = {k: self.resolve(n, run) for k, n in node.inputs.items()}
-        if any(u.artifact is None for u in ups.values()):
+        # a damaged input (status only: a run rebuilds it) still names the content its manifest
+        # records, which is what a rebuild gives and what the keys below it were made from
+        if any(u.artifact is None and u.damaged is None for u in ups.values()):
             res = Resolution(node, None, None, how="blocked")
         else:
-            inputs = {k: u.artifact for k, u in ups.items()}
+            inputs = {k: u.artifact or u.damaged for k, u in ups.items()}
             record = self.record(node, inputs)
             key = hash_text(canonical_json(record))
             res = Resolution(node, key, record)
-            res.artifact = self.store.get(node.stage, key)
+            res.artifact, res.damaged = self.store.inspect(node.stage, key)
             res.how = "cached" if res.artifact else "missing"
+            if res.damaged is not None and run and res.damaged.path == self.store.artifact_dir(node.stage, key):
+                self._quarantine(node, key)  # found on read: a file's size, mtime or inode changed
+                self.on_event("damaged", node, key)
             if res.artifact is None and self.published is not None:
                 res.artifact = self._adopt(node, key)
                 res.how = "adopted" if res.artifact else "missing"
             if res.artifact is None and run:
-                res.artifact, ran = self._run(node, key, record, inputs)
-                res.how = "ran" if ran else "cached"
+                if self.check_inputs and self._rebuild_damaged_inputs(node, ups):
+                    inputs = {k: u.artifact for k, u in ups.items()}
+                    record = self.record(node, inputs)
+                    key = hash_text(canonical_json(record))
+                    res = Resolution(node, key, record, self.store.get(node.stage, key), "cached")
+                if res.artifact is None:
+                    res.artifact, ran = self._run(node, key, record, inputs)
+                    res.how = "ran" if ran else "cached"
+                res.damaged = None
+            elif res.damaged is not None:
+                res.how = "damaged"
         if res.artifact is not None:
             self._remember(node.name, res.key)
         self.on_event(res.how, node, res.key or "")
         self.done[node.name] = res
         return res
+
+    def _rebuild_damaged_inputs(self, node: Node, ups: dict[str, Resolution]) -> bool:
+        """Before a stage reads its inputs, re-hash their files (once per process, trusting no
+        stat); one that does not match its manifest is quarantined and rebuilt, so no artifact
+        is ever made from damaged bytes. True when an input was rebuilt (`ups` is updated)."""
+        rebuilt = False
+        for role, up in ups.items():
+            if up.artifact is None or self.store.intact(up.artifact):
+                continue
+            upstream = node.inputs[role]
+            self._quarantine(upstream, up.key)
+            self.on_event("damaged-input", upstream, up.key)
+            del self.done[upstream.name]
+            ups[role] = self.resolve(upstream)
+            if ups[role].artifact is None or not self.store.intact(ups[role].artifact):
+                raise StageFailed(upstream, RuntimeError(f"{upstream.name} was rebuilt after its files were found damaged, but the rebuilt files do not match their manifest either"))
+            rebuilt = True
+        return rebuilt
+
+    def _quarantine(self, node: Node, key: str) -> None:
+        """Move (node, key) to the store's quarantine unless, under its lock, it is whole again
+        (another process rebuilt it)."""
+        with self.store.lock(node.stage, key):
+            current, damaged = self.store.inspect(node.stage, key)
+            if damaged is not None or (current is not None and not self.store.intact(current)):
+                self.store.quarantine(node.stage, key)
 
     def _adopt(self, node: Node, key: str) -> Artifact | None:
         source = self.published / node.dvc_name

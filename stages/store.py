@@ -79,6 +79,19 @@ class StatIndex:
         self._dirty = True
         return digest
 
+    def correct(self, path: Path, stamp: list, digest: str) -> None:
+        """A digest just computed from the bytes replaces a remembered one for the same stamp
+        (a byte changed with size, mtime and inode restored); other entries are left alone."""
+        entries, key = self._load(), str(Path(path).resolve())
+        hit = entries.get(key)
+        if hit and hit[:3] == stamp and hit[3] != digest:
+            entries[key] = stamp + [digest]
+            self._dirty = True
+
+    def forget(self, path: Path) -> None:
+        if self._load().pop(str(Path(path).resolve()), None) is not None:
+            self._dirty = True
+
     def save(self) -> None:
         if not self._dirty:
             return
@@ -109,6 +122,25 @@ def hash_tree(root: Path, index: StatIndex | None = None, exclude: tuple[str, ..
     return hash_text(canonical_json(entries))
 
 
+class FreshHashes:
+    """Content hashes read from the bytes, remembered for this process only: a file is re-hashed
+    once per process (per device, inode, size and mtime_ns), so nothing a restored size and
+    mtime could fake carries over from an earlier run. Files this process wrote and hashed count."""
+
+    def __init__(self, index: StatIndex | None = None):
+        self.index = index  # corrected where its remembered hash turns out wrong
+        self._seen: dict[tuple, str] = {}
+
+    def hash(self, path: Path) -> str:
+        st = Path(path).stat()
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if (digest := self._seen.get(ident)) is None:
+            digest = self._seen[ident] = hash_file(path)
+            if self.index is not None:
+                self.index.correct(path, [st.st_size, st.st_mtime_ns, st.st_ino], digest)
+        return digest
+
+
 @dataclass(frozen=True)
 class Artifact:
     stage: str
@@ -125,20 +157,63 @@ class Store:
     def __init__(self, root: Path | str):
         self.root = Path(root).resolve()
         self.index = StatIndex(self.root / "index" / "stat.json")
+        self.fresh = FreshHashes(self.index)
 
     def artifact_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def get(self, stage: str, key: str) -> Artifact | None:
         """The artifact, or None when it is absent or its files no longer match its manifest."""
+        return self.inspect(stage, key)[0]
+
+    def inspect(self, stage: str, key: str) -> tuple[Artifact | None, Artifact | None]:
+        """(artifact, None) when whole; (None, damaged) when its manifest is there but its files
+        no longer match it (hashed through the stat index: a file whose size, mtime or inode
+        changed is re-hashed); (None, None) when absent. An absent artifact that was quarantined
+        comes back as damaged, its path in the quarantine (its manifest still says what it held)."""
         path = self.artifact_dir(stage, key)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError):
+            quarantined = self.root / "quarantine" / stage / key
+            try:
+                manifest = json.loads((quarantined / MANIFEST).read_text())
+            except (OSError, ValueError):
+                return None, None
+            return None, (Artifact(stage, key, quarantined, manifest) if manifest.get("key") == key else None)
+        if manifest.get("key") != key:
+            return None, None
+        artifact = Artifact(stage, key, path, manifest)
+        if hash_tree(path, self.index) != manifest.get("content"):
+            return None, artifact
+        return artifact, None
+
+    def intact(self, artifact: Artifact) -> bool:
+        """Whether the artifact's files match its manifest, every file re-hashed from its bytes
+        (once per process; the stat index is not trusted). The check before a stage reads it."""
+        try:
+            return hash_tree(artifact.path, self.fresh) == artifact.content
+        except OSError:  # a file went missing under us
+            return False
+
+    def quarantine(self, stage: str, key: str, remove: bool = False) -> Path | None:
+        """Move a damaged artifact out of the store to `quarantine/<stage>/<key>` (replacing an
+        older copy there), or delete it with `remove`; its stat index entries are dropped."""
+        path = self.artifact_dir(stage, key)
+        if not path.exists():
             return None
-        if manifest.get("key") != key or hash_tree(path, self.index) != manifest.get("content"):
+        for p in list_files(path):
+            self.index.forget(p)
+        if remove:
+            shutil.rmtree(path)
             return None
-        return Artifact(stage, key, path, manifest)
+        dest = self.root / "quarantine" / stage / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(path, dest)
+        return dest
+
 
     def partial_dir(self, stage: str, key: str) -> Path:
         """Where a run of (stage, key) keeps what survives its crash; see the module docstring."""
@@ -162,7 +237,7 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def commit(self, tmp: Path, stage: str, key: str, manifest: dict) -> Artifact:
-        manifest = dict(manifest, stage=stage, key=key, content=hash_tree(tmp))
+        manifest = dict(manifest, stage=stage, key=key, content=hash_tree(tmp, self.fresh))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         for p in list_files(tmp):
             _fsync(p)
