@@ -148,3 +148,45 @@ def test_a_row_that_is_not_an_object_names_its_line(tmp_path):
     out.mkdir()
     with pytest.raises(DataError, match=r"d.jsonl line 2: expected a JSON object"):
         fetch_data.run(fetch_data.Params(dataset=fetch_data.Source(path=str(path))), {}, out)
+
+
+def _fetch(tmp_path: Path, name: str, data: bytes, **source) -> tuple[list[dict], list[dict]]:
+    """(rows, origin entries) of a one-file dataset holding `data`."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    fetch_data.run(fetch_data.Params(dataset=fetch_data.Source(path=str(path), **source)), {}, out)
+    return read_table(out / "data.arrow").to_pylist(), read_table(out / "origin.arrow").to_pylist()
+
+
+def test_a_byte_order_mark_and_u2028_inside_strings_load_intact(tmp_path):
+    rows = [dict(ROWS[0], output="one\u2028two\u2029three\x85four"), ROWS[1]]
+    data = "\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    got, where = _fetch(tmp_path, "d.jsonl", data.encode())
+    assert [{k: r[k] for k in ROWS[0]} for r in got] == rows
+    assert where == [{"file": "d.jsonl", "line": 1, "row": 1}, {"file": "d.jsonl", "line": 2, "row": 2}]
+
+
+def test_origin_names_lines_past_blank_ones_and_rows_of_an_array(tmp_path):
+    _, where = _fetch(tmp_path, "d.jsonl", ("\n" + json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n").encode())
+    assert [w["line"] for w in where] == [2, 4]
+    got, where = _fetch(tmp_path, "d.json", json.dumps(ROWS, indent=2).encode())  # a pretty-printed array of rows
+    assert [{k: r[k] for k in ROWS[0]} for r in got] == ROWS
+    assert where == [{"file": "d.json", "line": None, "row": 1}, {"file": "d.json", "line": None, "row": 2}]
+
+
+def test_a_pretty_printed_object_of_columns_is_rows_and_one_of_fields_is_refused(tmp_path):
+    columns = {k: [r[k] for r in ROWS] for k in ROWS[0]}
+    got, _ = _fetch(tmp_path, "d.json", json.dumps(columns, indent=2).encode())
+    assert [{k: r[k] for k in ROWS[0]} for r in got] == ROWS
+    with pytest.raises(DataError, match=r"e.json line 1: one JSON object .* expected JSON Lines"):
+        _fetch(tmp_path, "e.json", json.dumps(ROWS[0], indent=2).encode())
+
+
+def test_invalid_utf8_and_a_misfit_type_name_their_line(tmp_path):
+    with pytest.raises(DataError, match=r"d.jsonl line 2: not valid UTF-8 \(byte 0xe9"):
+        _fetch(tmp_path, "d.jsonl", json.dumps(ROWS[0]).encode() + b'\n{"instruction": "caf\xe9"}\n')
+    lines = [json.dumps(ROWS[0])] * 3 + [json.dumps(dict(ROWS[0], output=5))]
+    with pytest.raises(DataError, match=r"e.jsonl line 4: field 'output': int 5, where the rows before it hold another type"):
+        _fetch(tmp_path, "e.jsonl", "\n".join(lines).encode())
