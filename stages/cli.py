@@ -29,8 +29,48 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
     sys.exit(code)
 
 
+_CACHE_DIR: list[Path] = []  # the --cache-dir of this command, for messages about files molt cannot write
+
+
+def _remember_cache_dir(ctx, param, value):
+    _CACHE_DIR[:] = [Path(value).resolve()] if value else []
+    return value
+
+
 def cache_option(f):
-    return click.option("--cache-dir", envvar="MOLT_CACHE_DIR", default="cache", show_default=True, type=click.Path(file_okay=False), help="Artifact store (or MOLT_CACHE_DIR).")(f)
+    return click.option("--cache-dir", envvar="MOLT_CACHE_DIR", default="cache", show_default=True, type=click.Path(file_okay=False), callback=_remember_cache_dir, help="Artifact store (or MOLT_CACHE_DIR).")(f)
+
+
+def writable(root: Path) -> bool:
+    """Whether molt may create or write the directory `root`: its nearest existing ancestor is a
+    directory this process may write to."""
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    return existing is not None and existing.is_dir() and os.access(existing, os.W_OK)
+
+
+# a file molt may not create or write: permissions, a read-only file system, a file where a directory should be
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
+
+
+class MoltGroup(click.Group):
+    """Every command: an OSError about a file molt cannot write (a read-only cache dir, a file in
+    the way) is one line naming it, exit 2, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (OSError, dag.StageFailed) as error:
+            cause = error.error if isinstance(error, dag.StageFailed) else error
+            if not isinstance(cause, OSError) or cause.errno not in _UNWRITABLE:
+                raise
+            where = Path(cause.filename).absolute() if cause.filename else None
+            stage = f"{error.node}: " if isinstance(error, dag.StageFailed) else ""
+            cache = _CACHE_DIR[0] if _CACHE_DIR else None
+            if where is not None and cache is not None and where.is_relative_to(cache):
+                hint = f"the cache dir {cache} must be a directory molt can write (set --cache-dir or MOLT_CACHE_DIR to another one)"
+            else:
+                hint = "expected a path molt can read and write"
+            fail(f"{stage}{where or 'a file'}: {cause.strerror or cause}; {hint}")
 
 
 def _out_of_space(error: BaseException) -> bool:
@@ -100,8 +140,8 @@ class Session:
             if _out_of_space(failure.error):
                 fail(_no_space_message(f"{failure.node}{label}", failure.error, self.store.root))
             raise
-        except DataError as error:  # raised while computing a key (a missing source, an unknown type)
-            fail(str(error))
+        except DataError as error:  # raised while computing a key (a missing source, an unknown type): the config's doing
+            fail(f"{self.config_path}: {error}")
         except OSError as error:  # while committing an artifact: the stage that was building is at fault
             if _out_of_space(error):
                 fail(_no_space_message(self._building or "molt", error, self.store.root))
@@ -126,6 +166,14 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def check_output_dir(session: Session, dest: Path) -> None:
+    """Before any stage runs: `dest` (output_dir) must be a directory molt can create or write."""
+    blocker = next((p for p in (dest, *dest.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == dest else f"is inside {blocker}, which is a file"
+        fail(f"{session.config_path}: output_dir: {dest} {where} (expected a directory to write the model to, or a path that does not exist yet)")
+
+
 def _copy_dir(src: Path, dest: Path) -> None:
     """Real copies: users edit and delete what lands in output_dir; the store must not change."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -138,7 +186,7 @@ def _write_card(session: Session, artifact, dest: Path) -> None:
     (dest / "lineage.json").write_text(json.dumps(chain, indent=1))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=MoltGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="molt")
 def main():
     """molt: post-training as a DAG of cached, content-addressed stages."""
@@ -267,6 +315,7 @@ def train(ctx, config, launcher, cache_dir):
     if int(os.environ.get("RANK", "0")):
         console.quiet = True  # rank 0 reports; the others say only what fails
     session = Session(config, ctx.args, cache_dir)
+    check_output_dir(session, session.output_dir())
     done = session.resolve(session.plan("train"))
     if session.rank:
         return
@@ -294,6 +343,7 @@ def merge_lora(ctx, config, cache_dir):
         fail("merge-lora: the config trains no adapter (set adapter: lora)")
     if session.config.relora_steps:
         fail(f"merge-lora: with relora_steps the adapter is merged at every restart and `molt train` already writes the full model to {session.output_dir()}; nothing to merge")
+    check_output_dir(session, session.output_dir() / "merged")
     done = session.resolve(session.plan("merge"))
     dest = session.output_dir() / "merged"
     _copy_dir(done["merge"].artifact.path, dest)
@@ -329,6 +379,9 @@ def status(config, as_json, cache_dir):
     """Each stage instance: cached, stale (and why) or missing. Computes nothing."""
     session = Session(config, [], cache_dir, quiet=True)
     nodes = session.plan()
+    if not writable(session.store.root):  # status needs nothing written: the stat index only saves re-hashing next time
+        session.store.index.save = lambda: None
+        console.print(f"note: the cache dir {session.store.root} is not writable: its stat index is not updated (files are re-hashed next time)")
     done = session.resolve(nodes, run=False)
     refs = session.runner.refs()
     rows = []
