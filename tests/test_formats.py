@@ -14,6 +14,7 @@ from stages import format as format_stage
 from stages import tokenize as tokenize_stage
 from stages import tokenizer as tokenizer_stage
 from stages.store import DataError, read_table, write_table
+from stages.context import Context
 
 IGNORE = -100
 ALPACA_WITH_INPUT = (
@@ -54,7 +55,8 @@ def pipeline(tokenizer_artifacts, tmp_path):
         tok = tokenizer_artifacts[template]
         format_stage.run(format_stage.Params(dataset=format_stage.Spec(**spec)), {"data": data, "tokenizer": tok}, formatted)
         params = tokenize_stage.Params(sequence_len=sequence_len, train_on_inputs=train_on_inputs)
-        run.stats = tokenize_stage.run(params, {"formatted": formatted, "tokenizer": tok}, tokenized)
+        run.said = []  # what tokenize says through ctx.log
+        run.stats = tokenize_stage.run(params, {"formatted": formatted, "tokenizer": tok}, tokenized, Context(log=run.said.append))
         table = read_table(tokenized / "tokenized.arrow")
         return list(zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()))
 
@@ -263,6 +265,11 @@ def test_rows_with_nothing_trained_or_too_long_are_dropped(pipeline, expect):
     kept = pipeline(rows, type="chat_template", sequence_len=128)
     assert kept == [expect([(chatml("user", "q") + "<|im_start|>assistant\n", False), ("a<|im_end|>", True), ("\n", False)])]
     assert pipeline.stats["dropped"] == {"too_long": 1, "too_short": 0, "nothing_trained": 1}
+    assert pipeline.said == [
+        "tokenize: dropped 1 of 3 rows longer than sequence_len 128 tokens (excess_length_strategy: drop; raise sequence_len "
+        "or set excess_length_strategy: truncate to keep them); the first is row 2",
+        "tokenize: dropped 1 of 3 rows with no trained token (check roles_to_train / train_on_inputs); the first is row 1",
+    ]
 
 
 def test_labels_for_marks_tokens_covering_trained_characters():
