@@ -122,3 +122,12 @@ def test_verify_store_finds_and_quarantines_a_flipped_byte(warm, molt, cache_dir
     result = molt("verify", "--store", "--remove")
     assert result.exit_code == 1 and "removed" in result.output, result
     assert not (cache_dir / "tokenize" / tok).exists() and not (cache_dir / "quarantine" / "tokenize").exists()
+
+
+def test_the_input_check_bench_runs_on_tiny_inputs(tmp_path):
+    from bench import integrity
+
+    results = integrity.main(["--rows", "40", "--rounds", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert [c["rebuilt"] for c in results["cases"]] == list(integrity.REBUILDS)
+    assert all(c["check_s"] > 0 and c["no_check_s"] > 0 and c["rehash_s"] > 0 for c in results["cases"])
+    assert "| on / off |" in (tmp_path / "out" / "integrity.md").read_text()
