@@ -80,3 +80,28 @@ def test_fetch_examples_copies_the_ready_configs(workdir):
     assert (Path("ex") / "smollm2-lora.yml").exists()
     assert (Path("ex") / "data" / "conversions.jsonl").exists()
 
+
+
+def test_a_read_only_cache_dir_is_read_by_status_and_named_by_train(make_config, molt, cache_dir, workdir):
+    """A real read-only store (a read-only bind mount in a user namespace; skipped where there is none)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user and mount namespaces here")
+    config = make_config(learning_rate=1e-3, max_steps=1)
+    assert molt("preprocess", config).exit_code == 0
+    molt_cmd = f"COLUMNS=240 {sys.executable} -m stages.cli"
+    script = (f"mount --bind {cache_dir} {cache_dir} && mount -o remount,ro,bind {cache_dir} && "
+              f"{molt_cmd} status {config} --cache-dir {cache_dir}; echo status-exit=$?; "
+              f"{molt_cmd} train {config} --cache-dir {cache_dir}; echo train-exit=$?")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=workdir, timeout=600)
+    output = " ".join((done.stdout + done.stderr).split())
+    assert "Traceback" not in output, output
+    assert f"note: the cache dir {cache_dir} is not writable" in output and "status-exit=0" in output, output
+    assert output.count("cached") >= 6, output  # fetch_model ... pack, read from the read-only store
+    assert "train-exit=2" in output and "Read-only file system" in output, output
+    assert f"the cache dir {cache_dir} must be a directory molt can write" in output, output
