@@ -301,8 +301,10 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     tables = [t for _, t, _ in read]
     try:
         table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    except pa.ArrowInvalid as error:
-        raise DataError(f"dataset {params.dataset.path!r}: its files have incompatible columns ({error})") from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        misfit = next(label for k, (label, _, _) in enumerate(read) if not _concatenates(tables[: k + 1]))
+        raise DataError(f"dataset {params.dataset.path!r}: its files have incompatible columns: {misfit} does not fit "
+                        f"{read[0][0]}{' and the files before it' if misfit != read[1][0] else ''} ({error})") from None
     if table.num_rows == 0:
         raise DataError(f"dataset {params.dataset.path!r}: no rows ({', '.join(label for label, _, _ in read)}: empty)")
     files, lines, rows = [], [], []
@@ -315,6 +317,16 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     write_table(table, out / "data.arrow")
     write_table(where, out / origin.FILE)
     return {"rows": table.num_rows}
+
+
+def _concatenates(tables: list) -> bool:
+    import pyarrow as pa
+
+    try:
+        pa.concat_tables(tables, promote_options="permissive")
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
 
 
 def _shard(table, source: Source):
@@ -387,9 +399,12 @@ def _read(path: Path, source: Source):
         if kind == "csv":
             import pyarrow.csv
 
-            table = pyarrow.csv.read_csv(path)
-            data = path.read_bytes()
-            one_line_each = len(data.rstrip(b"\r\n").split(b"\n")) == table.num_rows + 1  # no quoted line breaks
+            text = _decode(path)  # pyarrow would read a column with a non-UTF-8 byte as binary, silently
+            try:
+                table = pyarrow.csv.read_csv(path)
+            except pa.ArrowInvalid as error:
+                raise DataError(f"{path}{_csv_line(text, str(error))}: cannot read as csv: {error}") from None
+            one_line_each = len(text.rstrip("\r\n").split("\n")) == table.num_rows + 1  # no quoted line breaks
             return table, list(range(2, table.num_rows + 2)) if one_line_each else None
         if kind == "parquet":
             import pyarrow.parquet as pq
@@ -405,6 +420,15 @@ def _read(path: Path, source: Source):
     raise DataError(f"{path}: unknown data file type {path.suffix!r} (set ds_type to one of json, csv, parquet, arrow, text)")
 
 
+def _csv_line(text: str, message: str) -> str:
+    """` line N` of the row a pyarrow CSV parse error quotes (`Expected 3 columns, got 4: a,b,c,d`), if found."""
+    quoted = message.partition("columns, got ")[2].partition(": ")[2]
+    for number, line in enumerate(text.split("\n"), 1):
+        if quoted and line.rstrip("\r") == quoted:
+            return f" line {number}"
+    return ""
+
+
 def _decode(path: Path) -> str:
     """A file's text as UTF-8 (a byte-order mark dropped); bad bytes are named by line."""
     data = path.read_bytes()
@@ -416,6 +440,9 @@ def _decode(path: Path) -> str:
         raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[error.start]:02x} at byte {column} of the line); "
                         "save the file as UTF-8") from None
     return text.removeprefix("\ufeff")
+
+
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false", type(None): "null"}
 
 
 def _read_json(path: Path):
@@ -451,7 +478,7 @@ def _read_json(path: Path):
     columns: dict[str, list] = {}
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f"{where(i)}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{where(i)}: expected a JSON object, got {JSON_TYPES.get(type(row), type(row).__name__)}")
         for k in row:
             columns.setdefault(k, [])
     for k in columns:
