@@ -75,7 +75,11 @@ def test_tokenizer_config_resolves_offline_or_says_why(tmp_path, monkeypatch):
         tokenizer.sources(tokenizer.Params(tokenizer_config="EleutherAI/gpt-neox-20b"))
     with pytest.raises(DataError, match=r"tokenizer_config './nope': .* does not exist"):
         tokenizer.locate(tokenizer.Params(tokenizer_config="./nope"))
-    assert tokenizer.locate(tokenizer.Params(tokenizer_config="smollm2-135m-instruct")).suffix == ".gguf"
+    alias = tokenizer.Params(tokenizer_config="smollm2-135m-instruct")
+    assert tokenizer.locate(alias).suffix == ".gguf" and [label for label, _ in tokenizer.sources(alias)] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    (tmp_path / "alias").mkdir()
+    tokenizer.run(alias, {"model": tmp_path}, tmp_path / "alias")  # the tokenizer inside the embedded GGUF
+    assert json.loads((tmp_path / "alias" / tokenizer.INFO).read_text())["base_vocab_size"] == 49152
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"tokenizer_config '.*empty': the directory holds no tokenizer \(expected one of tokenizer.json"):
         tokenizer.run(tokenizer.Params(tokenizer_config=str(tmp_path / "empty")), {"model": tmp_path}, tmp_path / "out")
