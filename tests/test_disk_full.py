@@ -54,3 +54,29 @@ def test_a_full_disk_names_the_stage_and_leaves_the_store_whole(tmp_path, tiny_m
     complete_artifacts_only(tmp_path / "cache")
     now = {p.relative_to(tmp_path / "cache") for p in (tmp_path / "cache").glob("*/*") if p.is_dir()}
     assert now - built <= {Path("tmp")} | {p for p in now if p.parts[0] in ("locks", "refs", "tmp")}, now - built
+
+
+def test_a_full_tmpfs_store_names_the_stage_and_leaves_the_store_whole(tmp_path, tiny_model_dir):
+    """The same with a real ENOSPC: the store on a 28 MB tmpfs (needs root; skipped elsewhere)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=28m", "tmpfs", str(cache)], capture_output=True).returncode:
+        import pytest
+
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        config = {"base_model": str(tiny_model_dir), "sequence_len": 128, "datasets": [{"path": "data.jsonl", "type": "alpaca"}]}
+        (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+        (tmp_path / "data.jsonl").write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."}) + "\n")
+        first = _molt(tmp_path, limited=False)
+        assert first.returncode == 0, first.stdout + first.stderr
+        big = {"instruction": "Repeat it.", "input": "", "output": "word " * 2000}
+        (tmp_path / "data.jsonl").write_text("".join(json.dumps(big) + "\n" for _ in range(2000)))  # ~20 MB
+        done = _molt(tmp_path, limited=False)
+        output = done.stdout + done.stderr
+        assert done.returncode == 2 and "Traceback" not in output, output
+        said = " ".join(output.split())
+        assert "ran out of disk space" in said and any(f"{stage}[0] (datasets[0]" in said for stage in ("fetch_data", "format")), output
+        complete_artifacts_only(cache)
+    finally:
+        subprocess.run(["umount", str(cache)], capture_output=True)
