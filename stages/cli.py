@@ -115,7 +115,7 @@ class Session:
             console.print(f"  [cyan]▶[/] {name} building [dim]{key[:12]}[/]")
         elif how in ("damaged", "damaged-input"):
             where = _shown(self.store.artifact_dir(node.stage, key))
-            found = "changed on disk" if how == "damaged" else "found by re-hashing it before a stage read it"
+            found = "changed on disk" if how == "damaged" else "found by re-hashing it before it was read"
             console.print(f"[yellow]warning:[/] {escape(node.name)} ({escape(where)}): its files do not match its manifest ({found}); "
                           f"moved to {escape(_shown(self.store.root / 'quarantine' / node.stage / key))}; rebuilding")
         elif how in SYMBOL:
@@ -156,6 +156,10 @@ class Session:
 
     def output_dir(self) -> Path:
         return Path(self.config.output_dir)
+
+    def intact(self, name: str):
+        """The artifact of a resolved instance, re-hashed before molt copies it out (rebuilt when damaged)."""
+        return self.runner.ensure_intact(self.runner.done[name].node).artifact
 
 
 def _shown(path: Path) -> str:
@@ -203,7 +207,7 @@ def preprocess(ctx, config, debug, debug_num_examples, debug_text_only, cache_di
     """Fetch, format, tokenize, mix and pack the datasets of CONFIG."""
     session = Session(config, ctx.args, cache_dir)
     done = session.resolve(session.plan("pack"))
-    mix = done["mix"].artifact
+    mix = session.intact("mix")
     prepared = Path(session.config.dataset_prepared_path or "last_run_prepared") / mix.key
     _save_prepared(mix.path, prepared)
     console.print(f"prepared dataset: {prepared}  ({mix.manifest['rows']} train rows, {mix.manifest['val_rows']} validation rows)")
@@ -319,7 +323,7 @@ def train(ctx, config, launcher, cache_dir):
     done = session.resolve(session.plan("train"))
     if session.rank:
         return
-    artifact = done["train"].artifact
+    artifact = session.intact("train")
     _copy_dir(artifact.path / "model", session.output_dir())
     for extra in ("metrics.json", "loss.png", "profiler_trace.json"):  # the trace only with profiler_steps
         if (artifact.path / extra).exists():
@@ -346,8 +350,9 @@ def merge_lora(ctx, config, cache_dir):
     check_output_dir(session, session.output_dir() / "merged")
     done = session.resolve(session.plan("merge"))
     dest = session.output_dir() / "merged"
-    _copy_dir(done["merge"].artifact.path, dest)
-    _write_card(session, done["merge"].artifact, dest)
+    merged = session.intact("merge")
+    _copy_dir(merged.path, dest)
+    _write_card(session, merged, dest)
     console.print(f"merged model written to {dest}")
 
 

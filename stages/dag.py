@@ -313,17 +313,24 @@ class Runner:
         is ever made from damaged bytes. True when an input was rebuilt (`ups` is updated)."""
         rebuilt = False
         for role, up in ups.items():
-            if up.artifact is None or self.store.intact(up.artifact):
-                continue
-            upstream = node.inputs[role]
-            self._quarantine(upstream, up.key)
-            self.on_event("damaged-input", upstream, up.key)
-            del self.done[upstream.name]
-            ups[role] = self.resolve(upstream)
-            if ups[role].artifact is None or not self.store.intact(ups[role].artifact):
-                raise StageFailed(upstream, RuntimeError(f"{upstream.name} was rebuilt after its files were found damaged, but the rebuilt files do not match their manifest either"))
-            rebuilt = True
+            if up.artifact is not None and (checked := self.ensure_intact(node.inputs[role])) is not up:
+                ups[role], rebuilt = checked, True
         return rebuilt
+
+    def ensure_intact(self, node: Node) -> Resolution:
+        """The node's resolution after re-hashing its files from their bytes (once per process):
+        one that no longer matches its manifest is quarantined and rebuilt. Called before a stage
+        reads it, and before molt copies it out (the prepared dataset, the trained model)."""
+        res = self.done[node.name]
+        if res.artifact is None or not self.check_inputs or self.store.intact(res.artifact):
+            return res
+        self._quarantine(node, res.key)
+        self.on_event("damaged-input", node, res.key)
+        del self.done[node.name]
+        res = self.resolve(node)
+        if res.artifact is None or not self.store.intact(res.artifact):
+            raise StageFailed(node, RuntimeError(f"{node.name} was rebuilt after its files were found damaged, but the rebuilt files do not match their manifest either"))
+        return res
 
     def _quarantine(self, node: Node, key: str) -> None:
         """Move (node, key) to the store's quarantine unless, under its lock, it is whole again

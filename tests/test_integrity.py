@@ -131,3 +131,20 @@ def test_the_input_check_bench_runs_on_tiny_inputs(tmp_path):
     assert [c["rebuilt"] for c in results["cases"]] == list(integrity.REBUILDS)
     assert all(c["check_s"] > 0 and c["no_check_s"] > 0 and c["rehash_s"] > 0 for c in results["cases"])
     assert "| on / off |" in (tmp_path / "out" / "integrity.md").read_text()
+
+
+def test_what_molt_copies_out_is_re_hashed_first(warm, molt, cache_dir):
+    config = warm()
+    rows = status_rows(molt, config)
+    _flip(cache_dir / "mix" / rows["mix"]["key"] / "train.arrow", needle=None)  # pack stays cached: nothing else reads mix
+    result = molt("preprocess", config)
+    assert result.exit_code == 0, result
+    assert f"warning: mix (cache/mix/{rows['mix']['key']}): its files do not match its manifest" in result.output, result
+    assert result.built() == {"mix"}, result
+
+    model = next((cache_dir / "train" / rows["train"]["key"]).rglob("*.safetensors"))
+    _flip(model, needle=None)
+    result = molt("train", config)
+    assert result.exit_code == 0, result
+    assert f"warning: train (cache/train/{rows['train']['key']})" in result.output and "train" in result.built(), result
+    _every_artifact_matches(cache_dir)
