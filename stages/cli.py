@@ -98,6 +98,8 @@ class Session:
         self.config_path = Path(config_path)
         self.values = self.config.model_dump(mode="json")
         self.store = Store(cache_dir)
+        if (command := click.get_current_context(silent=True)) is not None:
+            command.call_on_close(self.store.release)  # the lease on what it resolved ends with the command
         refs_id = hash_text(str(self.config_path.resolve()))[:16]
         # under a multi-process launcher (accelerate, torchrun) each process has a RANK
         self.rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -113,6 +115,8 @@ class Session:
         if how == "start":
             self._building = node.name
             console.print(f"  [cyan]▶[/] {name} building [dim]{key[:12]}[/]")
+        elif how == "wait":  # `key` is whom it waits for, e.g. "pid 1234"
+            console.print(f"  [yellow]⧗ waiting[/]       {name} {escape(key)} is building it; it is reused once done")
         elif how in ("damaged", "damaged-input"):
             where = _shown(self.store.artifact_dir(node.stage, key))
             found = "changed on disk" if how == "damaged" else "found by re-hashing it before it was read"
@@ -221,25 +225,52 @@ def _save_prepared(mix_dir: Path, dest: Path) -> None:
     `datasets.load_from_disk(dest)` gives a DatasetDict with `train` and, when there are held-out
     rows (`val_set_size` or `test_datasets`), `validation`. With no held-out rows there is no
     `validation` split, as Axolotl has no eval set then (an empty split saved by `datasets` has no
-    Arrow file and does not load back). A folder written with another set of splits is rewritten."""
+    Arrow file and does not load back). A folder written with another set of splits is rewritten.
+    The folder is named by the mix key, so a concurrent `molt preprocess` that placed it first
+    placed the same content: this one then keeps that one."""
+    import tempfile
+
     import datasets
+
+    from stages.store import owned_name, owner_of, process_alive
 
     splits = {"train": read_table(mix_dir / "train.arrow"), "validation": read_table(mix_dir / "val.arrow")}
     splits = {k: t for k, t in splits.items() if k == "train" or t.num_rows}
-    if dest.exists():
+
+    def placed() -> bool:
         try:
-            if json.loads((dest / "dataset_dict.json").read_text()).get("splits") == list(splits):
-                return
+            return json.loads((dest / "dataset_dict.json").read_text()).get("splits") == list(splits)
         except (OSError, ValueError):
-            pass
+            return False
+
+    if placed():
+        return
     datasets.disable_progress_bars()
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # one shard for an empty train split, so that it still writes an Arrow file that loads
-    shards = {k: (None if t.num_rows else 1) for k, t in splits.items()}
-    datasets.DatasetDict({k: datasets.Dataset(t) for k, t in splits.items()}).save_to_disk(str(tmp), num_shards=shards)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in dest.parent.glob(f".{dest.name}-*.tmp"):  # of a killed preprocess
+        owner = owner_of(leftover.name.removesuffix(".tmp"))
+        if owner is not None and not process_alive(*owner):
+            shutil.rmtree(leftover, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=owned_name(f".{dest.name}"), suffix=".tmp", dir=dest.parent))
+    try:
+        # one shard for an empty train split, so that it still writes an Arrow file that loads
+        shards = {k: (None if t.num_rows else 1) for k, t in splits.items()}
+        datasets.DatasetDict({k: datasets.Dataset(t) for k, t in splits.items()}).save_to_disk(str(tmp), num_shards=shards)
+        if placed():  # another process finished first
+            return
+        aside = dest.parent / f"{owned_name(f'.{dest.name}')}old.tmp"
+        try:  # another set of splits: moved aside whole (a rename), then removed
+            os.rename(dest, aside)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process placed it between the two renames
+            if not placed():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def show_examples(arrow: Path, tokenizer_json: Path, count: int, text_only: bool) -> None:
@@ -447,8 +478,12 @@ def show_dag(config, mermaid, cache_dir):
 @click.option("--dry-run", is_flag=True)
 @cache_option
 def gc(dry_run, cache_dir):
-    """Delete artifacts that no config's last run used, and checkpoints killed runs left behind."""
+    """Delete artifacts that no config's last run used, and checkpoints and temp dirs killed runs
+    left behind. What a running molt process uses (its lease), or built since the oldest run in
+    flight began, is kept."""
     from filelock import Timeout
+
+    from stages.store import MANIFEST
 
     store = Store(cache_dir)
     keep = set()
@@ -464,16 +499,39 @@ def gc(dry_run, cache_dir):
         if not dry_run:
             shutil.rmtree(path)
 
-    for artifact in store.artifacts():
-        if artifact.key not in keep:
-            drop(artifact.stage, artifact.key, artifact.path)
-    for partial in sorted(store.root.glob("*/*.partial")):
-        stage, key = partial.parent.name, partial.name.removesuffix(".partial")
-        try:
-            with store.lock(stage, key).acquire(timeout=0):  # held: a run is writing there now
-                drop(stage, key, partial, " checkpoints of an unfinished run")
-        except Timeout:
-            continue
+    def kept(stage: str, key: str, why: str) -> None:
+        console.print(f"kept {stage}/{key[:12]}: {why}")
+
+    # a run adds a key to its lease under this lock before it looks the key up, so no run finds
+    # an artifact that this gc then deletes
+    with store.gc_lock():
+        leases = store.live_leases(prune=not dry_run)
+        users = {entry: lease["pid"] for lease in leases for entry in lease["keys"]}
+        oldest = min(leases, key=lambda lease: lease["since"], default=None)
+        for artifact in store.artifacts():
+            if artifact.key in keep:
+                continue
+            if (pid := users.get(f"{artifact.stage}/{artifact.key}")) is not None:
+                kept(artifact.stage, artifact.key, f"in use by molt pid {pid}")
+            elif oldest is not None and (artifact.path / MANIFEST).stat().st_mtime >= oldest["since"] - 1:  # coarse fs clocks
+                kept(artifact.stage, artifact.key, f"built since molt pid {oldest['pid']} started, which still runs")
+            else:
+                drop(artifact.stage, artifact.key, artifact.path)
+        for partial in sorted(store.root.glob("*/*.partial")):
+            stage, key = partial.parent.name, partial.name.removesuffix(".partial")
+            if f"{stage}/{key}" in users:  # a run that may resume from them is in flight
+                continue
+            try:
+                with store.lock(stage, key).acquire(timeout=0):  # held: a run is writing there now
+                    drop(stage, key, partial, " checkpoints of an unfinished run")
+            except Timeout:
+                continue
+        for leftover in store.sweep(dry_run=True):
+            size = sum(p.stat().st_size for p in list_files(leftover))
+            freed += size
+            console.print(f"{'would remove' if dry_run else 'removed'} tmp/{leftover.name}: left by a killed run ({size / 1e6:.1f} MB)")
+        if not dry_run:
+            store.sweep()
     console.print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB")
 
 

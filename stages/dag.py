@@ -26,7 +26,7 @@ from rich.markup import escape
 from stages import fingerprint, ui
 from stages.config import slice_params
 from stages.context import Context
-from stages.store import Artifact, Store, canonical_json, hash_file, hash_text, hash_tree, list_files, now, publish, read_table
+from stages.store import HOST, Artifact, Store, canonical_json, hash_file, hash_text, hash_tree, list_files, now, publish, read_table
 
 
 
@@ -281,6 +281,8 @@ class Runner:
             record = self.record(node, inputs)
             key = hash_text(canonical_json(record))
             res = Resolution(node, key, record)
+            if run:  # leased before it is looked up: a `molt gc` from now on keeps it
+                self.store.hold(node.stage, key)
             res.artifact, res.damaged = self.store.inspect(node.stage, key)
             res.how = "cached" if res.artifact else "missing"
             if res.damaged is not None and run and res.damaged.path == self.store.artifact_dir(node.stage, key):
@@ -356,7 +358,7 @@ class Runner:
             with self.store.writing(node.stage, key) as scratch:
                 self._call(node, key, inputs, scratch)
             return None, True
-        with self.store.lock(node.stage, key):
+        with self.store.locked(node.stage, key, on_wait=lambda holder: self.on_event("wait", node, _whom(holder))):
             if (hit := self.store.get(node.stage, key)) is not None:  # another process made it
                 return hit, False
             self.on_event("start", node, key)
@@ -394,9 +396,17 @@ class Runner:
         if refs.get(name) != key:
             refs[name] = key
             self.refs_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.refs_path.with_suffix(".tmp")
+            tmp = self.refs_path.with_suffix(f".{os.getpid()}.tmp")  # another run of this config may write it too
             tmp.write_text(json.dumps(refs, indent=1, sort_keys=True))
             tmp.replace(self.refs_path)
+
+
+def _whom(holder: dict | None) -> str:
+    """The process a waiter waits for, in words: `pid 1234` (`pid 1234 on host2`)."""
+    if not holder:
+        return "another process"
+    host = holder.get("host")
+    return f"pid {holder.get('pid')}" + (f" on {host}" if host and host != HOST else "")
 
 
 def why_changed(old: dict, new: dict) -> list[str]:

@@ -8,13 +8,22 @@ lock, so readers see either nothing or a whole artifact. Hashes are xxh3-128 thr
 stage's `checkpoints/`, from which `auto_resume_from_checkpoints` carries on after a killed run.
 Every rank of a multi-process run shares it (it is keyed by the stage key, not by a temp name);
 it is removed once the artifact is committed (scheduled saves are moved into the artifact).
+
+Concurrent processes share a store. A stage is built under its key's lock (`locks/`), whose
+holder's pid is written beside it (`<lock>.holder`) so that a waiter can say whom it waits for.
+Temp dirs are named `<stage>-<key8>-<pid>@<host>-…`: one whose process is dead is a leftover of a
+killed run and the next run (or `molt gc`) removes it. A running process leases what it resolves
+(`leases/lease-<pid>@<host>-….json`: its pid, start time and the keys it resolved); `molt gc` keeps the
+artifacts a live process leases and those younger than the oldest run in flight.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -23,7 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 import xxhash
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 MANIFEST = "manifest.json"
 
@@ -153,10 +162,54 @@ class Artifact:
         return self.manifest["content"]
 
 
+HOST = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "localhost"
+_OWNED = re.compile(r"-(\d+)@([A-Za-z0-9._]+)-[^-]*$")  # `…-<pid>@<host>-<random>` (mkdtemp's part has no "-")
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time (clock ticks since boot) where /proc tells it: a pid reused by a
+    later process then does not pass for the one that recorded it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_alive(pid: int, host: str = HOST, start: str = "") -> bool:
+    """Whether the process that recorded (pid, host, start) still runs. A process of another
+    host cannot be checked from here, so it counts as alive; a zombie counts as dead."""
+    if host != HOST:
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:
+        pass
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    return fields[0] != "Z" and not (start and fields[19] != start)
+
+
+def owner_of(name: str) -> tuple[int, str] | None:
+    """(pid, host) recorded in a temp dir's name, None for a name without one."""
+    found = _OWNED.search(name)
+    return (int(found.group(1)), found.group(2)) if found else None
+
+
+def owned_name(prefix: str) -> str:
+    """A mkdtemp prefix naming this process as the owner."""
+    return f"{prefix}-{os.getpid()}@{HOST}-"
+
+
 class Store:
     def __init__(self, root: Path | str):
         self.root = Path(root).resolve()
         self.index = StatIndex(self.root / "index" / "stat.json")
+        self._lease: dict | None = None  # this process's lease, once it resolves something
+        self._lease_path: Path | None = None
         self.fresh = FreshHashes(self.index)
 
     def artifact_dir(self, stage: str, key: str) -> Path:
@@ -214,7 +267,6 @@ class Store:
         os.rename(path, dest)
         return dest
 
-
     def partial_dir(self, stage: str, key: str) -> Path:
         """Where a run of (stage, key) keeps what survives its crash; see the module docstring."""
         return self.root / stage / f"{key}.partial"
@@ -224,13 +276,114 @@ class Store:
         lock_dir.mkdir(parents=True, exist_ok=True)
         return FileLock(str(lock_dir / f"{stage}-{key}.lock"))
 
+    def _holder_path(self, stage: str, key: str) -> Path:
+        return self.root / "locks" / f"{stage}-{key}.holder"
+
+    def holder(self, stage: str, key: str) -> dict | None:
+        """Who holds (stage, key)'s lock: {"pid", "host"}, None when nobody says so (yet)."""
+        try:
+            return json.loads(self._holder_path(stage, key).read_text())
+        except (OSError, ValueError):
+            return None
+
+    @contextmanager
+    def locked(self, stage: str, key: str, on_wait=None) -> Iterator[None]:
+        """Hold (stage, key)'s lock; when another process holds it, call `on_wait(holder)` (see
+        `holder`) once, then wait for it. The holder's pid is written beside the lock file."""
+        lock = self.lock(stage, key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait is not None:
+                on_wait(self.holder(stage, key))
+            lock.acquire()
+        holder = self._holder_path(stage, key)
+        try:
+            _write_atomic(holder, json.dumps({"pid": os.getpid(), "host": HOST}))
+            yield
+        finally:
+            holder.unlink(missing_ok=True)  # before the release: the next holder writes its own
+            lock.release()
+
+    # -- leases: what running processes use, which `molt gc` keeps ---------------------------
+
+    def gc_lock(self) -> FileLock:
+        """Held by `molt gc` while it decides and deletes, and briefly by a run adding a key to
+        its lease before it looks the key up: gc never deletes what a run just found."""
+        lock_dir = self.root / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(lock_dir / "gc.lock"))
+
+    def hold(self, stage: str, key: str) -> None:
+        """Lease (stage, key) to this process until `release` (or its death). The first call
+        also clears what dead processes left: their temp dirs and leases."""
+        if self._lease_path is False:  # a store this process cannot write to: nothing to protect
+            return
+        try:
+            with self.gc_lock():
+                if self._lease is None:
+                    self.sweep()
+                    leases = self.root / "leases"
+                    leases.mkdir(parents=True, exist_ok=True)
+                    self._lease_path = Path(tempfile.mkstemp(prefix=owned_name("lease"), suffix=".json", dir=leases)[1])
+                    self._lease = {"pid": os.getpid(), "host": HOST, "start": _process_start(os.getpid()), "since": time.time(), "keys": []}
+                entry = f"{stage}/{key}"
+                if entry not in self._lease["keys"]:
+                    self._lease["keys"].append(entry)
+                    _write_atomic(self._lease_path, json.dumps(self._lease))
+        except OSError:  # a read-only store: it is read, never built into, so no gc races this run
+            self._lease, self._lease_path = None, False
+
+    def release(self) -> None:
+        """End this process's lease (its run is over)."""
+        if self._lease_path:
+            self._lease_path.unlink(missing_ok=True)
+        self._lease, self._lease_path = None, None
+
+    def live_leases(self, prune: bool = True) -> list[dict]:
+        """The leases of processes that still run (`prune`: a dead one's lease file is removed)."""
+        found = []
+        for path in sorted((self.root / "leases").glob("*.json")):
+            try:
+                lease = json.loads(path.read_text())
+                alive = process_alive(int(lease["pid"]), lease.get("host", HOST), lease.get("start", ""))
+            except (OSError, ValueError, KeyError, TypeError):
+                # being written (mkstemp, then the first write) or unreadable: a lease in the
+                # making, unless its owner, named in the file name, is dead
+                owner = owner_of(path.name.removesuffix(".json"))
+                if owner is None:  # not a lease molt wrote
+                    continue
+                if process_alive(*owner):
+                    found.append({"pid": owner[0], "since": 0.0, "keys": []})
+                elif prune:
+                    path.unlink(missing_ok=True)
+                continue
+            if alive:
+                found.append(lease)
+            elif prune:
+                path.unlink(missing_ok=True)
+        return found
+
+    def sweep(self, dry_run: bool = False) -> list[Path]:
+        """Temp dirs (and leases) of processes that are dead: a killed run's leftovers."""
+        dead = []
+        for path in sorted((self.root / "tmp").glob("*")):
+            owner = owner_of(path.name)
+            if owner is not None and not process_alive(*owner):
+                dead.append(path)
+                if not dry_run:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if not dry_run:
+            self.live_leases()
+        return dead
+
     @contextmanager
     def writing(self, stage: str, key: str) -> Iterator[Path]:
         """Yield an empty temp dir; on clean exit it becomes the artifact (the caller writes the
         manifest with `commit`). On error the temp dir is removed: no half-written artifact."""
         tmp_root = self.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{stage}-{key[:8]}-", dir=tmp_root))
+        tmp = Path(tempfile.mkdtemp(prefix=owned_name(f"{stage}-{key[:8]}"), dir=tmp_root))
         try:
             yield tmp
         finally:
@@ -304,6 +457,13 @@ def publish(artifact: Artifact, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     os.rename(tmp, dest)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a small file whole: readers see the old text or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:
