@@ -394,8 +394,12 @@ def _read(path: Path, source: Source):
         if kind == "json":
             return _read_json(path)
         if kind == "text":  # one row per line, in a `text` column, as datasets' text loader
-            lines = _decode(path).splitlines()
-            return pa.table({"text": pa.array(lines, type=pa.string())}), list(range(1, len(lines) + 1))
+            pieces = _decode(path).splitlines(keepends=True)
+            numbers, number = [], 1  # a row's line as an editor counts them (U+2028 and the like end a row, not a line)
+            for piece in pieces:
+                numbers.append(number)
+                number += piece.endswith(("\n", "\r"))
+            return pa.table({"text": pa.array([p.splitlines()[0] if p.splitlines() else "" for p in pieces], type=pa.string())}), numbers
         if kind == "csv":
             import pyarrow.csv
 

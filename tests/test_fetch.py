@@ -194,3 +194,9 @@ def test_invalid_utf8_and_a_misfit_type_name_their_line(tmp_path):
     lines = [json.dumps(ROWS[0])] * 3 + [json.dumps(dict(ROWS[0], output=5))]
     with pytest.raises(DataError, match=r"e.jsonl line 4: field 'output': int 5, where the rows before it hold another type"):
         _fetch(tmp_path, "e.jsonl", "\n".join(lines).encode())
+
+
+def test_a_text_file_names_lines_as_an_editor_counts_them(tmp_path):
+    got, where = _fetch(tmp_path, "d.txt", "a\nb\u2028c\n\r\nd".encode())  # rows as datasets' text loader splits them
+    assert [r["text"] for r in got] == ["a", "b", "c", "", "d"]
+    assert [w["line"] for w in where] == [1, 2, 2, 3, 4]
