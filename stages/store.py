@@ -162,7 +162,17 @@ class Artifact:
         return self.manifest["content"]
 
 
-HOST = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "localhost"
+def _host() -> str:
+    """This machine's name plus its pid namespace: containers that share a host name (and the
+    store) number their processes apart, so a pid only means something within one namespace."""
+    name = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "localhost"
+    try:
+        return f"{name}.{re.sub(r'[^0-9]', '', os.readlink('/proc/self/ns/pid'))}"
+    except OSError:
+        return name
+
+
+HOST = _host()
 _OWNED = re.compile(r"-(\d+)@([A-Za-z0-9._]+)-[^-]*$")  # `…-<pid>@<host>-<random>` (mkdtemp's part has no "-")
 
 
