@@ -529,7 +529,7 @@ def gc(dry_run, cache_dir):
         for leftover in store.sweep(dry_run=True):
             size = sum(p.stat().st_size for p in list_files(leftover))
             freed += size
-            console.print(f"{'would remove' if dry_run else 'removed'} tmp/{leftover.name}: left by a killed run ({size / 1e6:.1f} MB)")
+            console.print(("would remove" if dry_run else "removed") + f" tmp/{leftover.name}: left by a killed run ({size / 1e6:.1f} MB)")
         if not dry_run:
             store.sweep()
     console.print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB")
