@@ -2,12 +2,14 @@
 
 Reads every `tokenized.arrow` (inputs `train.N`, and `test.N` from `test_datasets`). Concatenates
 in config order, optionally drops exact duplicates (`dataset_exact_deduplication`), shuffles with
-`seed` (`shuffle_merged_datasets`) and holds out `val_set_size` (a fraction, or a row count when
->= 1) unless test datasets are given. Writes `train.arrow` and `val.arrow`.
+`seed` (`shuffle_merged_datasets`) and holds out `val_set_size` (a fraction, its row count rounded
+up as `datasets`' train_test_split does, or a row count when >= 1) unless test datasets are given.
+Writes `train.arrow` and `val.arrow`.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +66,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     if params.shuffle_merged_datasets:
         train = train.take(rng.permutation(train.num_rows))
     if not test_roles and params.val_set_size > 0:
-        n_val = int(params.val_set_size) if params.val_set_size >= 1 else int(round(train.num_rows * params.val_set_size))
+        # a fraction's count as datasets' train_test_split takes it: the test share rounded up, the rest trains
+        n_val = int(params.val_set_size) if params.val_set_size >= 1 else math.ceil(params.val_set_size * train.num_rows)
         if not 0 < n_val < train.num_rows:
             raise DataError(f"val_set_size {params.val_set_size} gives {n_val} validation rows out of {train.num_rows}; need at least 1 and fewer than all")
         val, train = train.slice(train.num_rows - n_val), train.slice(0, train.num_rows - n_val)
