@@ -4,7 +4,9 @@ Reads local json / jsonl / csv / parquet / arrow / text files, folders of them, 
 folders (`path`, `data_files`, `ds_type`, `split` or `train_on_split`), and the same through fsspec
 URLs (`file://` is read in place; `memory://`, `s3://`, ...: remote files are copied into a local
 content cache when the stage runs, `MOLT_REMOTE_CACHE` or ~/.cache/molt/remote). `shards` +
-`shards_idx` keep one contiguous shard of the rows, as `datasets.Dataset.shard` does. A folder laid
+`shards_idx` keep one contiguous shard of the rows, as `datasets.Dataset.shard` does. `split` /
+`train_on_split` take `datasets`' slice specs (`train[:10%]`, `train[10:20]+test[:5]`) on every kind
+of source, sliced before sharding; local files are one split, named train. A folder laid
 out as a Hugging Face dataset repository (README.md with `configs:`) is read by `datasets` with
 `name`; a hub id (`org/name`, with `name` and `revision` = a cached commit) is read from the local
 datasets cache only, never downloaded; `revision` on a local path is refused. Writes `data.arrow`
@@ -31,7 +33,7 @@ from stages.store import DataError, list_files, write_table
 from stages.context import QUIET, Context
 
 SCHEMA = 1
-LIBRARIES = ("pyarrow",)
+LIBRARIES = ("pyarrow", "datasets")  # datasets: saved datasets, repositories, and how a split spec selects rows
 PER_DATASET = True
 INPUTS: dict[str, str] = {}
 SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
@@ -293,11 +295,13 @@ def sources(params: Params) -> list[tuple[str, Path | str]]:
 def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     import pyarrow as pa
 
+    read_from: list[Path] = []
     if _is_hub_id(params.dataset):
         read = [(params.dataset.path, _read_hub(params.dataset), None)]
     else:
         root = Path(_local(params.dataset.path)).expanduser()  # a URL's files are labelled by name
-        read = [(_label(f, params.dataset, root), *_read(f, params.dataset)) for f in _files(params.dataset)]
+        read_from = _files(params.dataset)
+        read = [(_label(f, params.dataset, root), *_read(f, params.dataset)) for f in read_from]
     tables = [t for _, t, _ in read]
     try:
         table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
@@ -312,7 +316,12 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         files += [label] * t.num_rows
         lines += numbers if numbers is not None else [None] * t.num_rows
         rows += range(1, t.num_rows + 1)
-    where = _shard(origin.table(files, lines, rows), params.dataset)
+    where = origin.table(files, lines, rows)
+    if not (_is_hub_id(params.dataset) or any(map(_holds_splits, read_from))):  # _split_of sliced those
+        ranges = _ranges({"train": table.num_rows}, params.dataset, params.dataset.path, one_split=True)
+        if ranges is not None:
+            table, where = (_take(ranges, {"train": t}) for t in (table, where))
+    where = _shard(where, params.dataset)
     table = _shard(table, params.dataset)
     write_table(table, out / "data.arrow")
     write_table(where, out / origin.FILE)
@@ -341,15 +350,64 @@ def _shard(table, source: Source):
     return table.slice(start, size + (index < extra))
 
 
+def _holds_splits(path: Path) -> bool:
+    """A source read as named splits (_split_of selects from them), not as one split of rows."""
+    return _is_dataset_repo(path) or (path.is_dir() and (path / "dataset_dict.json").exists())
+
+
 def _split_of(loaded, source: Source, where: str):
+    """The rows of a DatasetDict that `split` (or `train_on_split`) selects, as an Arrow table;
+    a single Dataset's rows are one split (run() slices them)."""
     from datasets import DatasetDict
 
     if not isinstance(loaded, DatasetDict):
-        return loaded
-    split = source.train_on_split or source.split
-    if split not in loaded:
-        raise DataError(f"dataset {where!r}: no split {split!r} (has {', '.join(loaded)})")
-    return loaded[split]
+        return loaded.data.table
+    tables = {name: dataset.data.table for name, dataset in loaded.items()}
+    return _take(_ranges({name: t.num_rows for name, t in tables.items()}, source, where), tables)
+
+
+def _ranges(lengths: dict[str, int], source: Source, where: str, one_split: bool = False):
+    """(split, start, stop) of each piece `split` (or `train_on_split`) selects, read as datasets reads a
+    split spec (`train`, `train[:10%]`, `train[10:20]`, `train[-10:]`, `train[:50%]+test[:10]`, percent
+    boundaries rounded to the closest row, or `(pct1_dropremainder)`), for splits of these lengths.
+    `one_split`: the rows are one split named train (local files, as datasets loads them); a bare
+    split name then keeps every row whatever it names (None), as it always has."""
+    from datasets import ReadInstruction
+
+    key = "train_on_split" if source.train_on_split else "split"
+    spec = getattr(source, key)
+    try:
+        if re.search(r"\s", str(spec)):  # load_dataset takes ` train` beside a + for a split name, and refuses it
+            raise ValueError("no spaces: datasets reads the split names beside a + with them")
+        instruction = ReadInstruction.from_spec(spec)
+    except (ValueError, TypeError) as error:
+        raise DataError(f"dataset {where!r}: {key} {spec!r} is not a split spec ({error}); write a split name with optional "
+                        "slices in rows or percent, joined by +, e.g. train, train[:10%], train[10:20], train[:50%]+test[:10]") from None
+    subs = str(spec).split("+")
+    if one_split and len(subs) == 1 and re.fullmatch(r"[\w-]+", subs[0]):
+        return None
+    for name in (re.match(r"[\w-]+", sub).group() for sub in subs):
+        if name not in lengths:
+            local = " (local data files are one split, named train)" if one_split else ""
+            within = f" ({key} {spec!r})" if spec != name else ""
+            raise DataError(f"dataset {where!r}: no split {name!r} (has {', '.join(lengths)}){local}{within}")
+    try:
+        absolute = instruction.to_absolute(lengths)
+    except ValueError as error:
+        raise DataError(f"dataset {where!r}: {key} {spec!r}: {error}") from None
+    ranges = [(a.splitname, a.from_, max(a.from_, a.to)) for a in absolute]
+    if all(start == stop for _, start, stop in ranges):
+        sizes = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+        raise DataError(f"dataset {where!r}: {key} {spec!r} selects no rows ({sizes})")
+    return ranges
+
+
+def _take(ranges, tables: dict):
+    """The rows of `ranges` ((split, start, stop) each), from `tables` by split name, one piece after another."""
+    import pyarrow as pa
+
+    pieces = [tables[name].slice(start, stop - start) for name, start, stop in ranges]
+    return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="permissive")
 
 
 def _read_hub(source: Source):
@@ -360,7 +418,7 @@ def _read_hub(source: Source):
     config, version, commit = newest.parts[-3:]
     builder = Cache(cache_dir=str(newest.parents[3]), repo_id=source.path, dataset_name=source.path.split("/")[-1],
                     config_name=config, version=version, hash=commit)
-    return _split_of(builder.as_dataset(), source, source.path).data.table
+    return _split_of(builder.as_dataset(), source, source.path)
 
 
 def _read_dataset_repo(path: Path, source: Source):
@@ -375,7 +433,7 @@ def _read_dataset_repo(path: Path, source: Source):
             loaded = load_dataset(str(path), name=source.name, cache_dir=scratch, keep_in_memory=True)
         except ValueError as error:  # an unknown config name, named with the known ones
             raise DataError(f"dataset {str(path)!r}: {error}") from None
-        return _split_of(loaded, source, str(path)).data.table
+        return _split_of(loaded, source, str(path))
 
 
 def _read(path: Path, source: Source):
@@ -388,7 +446,7 @@ def _read(path: Path, source: Source):
     if _is_saved_dataset(path):
         from datasets import load_from_disk
 
-        return _split_of(load_from_disk(str(path)), source, str(path)).data.table, None
+        return _split_of(load_from_disk(str(path)), source, str(path)), None
     kind = source.ds_type or SUFFIXES.get(path.suffix)
     try:
         if kind == "json":

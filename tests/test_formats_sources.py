@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -125,6 +126,7 @@ def test_dataset_repo_folder_reads_the_named_config_and_split(tmp_path, repo):
     assert labels == ["toy/README.md", "toy/en/test.jsonl", "toy/en/train.jsonl", "toy/fr/a.jsonl"]
     assert fetch(tmp_path, path=str(repo), name="en", split="test")[0] == [{"text": "bye"}]
     assert fetch(tmp_path, path=str(repo), name="fr")[0] == [{"text": "bonjour"}]
+    assert fetch(tmp_path, path=str(repo), name="en", split="train[-1:]+test")[0] == [{"text": "hi"}, {"text": "bye"}]
 
 
 @pytest.mark.parametrize("source, message", [
@@ -169,6 +171,7 @@ def test_hub_id_is_read_from_the_local_cache_only(tmp_path, hub_cache):
     assert rows == [{"text": "bye"}]
     assert labels == [f"testorg/toy/en/0.0.0/{hub_cache}/{f}" for f in ("dataset_info.json", "toy-test.arrow", "toy-train.arrow")]
     assert fetch(tmp_path, path="testorg/toy", revision=hub_cache)[0] == [{"text": "hello"}, {"text": "hi"}]
+    assert fetch(tmp_path, path="testorg/toy", name="en", split="train[50%:]")[0] == [{"text": "hi"}]
 
 
 @pytest.mark.parametrize("source, message", [
@@ -180,3 +183,99 @@ def test_hub_id_is_read_from_the_local_cache_only(tmp_path, hub_cache):
 def test_hub_id_not_in_the_cache_is_a_clear_offline_error(tmp_path, hub_cache, source, message):
     with pytest.raises(DataError, match=message):
         fetch(tmp_path, **source)
+
+
+SLICES = ["train", "train[:1%]", "train[:3%]", "train[10:20]", "train[:200]", "train[-10:]", "train[10%:20%]", "train[:50%]",
+          "train[33%:]", "train[-25%:-5%]", "train[:-3]", "train[5:]+train[:2]", "train[:12%]+train[-1:]"]
+
+
+def _datasets_split(tmp_path, spec, **files):
+    """Rows datasets' own loader gives for `spec` (or its error), from a fresh scratch cache."""
+    import tempfile
+
+    import datasets
+
+    with tempfile.TemporaryDirectory(dir=tmp_path) as cache:
+        try:
+            return datasets.load_dataset("json", split=spec, cache_dir=cache, **files).to_list()
+        except ValueError:  # "corresponds to no data"
+            return None
+
+
+@pytest.mark.parametrize("n", [7, 40, 150])
+def test_a_split_slice_of_local_files_selects_the_rows_datasets_selects(tmp_path, n):
+    rows = [{"i": i} for i in range(n)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for spec in SLICES + ["train[:20%](pct1_dropremainder)"]:
+        expected = _datasets_split(tmp_path, spec, data_files=str(path))
+        if not expected:  # datasets: an error, or no rows where the slice ends before it starts; molt refuses both
+            with pytest.raises(DataError, match=rf"split {re.escape(repr(spec))}"):
+                fetch(tmp_path, path=str(path), split=spec)
+            continue
+        assert fetch(tmp_path, path=str(path), split=spec)[0] == expected, spec
+
+
+def test_a_split_slice_of_a_folder_spans_its_files_and_keeps_each_rows_origin(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"p{k}.jsonl").write_text("".join(json.dumps({"i": 10 * k + j}) + "\n" for j in range(5)))
+    files = sorted(str(p) for p in folder.iterdir())
+    for spec in ("train[4:11]", "train[-40%:]", "train[:2]+train[-2:]"):
+        assert fetch(tmp_path, path=str(folder), split=spec)[0] == _datasets_split(tmp_path, spec, data_files=files), spec
+    out = sorted(tmp_path.glob("out*"))[-1]
+    where = read_table(out / "origin.arrow").to_pylist()
+    assert [(w["file"], w["line"]) for w in where] == [("p0.jsonl", 1), ("p0.jsonl", 2), ("p2.jsonl", 4), ("p2.jsonl", 5)]
+
+
+def test_a_split_slice_of_a_saved_dataset_dict_and_train_on_split(tmp_path):
+    import datasets
+
+    train, test = [{"i": i} for i in range(40)], [{"i": 100 + i} for i in range(25)]
+    for name, rows in (("train", train), ("test", test)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}).save_to_disk(str(saved))
+    for spec in ("train[:3%]", "train[10:20]", "test[-10:]", "train[:50%]+test[:10]", "test[10%:20%]+train[-3:]"):
+        expected = _datasets_split(tmp_path, spec, data_files=files)
+        assert fetch(tmp_path, path=str(saved), split=spec)[0] == expected, spec
+        assert fetch(tmp_path, path=str(saved), train_on_split=spec)[0] == expected, spec
+    with pytest.raises(DataError, match=r"no split 'validation' \(has train, test\) \(split 'train\[:5\]\+validation\[:5\]'\)"):
+        fetch(tmp_path, path=str(saved), split="train[:5]+validation[:5]")
+
+
+def test_a_saved_single_dataset_is_one_split_named_train(tmp_path):
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(saved))
+    assert fetch(tmp_path, path=str(saved), split="train[20%:50%]")[0] == ROWS[2:5]
+
+
+@pytest.mark.parametrize("key", ["split", "train_on_split"])
+@pytest.mark.parametrize("spec", ["train[:1%", "train[abc]", "train[::2]", "train[1.5:]", "train[:110%]", "train[:5%](closest", "train[:12%] + train[-1:]"])
+def test_a_malformed_split_spec_is_refused_naming_the_key_and_the_spec(tmp_path, key, spec):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    with pytest.raises(DataError, match=rf"{key} {re.escape(repr(spec))} is not a split spec") as error:
+        fetch(tmp_path, path=str(path), **{key: spec})
+    assert "train[:10%]" in str(error.value)
+
+
+def test_local_files_are_one_split_named_train(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert fetch(tmp_path, path=str(path), split="test")[0] == ROWS  # a bare name keeps every row, as before
+    with pytest.raises(DataError, match=r"no split 'test' \(has train\) \(local data files are one split, named train\)"):
+        fetch(tmp_path, path=str(path), split="test[:10]")
+    with pytest.raises(DataError, match=r"split 'train\[5:5\]' selects no rows \(train has 10\)"):
+        fetch(tmp_path, path=str(path), split="train[5:5]")
+
+
+def test_the_split_spec_is_in_fetch_datas_params_so_in_its_key(tmp_path):
+    path = str(tmp_path / "d.jsonl")
+    dumps = [fetch_data.Params(dataset=fetch_data.Source(path=path, **s)).model_dump(mode="json")["dataset"]
+             for s in ({}, {"split": "train[:10%]"}, {"train_on_split": "train[10:20]"})]
+    assert (dumps[1]["split"], dumps[2]["train_on_split"]) == ("train[:10%]", "train[10:20]") and dumps[0] != dumps[1]
