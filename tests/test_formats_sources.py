@@ -189,7 +189,7 @@ SLICES = ["train", "train[:1%]", "train[:3%]", "train[10:20]", "train[:200]", "t
           "train[33%:]", "train[-25%:-5%]", "train[:-3]", "train[5:]+train[:2]", "train[:12%]+train[-1:]"]
 
 
-def _datasets_split(tmp_path, spec, **files):
+def _datasets_split(tmp_path, spec, loader="json", **files):
     """Rows datasets' own loader gives for `spec` (or its error), from a fresh scratch cache."""
     import tempfile
 
@@ -197,7 +197,7 @@ def _datasets_split(tmp_path, spec, **files):
 
     with tempfile.TemporaryDirectory(dir=tmp_path) as cache:
         try:
-            return datasets.load_dataset("json", split=spec, cache_dir=cache, **files).to_list()
+            return datasets.load_dataset(loader, split=spec, cache_dir=cache, **files).to_list()
         except ValueError:  # "corresponds to no data"
             return None
 
@@ -214,6 +214,15 @@ def test_a_split_slice_of_local_files_selects_the_rows_datasets_selects(tmp_path
                 fetch(tmp_path, path=str(path), split=spec)
             continue
         assert fetch(tmp_path, path=str(path), split=spec)[0] == expected, spec
+
+
+@pytest.mark.parametrize("loader, suffix, text", [("csv", ".csv", "i,j\n" + "".join(f"{i},x{i}\n" for i in range(30))),
+                                                  ("text", ".txt", "".join(f"line {i}\n" for i in range(30)))])
+def test_a_split_slice_of_a_csv_or_text_file_selects_the_rows_datasets_selects(tmp_path, loader, suffix, text):
+    path = tmp_path / f"d{suffix}"
+    path.write_text(text)
+    for spec in ("train[:10%]", "train[7:9]", "train[-15%:]", "train[:2]+train[-2:]"):
+        assert fetch(tmp_path, path=str(path), split=spec)[0] == _datasets_split(tmp_path, spec, loader, data_files=str(path)), spec
 
 
 def test_a_split_slice_of_a_folder_spans_its_files_and_keeps_each_rows_origin(tmp_path):
