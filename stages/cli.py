@@ -82,6 +82,11 @@ def _no_space_message(stage: str, error: OSError, root: Path) -> str:
             "of it, only the artifacts finished before; free some space (or `molt gc`) and run again")
 
 
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        console.print(f"[yellow]warning:[/] {escape(note)}")
+
+
 class Session:
     """A config loaded with its overrides, its stage plan and a runner over the store."""
 
@@ -92,6 +97,7 @@ class Session:
         try:
             self.config = load_config(config_path, parse_cli_overrides(list(extra_args)))
         except ConfigError as error:
+            _print_notes(error.notes)  # a refused config's ignored and unknown keys are named too, first
             fail(str(error))
         for note in self.config.config_warnings + dag.unread_settings(self.config):
             console.print(f"[yellow]warning:[/] {escape(note)}")
@@ -343,6 +349,7 @@ def train(ctx, config, launcher, cache_dir):
         try:  # a bad config fails here, once, rather than in every process
             load_config(config, parse_cli_overrides(list(ctx.args)))
         except ConfigError as error:
+            _print_notes(error.notes)
             fail(str(error))
         return launch(launcher, launcher_args, ["train", config, *ctx.args, "--cache-dir", cache_dir])
     if launcher_args:

@@ -30,7 +30,12 @@ from typing_extensions import TypedDict  # pydantic needs typing_extensions' Typ
 
 
 class ConfigError(Exception):
-    """A config problem, worded for the user: names the file, key, value and rule."""
+    """A config problem, worded for the user: names the file, key, value and rule. `notes`: the
+    warnings about ignored or unknown keys found before the config was refused (shown first)."""
+
+    def __init__(self, message: str, notes: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.notes = list(notes)
 
 
 class MoltConfigWarning(UserWarning):
@@ -93,6 +98,13 @@ UNSUPPORTED: dict[str, Unsupported] = {
     **dict.fromkeys(("orpo_alpha", "rpo_alpha", "simpo_gamma", "cpo_alpha", "rl_beta", "dpo_*", "kto_*"), _refused(_SFT)),
     "kd_*": _refused(_KD),
     "vllm": _warned("molt generates nothing while training"),
+    "ebft": _refused("molt would train plain supervised fine-tuning, not energy-based fine-tuning (EBFT)"),
+    "center_rewards_coefficient": _refused("a reward-model setting: molt would train a causal LM, not a reward model"),
+    "precompute_ref_log_probs": _warned("a DPO setting: molt trains plain supervised fine-tuning, without a reference model"),
+    "use_eaft": _refused("molt's loss weighs every trained token alike, not by the entropy of its prediction (EAFT)"),
+    "eaft_*": _warned("a setting of use_eaft: molt's loss weighs every trained token alike"),
+    "trainer_cls": _refused("molt trains with its own trainer, not {value}"),
+    "use_onebitllms": _refused("molt would train the weights as they load, not as 1.58-bit ones"),
     # model loading
     "base_model_config": _refused("molt reads the model's config from base_model"),
     "model_config": _refused("molt would load the model without it; set overrides_of_model_config"),
@@ -109,6 +121,10 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "tokenizer_save_jinja_files": _warned("molt saves the tokenizer as transformers writes it"),
     "experimental_skip_move_to_device": _warned(_PLACEMENT),
     "use_kernels": _warned(_OWN_MODULES),
+    "experts_implementation": _warned("molt runs the MoE experts as transformers loads them (same result, without this implementation)"),
+    "quantize_moe_experts": _warned("molt keeps the MoE experts' weights unquantized (more memory; load_in_4bit / load_in_8bit quantize the linear layers)"),
+    "freeze_mm_modules": _refused("molt would train the multimodal encoders' parameters too (unfrozen_parameters chooses what trains)"),
+    **dict.fromkeys(("processor_kwargs", "role_boundaries"), _warned(_TEXT_ONLY)),
     **dict.fromkeys(("device", "device_map", "max_memory", "gpu_memory_limit"), _warned(_PLACEMENT)),
     "low_cpu_mem_usage": _warned("molt loads the model as transformers does by default"),
     "torchdistx_path": _warned("molt loads the model as transformers does by default"),
@@ -123,6 +139,13 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "chat_template_kwargs": _refused("molt would render the chat template without these variables"),
     "default_system_message": _refused("molt would add no system message; set default_system_message on the dataset entries"),
     # attention and kernels
+    **dict.fromkeys(("scaling_softmax", "scaling_softmax_factor", "scaling_softmax_bias"),
+                    _refused("molt would train with the model's own attention softmax, not scaled softmax (SSMax)")),
+    **dict.fromkeys(("large_head_attention", "flash_attn_d512", "gemma4_hybrid_attn_impl"),
+                    _warned("molt uses the attention attn_implementation names (transformers' default otherwise)")),
+    "sdpa_varlen": _warned("molt runs sdpa over packed rows with a block-diagonal mask (same result)"),
+    "fused_attn_kernel": _warned(_OWN_MODULES),
+    "torch_compile_options": _warned("molt compiles with inductor's default settings"),
     "s2_attention": _refused("molt would train with full attention, not shifted sparse attention"),
     "flex_attention": _warned("molt uses the attention attn_implementation names (attn_implementation: flex_attention)"),
     "flex_attn_compile_kwargs": _warned("molt compiles FlexAttention with its defaults"),
@@ -139,7 +162,13 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "activation_offloading": _warned("molt keeps activations on the device (gradient_checkpointing: offload keeps the checkpointed ones in CPU memory)"),
     "dynamic_checkpoint": _warned("molt checkpoints every layer with gradient_checkpointing: true"),
     "gc_steps": _warned("molt leaves garbage collection to Python"),
+    "gc_collect_steps": _warned("molt leaves garbage collection to Python"),
+    "torch_empty_cache_steps": _warned("molt leaves the CUDA cache to PyTorch"),
+    "selective_checkpointing": _warned("molt checkpoints every layer with gradient_checkpointing: true"),
+    "layer_offloading": _warned("molt keeps the model's layers on the device"),
+    **dict.fromkeys(("fp32_norms", "fp32_norm_classes", "deepcompile"), _warned(_UNSHARDED)),
     # PEFT beyond molt's LoRA / QLoRA
+    **dict.fromkeys(("lora_rank_pattern", "lora_alpha_pattern"), _refused("molt would give every adapted module lora_r and lora_alpha")),
     "lora_target_parameters": _refused("molt would put LoRA on lora_target_modules only, not on these parameters"),
     "peft_layers_pattern": _refused("molt would find peft_layers_to_transform's layers by PEFT's default pattern"),
     "peft_use_rslora": _refused("molt would scale the adapter by lora_alpha / r, not the rank-stabilised lora_alpha / sqrt(r)"),
@@ -181,6 +210,10 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "is_preprocess": _warned("molt preprocesses with `molt preprocess cfg.yml`"),
     "total_supervised_tokens": _warned("molt counts the trained tokens itself (in the tokenize and pack artifacts)"),
     "axolotl_config_path": _warned("molt reads the config file it is given"),
+    "eval_sequence_len": _refused("molt would cut the held-out rows at sequence_len too"),
+    "streaming_multipack_buffer_size": _warned("molt packs the whole dataset at once", inert=10_000),
+    "num_dataset_shards_to_save": _warned("molt writes the prepared data as its own Arrow artifacts"),
+    "pad_to_multiple_of": _warned("molt pads a batch to its longest row (to sequence_len with pad_to_sequence_len); the padding is never trained"),
     "max_packed_sequence_len": _refused("molt packs rows of sequence_len tokens; set sequence_len"),
     "shuffle_before_merging_datasets": _refused("molt shuffles after merging the datasets (shuffle_merged_datasets), which orders the rows otherwise"),
     # optimizer and schedule
@@ -190,6 +223,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "noisy_embedding_alpha": _refused("molt would train without embedding noise; the key is now neftune_noise_alpha"),
     "jagged_restart_*": _refused("molt would follow lr_scheduler without jagged restarts"),
     "lisa_*": _refused("molt would train every trainable layer at each step, not LISA's sampled ones"),
+    **dict.fromkeys(("dion_*", "qgalore_*"), _warned("a setting of an optimizer molt lacks; molt trains with the one optimizer names")),
     "grokfast_*": _refused("molt would step the optimizer on the raw gradients, without Grokfast's filter"),
     "spectrum_*": _refused("molt would train the parameters adapter / unfrozen_parameters choose, not Spectrum's"),
     # evaluation, checkpoints, output
@@ -215,6 +249,21 @@ UNSUPPORTED: dict[str, Unsupported] = {
     **dict.fromkeys(("comet_api_key", "comet_workspace", "comet_experiment_key", "comet_online", "comet_experiment_config"),
                     _warned("molt passes comet only use_comet, comet_mode and comet_project_name")),
     "gradio_*": _warned("molt has no Gradio app"),
+    **dict.fromkeys(("generate_samples", "num_generation_samples", "generation_*"), _warned("molt generates nothing while training")),
+    **dict.fromkeys(("use_otel_metrics", "otel_metrics_host", "otel_metrics_port"), _warned(_TRACKERS)),
+    # Axolotl plugins' keys (molt loads the Liger one only)
+    **dict.fromkeys(("use_scattermoe", "use_sonicmoe", "expert_backend", "moe_grouped_backend", "moe_dequant_chunk_size", "moe_bnb_fast",
+                     "use_dsv4_kernels", "use_glm_dsa_kernels", "dsv4_fp8_lora_kernel", "dsv4_shared_mlp_lora_kernel"), _warned(_OWN_MODULES)),
+    **dict.fromkeys(("nonexpert_quantization", "dsv4_fp8_nonexpert_mode", "dsv4_fp4_grouped_mode", "dsv4_bf16_all", "gemma4_fp8_nonexpert",
+                     "gemma4_nf4_nonexpert", "nvfp4_merge_aware", "nvfp4_merge_aware_start_step"),
+                    _refused("molt would keep the weights in the dtype they load in (load_in_4bit / load_in_8bit quantize the linear layers)")),
+    "dense_mixer": _refused("molt would train the MoE routers with their own sparse gradients, not DenseMixer's dense ones"),
+    "diffusion": _refused("molt would train a causal LM on next-token labels, not a diffusion LM"),
+    "expert_parallel_*": _warned(_UNSHARDED),
+    "hatchery": _refused("it trains through a remote Tinker / Hatchery service; molt would train here, with its own trainer"),
+    "llmcompressor": _refused("molt would train without LLM Compressor's sparsity / quantization recipe"),
+    "mora": _refused("molt would train a LoRA adapter, not MoRA"),
+    "nemo_gym_*": _warned("NeMo Gym gives RL rewards; molt trains plain supervised fine-tuning (rl: is refused)"),
     # keys of a dataset entry
     "datasets[].input_transform": _refused("molt would format the rows untransformed"),
     "datasets[].input_format": _refused("molt would format the rows by their type: alone"),
@@ -229,6 +278,9 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "datasets[].skip": _refused("molt would train on every row, the first {value} too"),
     **dict.fromkeys(("datasets[].length", "datasets[].sequence_length", "datasets[].min_input_id", "datasets[].max_input_id", "datasets[].seed"),
                     _refused(_SYNTHETIC)),
+    **dict.fromkeys(("datasets[].field_chosen", "datasets[].field_rejected"),
+                    _refused("preference data (chosen / rejected answers): molt would train plain supervised fine-tuning")),
+    "datasets[].train_on_eot": _refused("molt trains a turn's end markers as the entry's train_on_eos says (set train_on_eos: {value})"),
     "datasets[].preprocess_shards": _warned("molt formats a dataset whole (dataset_processes spreads it over processes)"),
     "datasets[].trust_remote_code": _warned("molt runs no dataset loading script (it reads data files and cached datasets)"),
 }
@@ -288,6 +340,20 @@ def _is_unsupported(key: str) -> bool:
     return unsupported(key) is not None
 
 
+def _admits_none(annotation: Any) -> bool:
+    return annotation is Any or annotation is type(None) or type(None) in get_args(annotation)
+
+
+def _null_means_unset(model: type[BaseModel], data: dict) -> dict:
+    """Axolotl reads a key written with no value (`lora_r:`, YAML null) as unset: its default
+    applies. Keys whose type holds None keep the null, which means something there
+    (`dataset_prepared_path`, `adapter`, `eval_batch_size`: filled in later ...); a required key's
+    null stays, to be refused by name."""
+    fields = model.model_fields
+    return {key: value for key, value in data.items()
+            if not (value is None and key in fields and not fields[key].is_required() and not _admits_none(fields[key].annotation))}
+
+
 # -- datasets -------------------------------------------------------------------------------------
 
 
@@ -329,6 +395,11 @@ class DatasetConfig(BaseModel):
     message_field_training: str | None = None
     message_field_training_detail: str | None = None
     drop_system_message: bool = False  # the conversation's system message left out (a default_system_message is not)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_unset(cls, data: Any) -> Any:
+        return _null_means_unset(cls, data) if isinstance(data, dict) else data
 
     @field_validator("type")
     @classmethod
@@ -605,17 +676,19 @@ class MoltConfig(BaseModel):
     def _sort_keys(cls, data: Any, info: ValidationInfo) -> Any:
         if not isinstance(data, dict):
             return data
-        data = dict(data)
+        data = _null_means_unset(cls, data)
         notes = list((info.context or {}).get("load_warnings", ()))
+        if info.context is not None:
+            info.context["notes"] = notes  # a refused config's error carries them (ConfigError.notes)
         _rename_legacy_keys(data)
         _drop_restated_keys(data)
         unknown, problems = _classify_keys(data, notes)
         if unknown and data.get("strict") is True:
             problems.append(f"strict: true refuses keys that are neither Axolotl nor molt options: {', '.join(unknown)}")
+        for note in notes:  # before any refusal, so a refused config shows them too
+            warnings.warn(note, MoltConfigWarning, stacklevel=2)
         if problems:
             raise ValueError("\n".join(problems))
-        for note in notes:
-            warnings.warn(note, MoltConfigWarning, stacklevel=2)
         data["config_warnings"] = notes
         return data
 
@@ -623,6 +696,11 @@ class MoltConfig(BaseModel):
     @classmethod
     def _empty_adapter_is_none(cls, value: Any) -> Any:
         return None if value == "" else value  # Axolotl examples write `adapter:` or `adapter: ""`
+
+    @field_validator("evals_per_epoch", "saves_per_epoch", mode="before")
+    @classmethod
+    def _zero_per_epoch_is_unset(cls, value: Any) -> Any:
+        return None if value == 0 and value is not False else value  # Axolotl: 0 schedules nothing, as unset
 
     @field_validator("optimizer")
     @classmethod
@@ -834,7 +912,8 @@ RULES: list[tuple[str, ...]] = [
     ("bfloat16", EXCLUDES, "float16", "bfloat16: true and float16: true each set the weights' dtype; set one"),
     ("bfloat16", EXCLUDES, "float32", "bfloat16: true and float32: true each set the weights' dtype; set one"),
     ("float16", EXCLUDES, "float32", "float16: true and float32: true each set the weights' dtype; set one"),
-    ("bfloat16", EXCLUDES, "load_in_4bit or load_in_8bit", "bfloat16: true casts the weights, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)"),
+    # with load_in_8bit it loads (as in Axolotl), with a note saying what molt does (_bfloat16_with_8bit)
+    ("bfloat16", EXCLUDES, "load_in_4bit", "bfloat16: true casts the weights, which a 4-bit quantized base cannot be; use bf16: true (mixed precision)"),
     ("float16", EXCLUDES, "load_in_4bit or load_in_8bit", "float16: true casts the weights, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)"),
     ("float32", EXCLUDES, "load_in_4bit or load_in_8bit", "float32: true casts the weights, which a 4-/8-bit quantized base cannot be; use bf16: true (mixed precision)"),
     ("float16", EXCLUDES, "bf16: true | full", "float16: true contradicts bf16: {bf16}: the weights have one dtype"),
@@ -983,6 +1062,17 @@ def _plugins(cfg: MoltConfig) -> None:
         raise ValueError(f"{given[0]}: the liger_* keys belong to the Liger plugin: add plugins: [{LIGER_PLUGIN}]")
 
 
+BFLOAT16_8BIT_NOTE = ("bfloat16: true with load_in_8bit: molt keeps the int8 layers int8 and the other weights in fp32 (PEFT's "
+                      "prepare_model_for_kbit_training upcasts them, as in Axolotl); bf16 mixed precision (bf16: true, or auto on a "
+                      "bf16 GPU) computes in bf16")
+
+
+def _bfloat16_with_8bit(cfg: MoltConfig) -> None:
+    if cfg.bfloat16 and cfg.load_in_8bit and BFLOAT16_8BIT_NOTE not in cfg.config_warnings:
+        cfg.config_warnings.append(BFLOAT16_8BIT_NOTE)
+        warnings.warn(BFLOAT16_8BIT_NOTE, MoltConfigWarning, stacklevel=2)
+
+
 def _best_saves_need_evaluation(cfg: MoltConfig) -> None:
     evaluates = cfg.eval_strategy in ("steps", "epoch") or (cfg.eval_strategy is None and (cfg.eval_steps or cfg.evals_per_epoch))
     if cfg.save_strategy == "best" and not evaluates:
@@ -996,7 +1086,7 @@ def _safetensors_only(cfg: MoltConfig) -> None:
 
 CHECKS: list[Callable[[MoltConfig], None]] = [
     _needs_data, _loftq_on_plain_lora, _early_stopping_needs_evaluation, _log_sweep_range, _lr_group_names_differ, _one_attention,
-    _plain_gradient_checkpointing, _plugins, _best_saves_need_evaluation, _safetensors_only,
+    _plain_gradient_checkpointing, _plugins, _bfloat16_with_8bit, _best_saves_need_evaluation, _safetensors_only,
 ]
 
 
@@ -1227,10 +1317,11 @@ def config_from_dict(data: dict, source: str = "<config>", load_warnings: list[s
     bad = [repr(k) for k in data if not isinstance(k, str)]
     if bad:
         raise ConfigError(f"{source}: config keys must be strings, got {', '.join(bad)}")
+    context = {"load_warnings": list(load_warnings)}
     try:
-        return MoltConfig.model_validate(data, context={"load_warnings": list(load_warnings)})
+        return MoltConfig.model_validate(data, context=context)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source)) from None
+        raise ConfigError(_describe(error, source), notes=context.get("notes", context["load_warnings"])) from None
 
 
 # pydantic puts union members and wrapper schemas in error locations ("str", "list[str]",

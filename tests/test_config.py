@@ -322,6 +322,89 @@ def test_unsupported_table_is_disjoint_from_fields():
     assert known_unsupported_keys() == UNSUPPORTED_KEYS and "sage_attention" in UNSUPPORTED_KEYS
 
 
+@pytest.mark.parametrize("key", ["quantize_moe_experts", "ebft", "use_scattermoe", "fused_attn_kernel", "experts_implementation",
+                                 "use_sonicmoe", "eval_sequence_len", "lora_rank_pattern", "generate_samples", "use_otel_metrics"])
+def test_keys_of_axolotls_current_schema_are_known(key):
+    from stages.config import unsupported
+
+    assert key in MoltConfig.model_fields or unsupported(key) is not None
+
+
+@pytest.mark.parametrize("key", ["field_chosen", "field_rejected", "train_on_eot"])
+def test_dataset_keys_of_axolotls_current_schema_are_known(key):
+    from stages.config import unsupported
+
+    assert key in DatasetConfig.model_fields or unsupported(key, entry=True) is not None
+
+
+@pytest.mark.parametrize("key", ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "use_kernels", "liger_rms_norm_gated", "activation_offloading",
+                                 "use_scattermoe", "fused_attn_kernel", "experts_implementation"])
+def test_kernel_choices_say_what_molt_runs_instead(key):
+    row = UNSUPPORTED[key]
+    assert not row.refused and row.reason.startswith("molt ") and "not supported" not in row.reason
+
+
+def test_refused_config_warns_about_its_other_keys_first(tmp_path):
+    path = write(tmp_path, {**BASE, "rl": "dpo", "sage_attention": True, "colour": "red"})
+    with pytest.warns(MoltConfigWarning) as record, pytest.raises(ConfigError) as info:
+        load_config(path)
+    notes = ["unknown key: colour (not an Axolotl or molt option)",
+             "sage_attention: true — not supported yet: molt uses the attention attn_implementation names (transformers' default otherwise)"]
+    assert sorted(info.value.notes) == sorted(str(w.message) for w in record) == sorted(notes)
+    assert "rl: dpo is not supported yet" in str(info.value) and "colour" not in str(info.value)
+    # a config refused for a bad value names them too
+    with pytest.warns(MoltConfigWarning), pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, {**BASE, "sequence_len": "long", "colour": "red"}))
+    assert info.value.notes == [notes[0]]
+
+
+# -- empty values (YAML null) -------------------------------------------------------------------
+
+
+EMPTY_MEANS_DEFAULT = ["lora_r", "lora_alpha", "lora_dropout", "gradient_checkpointing", "optimizer", "sample_packing", "weight_decay",
+                       "trust_remote_code", "sequence_len", "micro_batch_size", "num_epochs", "lr_scheduler", "val_set_size", "seed",
+                       "output_dir", "strict", "train_on_inputs", "load_in_4bit", "excess_length_strategy"]
+
+
+def test_an_empty_value_means_the_keys_default(tmp_path):
+    # Axolotl reads `lora_r:` (no value, YAML null) as unset; so does molt, for every key with a default
+    text = "base_model: m\ndatasets: [{path: d, type: alpaca, split: null, train_on_eos: null, roles_to_train: null}]\n"
+    text += "".join(f"{key}:\n" for key in EMPTY_MEANS_DEFAULT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MoltConfigWarning)
+        cfg = load_config(write(tmp_path, text))
+    default = load(tmp_path)
+    for key in EMPTY_MEANS_DEFAULT:
+        assert getattr(cfg, key) == getattr(default, key), key
+    assert not set(EMPTY_MEANS_DEFAULT) & cfg.model_fields_set
+    assert cfg.model_dump() == default.model_dump() | {"base_model": "m", "datasets": cfg.model_dump()["datasets"]}
+    ds = cfg.datasets[0]
+    assert (ds.split, ds.train_on_eos, ds.roles_to_train) == ("train", "turn", ["assistant"])
+
+
+def test_an_empty_value_keeps_its_meaning_where_null_is_one(tmp_path):
+    cfg = load(tmp_path, dataset_prepared_path=None, adapter=None, eval_batch_size=None, bf16=None, learning_rate=None, micro_batch_size=3)
+    assert cfg.dataset_prepared_path is None and cfg.prepared_path == "last_run_prepared"
+    assert cfg.adapter is None and cfg.eval_batch_size == 3 and cfg.bf16 is None and cfg.learning_rate is None
+    assert "base_model: got None" in load_error(tmp_path, base_model=None)  # required: refused by name
+    assert "datasets[0].path: got None" in load_error(tmp_path, datasets=[{"path": None}])
+
+
+def test_zero_evaluations_or_saves_per_epoch_schedule_none(tmp_path):
+    # Axolotl: evals_per_epoch: 0 evaluates nothing, saves_per_epoch: 0 schedules no saves (as unset)
+    cfg = load(tmp_path, evals_per_epoch=0, saves_per_epoch=0, eval_steps=5, save_steps=10, val_set_size=0.1)
+    assert cfg.evals_per_epoch is None and cfg.saves_per_epoch is None and cfg.eval_steps == 5
+    assert "evals_per_epoch" in load_error(tmp_path, evals_per_epoch=-1)
+
+
+def test_bfloat16_with_8bit_loads_with_a_note(tmp_path):
+    with pytest.warns(MoltConfigWarning, match="bfloat16: true with load_in_8bit: molt keeps the int8 layers int8 and the other weights in fp32"):
+        cfg = load_config(write(tmp_path, {**BASE, "adapter": "lora", "load_in_8bit": True, "bfloat16": True}))
+    assert cfg.bfloat16 is True and cfg.load_in_8bit is True and len(cfg.config_warnings) == 1
+    assert "bfloat16: true casts the weights, which a 4-bit quantized base cannot be" in load_error(
+        tmp_path, adapter="qlora", load_in_4bit=True, bfloat16=True)
+
+
 # -- files --------------------------------------------------------------------------------------
 
 

@@ -74,6 +74,8 @@ def cast_weights(model, params) -> None:
     bf16; `float16: true`: in fp16 (Axolotl's pure half-precision weights, without autocast)."""
     import torch
 
+    if getattr(model, "is_loaded_in_8bit", False):
+        return  # bfloat16 with load_in_8bit: int8 layers cannot be cast; the rest stays as loaded (see config.py's note)
     if params.bf16 == "full" or params.bfloat16:
         model.to(torch.bfloat16)
     elif params.float16:
