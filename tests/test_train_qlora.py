@@ -95,6 +95,15 @@ def test_8bit_lora_trains_and_reloads(make_config, molt, tiny_model_dir, cache_d
     assert reloaded_eval_loss(model, cache_dir) == pytest.approx(metrics["eval_loss_after"], rel=1e-5)
 
 
+def test_bfloat16_with_8bit_trains_with_the_unquantized_weights_in_fp32(make_config, molt, cache_dir):
+    # Axolotl accepts bfloat16: true with load_in_8bit; molt loads it with a note (int8 layers, the rest fp32)
+    result = molt("train", make_config(load_in_8bit=True, bfloat16=True, learning_rate=0.01))
+    assert result.exit_code == 0, result
+    assert "bfloat16: true with load_in_8bit: molt keeps the int8 layers int8 and the other weights in fp32" in result.output
+    metrics = json.loads((cache_dir.glob("train/*/metrics.json").__next__()).read_text())
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+
+
 def test_4bit_layers_evaluate_on_their_training_kernel(tiny_model_dir):
     """bitsandbytes would repack a 4-bit weight in place for its bf16 CPU inference kernel on the
     first forward in eval mode without gradients (on AVX512-BF16 CPUs): the evaluation would then
