@@ -38,7 +38,7 @@ def test_evaluate_and_save_every_epoch(warm, molt, cache_dir):
 
 def test_save_best_saves_only_when_the_eval_loss_improves(warm, molt, cache_dir):
     # a learning rate far too high: some evaluations are worse than the best so far
-    result = molt("train", warm(max_steps=6, learning_rate=3.0, lr_scheduler="constant", eval_steps=1, save_strategy="best"))
+    result = molt("train", warm(max_steps=6, learning_rate=30.0, lr_scheduler="constant", eval_steps=1, save_strategy="best"))
     assert result.exit_code == 0, result
     train = newest_train(cache_dir)
     metrics = json.loads((train / "metrics.json").read_text())
