@@ -137,8 +137,7 @@ def analyse(module: str, root: str = "stages") -> ModuleInfo:
     info = ModuleInfo(module, _hash(_dump([tree])))
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            for local, (target, attr) in _import_bindings(module, is_package, node, root).items():
-                info.imports.add(target)
+            info.imports.update(target for target, _ in _import_bindings(module, is_package, node, root).values())
     info.imports.discard("stages")
 
     def define(name: str, stmt: ast.stmt) -> None:
@@ -194,6 +193,7 @@ class _Uses(ast.NodeVisitor):
         self.info, self.root = info, root
         self.names: set[str] = set()
         self.refs: set[tuple[str, str | None]] = set()  # (module, attribute or WHOLE)
+        self._in_class = False  # class bodies keep their annotations (pydantic, dataclasses read them)
 
     def visit_Name(self, node: ast.Name):
         if node.id in ("globals", "vars", "locals", "__import__"):
@@ -242,8 +242,6 @@ class _Uses(ast.NodeVisitor):
             if node.value is not None:
                 self.visit(node.value)
 
-    _in_class = False
-
     def visit_ClassDef(self, node: ast.ClassDef):
         outer, self._in_class = self._in_class, True
         self.generic_visit(node)
@@ -267,12 +265,15 @@ class _Uses(ast.NodeVisitor):
         self.generic_visit(node)
 
 
+def _statements(info: ModuleInfo, name: str) -> list[ast.stmt]:
+    return info.module_level if name == MODULE_LEVEL else info.defs[name]
+
+
 @lru_cache(maxsize=None)
 def _uses(module: str, name: str, root: str) -> tuple[frozenset, frozenset]:
     info = analyse(module, root)
     visitor = _Uses(info, root)
-    stmts = info.module_level if name == MODULE_LEVEL else info.defs[name]
-    for stmt in stmts:
+    for stmt in _statements(info, name):
         if isinstance(stmt, (ast.Import, ast.ImportFrom)):
             continue
         visitor.visit(stmt)
@@ -310,9 +311,7 @@ def fingerprint(roots: list[tuple[str, str | None]], root: str = "stages") -> di
     out = {shown_path(m): analyse(m, root).whole for m in whole}
     for module, name in reached:
         if module not in whole:
-            info = analyse(module, root)
-            stmts = info.module_level if name == MODULE_LEVEL else info.defs[name]
-            out[f"{shown_path(module)}:{name}"] = _hash(_dump(stmts))
+            out[f"{shown_path(module)}:{name}"] = _hash(_dump(_statements(analyse(module, root), name)))
     return dict(sorted(out.items()))
 
 
