@@ -216,7 +216,7 @@ def main():
 def preprocess(ctx, config, debug, debug_num_examples, debug_text_only, cache_dir):
     """Fetch, format, tokenize, mix and pack the datasets of CONFIG."""
     session = Session(config, ctx.args, cache_dir)
-    done = session.resolve(session.plan("pack"))
+    done = session.resolve(session.plan(dag.target(session.values, "data")))
     mix = session.intact("mix")
     prepared = Path(session.config.dataset_prepared_path or "last_run_prepared") / mix.key
     _save_prepared(mix.path, prepared)
@@ -358,10 +358,11 @@ def train(ctx, config, launcher, cache_dir):
         console.quiet = True  # rank 0 reports; the others say only what fails
     session = Session(config, ctx.args, cache_dir)
     check_output_dir(session, session.output_dir())
-    done = session.resolve(session.plan("train"))
+    trained = dag.target(session.values, "train")
+    done = session.resolve(session.plan(trained))
     if session.rank:
         return
-    artifact = session.intact("train")
+    artifact = session.intact(trained)
     _copy_dir(artifact.path / "model", session.output_dir())
     for extra in ("metrics.json", "loss.png", "profiler_trace.json"):  # the trace only with profiler_steps
         if (artifact.path / extra).exists():
@@ -578,7 +579,7 @@ def verify(config, whole_store, remove, cache_dir):
     if config is None:
         fail("molt verify CONFIG (recompute its data stages) or molt verify --store (re-hash every artifact)")
     session = Session(config, [], cache_dir, quiet=True)
-    nodes = session.plan("pack")
+    nodes = session.plan(dag.target(session.values, "data"))
     stored = session.resolve(nodes, run=False)
     with tempfile.TemporaryDirectory(prefix="molt-verify-") as scratch:
         fresh = dag.Runner(Store(scratch), on_event=lambda how, node, key: how == "start" and console.print(f"  recomputing {escape(node.name)}"))

@@ -89,18 +89,15 @@ _SYNTHETIC = "a setting of Axolotl's synthetic (random-token) dataset; molt woul
 
 UNSUPPORTED: dict[str, Unsupported] = {
     # training method and objective
-    "rl": _refused("molt would train plain supervised fine-tuning instead of {VALUE}"),
-    "trl": _refused("it configures TRL's preference / RL trainers; molt would train plain supervised fine-tuning"),
-    "reward_model": _refused("molt would train a causal LM, not a reward model"),
-    "process_reward_model": _refused("molt would train a causal LM, not a process reward model"),
-    "num_labels": _refused("molt would train a causal LM head, not a {value}-label classification head"),
+    "trl": _refused("it configures TRL's trainers directly; molt sets them from rl:, rl_beta and the other Axolotl keys"),
     "cls_model_config": _refused("molt would train a causal LM, not a sequence classifier"),
-    **dict.fromkeys(("orpo_alpha", "rpo_alpha", "simpo_gamma", "cpo_alpha", "rl_beta", "dpo_*", "kto_*"), _refused(_SFT)),
+    "dpo_*": _refused("molt's DPO takes rl_beta, dpo_loss_type, dpo_use_weighting, dpo_label_smoothing and rpo_alpha"),
+    "kto_*": _refused("molt's KTO takes rl_beta, kto_desirable_weight and kto_undesirable_weight"),
     "kd_*": _refused(_KD),
     "vllm": _warned("molt generates nothing while training"),
     "ebft": _refused("molt would train plain supervised fine-tuning, not energy-based fine-tuning (EBFT)"),
     "center_rewards_coefficient": _refused("a reward-model setting: molt would train a causal LM, not a reward model"),
-    "precompute_ref_log_probs": _warned("a DPO setting: molt trains plain supervised fine-tuning, without a reference model"),
+    "precompute_ref_log_probs": _warned("molt always computes the reference log-probs once, as a cached stage (ref_logprobs)"),
     "use_eaft": _refused("molt's loss weighs every trained token alike, not by the entropy of its prediction (EAFT)"),
     "eaft_*": _warned("a setting of use_eaft: molt's loss weighs every trained token alike"),
     "trainer_cls": _refused("molt trains with its own trainer, not {value}"),
@@ -273,13 +270,9 @@ UNSUPPORTED: dict[str, Unsupported] = {
     **dict.fromkeys(("datasets[].field_thinking", "datasets[].template_thinking_key", "datasets[].split_thinking"),
                     _refused("molt would render the messages without their reasoning part")),
     **dict.fromkeys(("datasets[].logprobs_field", "datasets[].temperature"), _refused(_KD)),
-    **dict.fromkeys(("datasets[].step_separator", "datasets[].train_on_last_step_only"), _refused("process reward model data: molt would train a causal LM on it")),
-    "datasets[].max_completion_length": _refused("an RL setting: molt would train plain supervised fine-tuning"),
     "datasets[].skip": _refused("molt would train on every row, the first {value} too"),
     **dict.fromkeys(("datasets[].length", "datasets[].sequence_length", "datasets[].min_input_id", "datasets[].max_input_id", "datasets[].seed"),
                     _refused(_SYNTHETIC)),
-    **dict.fromkeys(("datasets[].field_chosen", "datasets[].field_rejected"),
-                    _refused("preference data (chosen / rejected answers): molt would train plain supervised fine-tuning")),
     "datasets[].train_on_eot": _refused("molt trains a turn's end markers as the entry's train_on_eos says (set train_on_eos: {value})"),
     "datasets[].preprocess_shards": _warned("molt formats a dataset whole (dataset_processes spreads it over processes)"),
     "datasets[].trust_remote_code": _warned("molt runs no dataset loading script (it reads data files and cached datasets)"),
@@ -395,6 +388,13 @@ class DatasetConfig(BaseModel):
     message_field_training: str | None = None
     message_field_training_detail: str | None = None
     drop_system_message: bool = False  # the conversation's system message left out (a default_system_message is not)
+
+    # preference and reward data (rl:, reward_model:, process_reward_model:)
+    field_chosen: str = "chosen"
+    field_rejected: str = "rejected"
+    step_separator: str = "\n"  # stepwise_supervised: what joins a completion's steps
+    max_completion_length: int | None = Field(default=None, ge=1)  # stepwise_supervised: tokens kept per completion
+    train_on_last_step_only: bool = False  # stepwise_supervised: only the last step's label trained
 
     @model_validator(mode="before")
     @classmethod
@@ -544,6 +544,24 @@ class MoltConfig(BaseModel):
     special_tokens: dict[str, str] | None = None  # bos_token, eos_token, pad_token, unk_token
     eot_tokens: list[str] | None = None  # a chat turn's end markers (None: EOS and the built-in templates' markers)
     tokens: list[str] | None = None
+
+    # preference and reward training (TRL's trainers)
+    rl: Literal["dpo", "ipo", "orpo", "kto", "simpo"] | None = None
+    rl_beta: float | None = Field(default=None, gt=0)  # None: TRL's default for the method (0.1; SimPO 2.0)
+    dpo_loss_type: list[str] | None = None  # TRL's loss_type, e.g. [ipo] (rl: ipo sets it)
+    dpo_use_weighting: bool = False
+    dpo_label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    rpo_alpha: float | None = Field(default=None, ge=0)
+    max_prompt_len: int = Field(default=512, ge=1)  # a prompt's tokens kept (its end), as Axolotl
+    orpo_alpha: float | None = Field(default=None, gt=0)  # ORPO's odds-ratio weight (TRL's beta; default 0.1)
+    kto_desirable_weight: float = Field(default=1.0, gt=0)
+    kto_undesirable_weight: float = Field(default=1.0, gt=0)
+    simpo_gamma: float = Field(default=0.5, ge=0)
+    cpo_alpha: float = Field(default=1.0, ge=0)  # SimPO: weight of the NLL term (TRL's CPO default)
+    rl_adapter_ref_model: bool = False  # the reference is base + lora_model_dir's adapter, not the bare base
+    reward_model: bool = False  # AutoModelForSequenceClassification, Bradley-Terry on chosen / rejected
+    process_reward_model: bool = False  # AutoModelForTokenClassification, a label per reasoning step
+    num_labels: int | None = Field(default=None, ge=1)  # the classification head's outputs (reward 1, PRM 2)
 
     # adapter
     adapter: Literal["lora", "qlora"] | None = None

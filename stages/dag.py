@@ -42,7 +42,8 @@ class StageFailed(Exception):
 # declares its contract:
 #   Params               the config keys it reads (a typed slice of the config)
 #   INPUTS               {role: upstream stage}; an upstream that runs per dataset, read by a
-#                        stage that does not, gives one input per dataset (roles train.N, test.N)
+#                        stage that does not, gives one input per dataset (roles train.N, test.N);
+#                        a tuple of stages: the first of them the pipeline has
 #   PER_DATASET = True   one instance per `datasets` / `test_datasets` entry
 #   EVERY_RANK = True    under a multi-process launcher it runs on every rank at once (the
 #                        world size is then part of its key); other stages run once, on the rank
@@ -60,11 +61,30 @@ SUPERVISED: Pipeline = [
     ("fetch_model", None), ("tokenizer", None), ("fetch_data", None), ("format", None), ("tokenize", None),
     ("mix", None), ("pack", None), ("train", None), ("merge", lambda config: bool(config.get("adapter"))),
 ]
-STAGES = tuple(name for name, _ in SUPERVISED)
+# preference training (rl:) and reward models: the reference model's log-probs are a stage of
+# their own for the methods that have a reference (DPO, IPO, KTO), so a new beta or learning
+# rate re-trains without running the reference again
+REFERENCED = ("dpo", "ipo", "kto")
+PREFERENCE: Pipeline = [
+    ("fetch_model", None), ("tokenizer", None), ("fetch_data", None), ("format_preference", None), ("tokenize_preference", None),
+    ("mix", None), ("ref_logprobs", lambda config: config.get("rl") in REFERENCED),
+    ("train_preference", lambda config: bool(config.get("rl"))),
+    ("train_reward", lambda config: not config.get("rl")),
+    ("merge", lambda config: bool(config.get("adapter"))),
+]
+STAGES = tuple(dict.fromkeys(name for pipeline in (SUPERVISED, PREFERENCE) for name, _ in pipeline))
+# what the CLI's commands build, per pipeline: the prepared data, the trained model, the merged one
+TARGETS = {"data": ("pack", "mix"), "train": ("train", "train_preference", "train_reward"), "merge": ("merge",)}
 
 
 def pipeline_for(config: dict) -> Pipeline:
-    return SUPERVISED
+    return PREFERENCE if config.get("rl") or config.get("reward_model") or config.get("process_reward_model") else SUPERVISED
+
+
+def target(config: dict, what: str) -> str:
+    """The stage that builds `what` (data, train, merge) for this config."""
+    present = [stage for stage, when in pipeline_for(config) if when is None or when(config)]
+    return next(stage for stage in TARGETS[what] if stage in present)
 
 
 # read by the CLI (or folded into other keys by the config) rather than by a stage
@@ -168,7 +188,11 @@ def plan(config: dict, until: str | None = None, pipeline: Pipeline | None = Non
     """The stage instances for a config, in dependency order (up to `until`: a stage or an
     instance name, with what it needs)."""
     chosen = [stage for stage, when in (pipeline or pipeline_for(config)) if when is None or when(config)]
-    declared = {stage: dict(getattr(stage_module(stage), "INPUTS", {})) for stage in chosen}
+
+    def upstream(up: str | tuple[str, ...]) -> str:
+        return up if isinstance(up, str) else next((u for u in up if u in chosen), up[0])
+
+    declared = {stage: {role: upstream(up) for role, up in getattr(stage_module(stage), "INPUTS", {}).items()} for stage in chosen}
     for stage, inputs in declared.items():
         missing = [up for up in inputs.values() if up not in declared or chosen.index(up) > chosen.index(stage)]
         if missing:

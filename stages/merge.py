@@ -21,7 +21,7 @@ from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("torch", "transformers", "peft", "safetensors")
-INPUTS = {"trained": "train", "model": "fetch_model"}
+INPUTS = {"trained": ("train", "train_preference", "train_reward"), "model": "fetch_model"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
 
 

@@ -20,7 +20,7 @@ from stages.context import QUIET, Context
 
 SCHEMA = 1
 LIBRARIES = ("pyarrow", "numpy")
-INPUTS = {"tokenized": "tokenize"}  # every dataset's: roles train.N and test.N
+INPUTS = {"tokenized": ("tokenize", "tokenize_preference")}  # every dataset's: roles train.N and test.N
 
 
 Params = stage_params("val_set_size", "seed", "shuffle_merged_datasets", "dataset_exact_deduplication")

@@ -1,0 +1,115 @@
+"""ref_logprobs: the reference model's log-probabilities of every answer, computed once.
+
+Reads mix's `train.arrow` / `val.arrow` (tokenized preference rows), the fetched base model and
+the tokenizer. Writes `train.arrow` / `val.arrow`: the same rows with the reference's summed
+log-probs of each answer's tokens — `ref_chosen_logps`, `ref_rejected_logps` (DPO, IPO) or
+`ref_logps`, `ref_KL_logps` with the mismatched `KL_completion_ids` (KTO) — the columns TRL's
+trainers read instead of running a reference model (their `precompute_ref_log_probs` path).
+
+The reference is the base model as train loads it (quantized for QLoRA: TRL's reference there is
+the adapter switched off), or base + the adapter of `lora_model_dir` with `rl_adapter_ref_model`.
+The key holds the model and the rows, not beta or the learning rate: changing those re-trains
+without running the reference again. KTO's mismatched completions rotate within each
+`micro_batch_size` batch, as TRL builds them, so for KTO that key is read too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.config import stage_params
+from stages.context import QUIET, Context
+from stages.store import DataError, list_files, read_table, write_table
+
+SCHEMA = 1
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+INPUTS = {"rows": "mix", "model": "fetch_model", "tokenizer": "tokenizer"}
+
+Params = stage_params(
+    "rl", "rl_adapter_ref_model", "lora_model_dir", "micro_batch_size", "trust_remote_code", "overrides_of_model_config",
+    "overrides_of_model_kwargs", "resize_token_embeddings_to_32x", "load_in_4bit", "load_in_8bit", "bnb_config_kwargs",
+    "bf16", "bfloat16", "float16",
+)
+
+
+def sources(params: Params) -> list[tuple[str, Path]]:
+    if not (params.rl_adapter_ref_model and params.lora_model_dir):
+        return []
+    root = Path(params.lora_model_dir)
+    if not root.is_dir():
+        raise DataError(f"lora_model_dir {root}: not a directory")
+    return [(f"lora_model_dir/{p.relative_to(root).as_posix()}", p) for p in list_files(root)]
+
+
+def kl_completions(completions: list[list[int]], batch: int) -> list[list[int]]:
+    """Each row's completion replaced by its predecessor's within its batch (the first by the
+    batch's last), as TRL's KTO estimates its KL term from mismatched pairs."""
+    out = []
+    for start in range(0, len(completions), batch):
+        part = completions[start:start + batch]
+        out += [part[-1]] + part[:-1]
+    return out
+
+
+def answer_logps(model, prompt: list[int], answers: list[list[int]], pad_id: int) -> list[float]:
+    """Sum of log p(token) over each answer's tokens after `prompt`, the answers in one batch."""
+    import torch
+
+    lengths = [len(prompt) + len(a) for a in answers]
+    width = max(lengths)
+    ids = torch.full((len(answers), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(answers), width), dtype=torch.long)
+    for i, a in enumerate(answers):
+        ids[i, :lengths[i]] = torch.tensor(prompt + a)
+        mask[i, :lengths[i]] = 1
+    start = len(prompt) - 1  # the logits at position t predict token t + 1
+    keep = torch.arange(start, width - 1)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits.float()
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, start + 1:].unsqueeze(-1)).squeeze(-1)
+    sums = []
+    for i, a in enumerate(answers):
+        sums.append(float(logps[i, :len(a)].sum()))
+    return sums
+
+
+def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
+    import json
+
+    import pyarrow as pa
+    import torch
+
+    from stages.training.model import load_base
+    from stages.training.precision import cast_weights
+
+    info = json.loads((inputs["tokenizer"] / "molt_tokenizer.json").read_text())
+    model = load_base(params, inputs["model"], info["vocab_size"])
+    if params.rl_adapter_ref_model and params.lora_model_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, params.lora_model_dir)
+    cast_weights(model, params)
+    model.eval()
+    torch.manual_seed(0)
+    tables = {split: read_table(inputs["rows"] / f"{split}.arrow") for split in ("train", "val")}
+    total = sum(t.num_rows for t in tables.values())
+    with torch.inference_mode(), ctx.progress("reference log-probs", total) as advance:
+        for split, table in tables.items():
+            rows = table.to_pylist()
+            if params.rl == "kto":
+                kl = kl_completions([r["completion_ids"] for r in rows], params.micro_batch_size)
+                pairs = [answer_logps(model, r["prompt_ids"], [r["completion_ids"], k], info["pad_token_id"]) for r, k in _each(rows, kl, advance)]
+                columns = {"KL_completion_ids": pa.array(kl, type=pa.list_(pa.int32())),
+                           "ref_logps": [p[0] for p in pairs], "ref_KL_logps": [p[1] for p in pairs]}
+            else:
+                pairs = [answer_logps(model, r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]], info["pad_token_id"]) for r, _ in _each(rows, rows, advance)]
+                columns = {"ref_chosen_logps": [p[0] for p in pairs], "ref_rejected_logps": [p[1] for p in pairs]}
+            for name, values in columns.items():
+                table = table.append_column(name, values if isinstance(values, pa.Array) else pa.array(values, type=pa.float32()))
+            write_table(table, out / f"{split}.arrow")
+    return {"rows": tables["train"].num_rows, "val_rows": tables["val"].num_rows}
+
+
+def _each(rows: list, others: list, advance):
+    for row, other in zip(rows, others):
+        yield row, other
+        advance(1)
