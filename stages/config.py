@@ -91,8 +91,10 @@ UNSUPPORTED: dict[str, Unsupported] = {
     # training method and objective
     "trl": _refused("it configures TRL's trainers directly; molt sets them from rl:, rl_beta and the other Axolotl keys"),
     "cls_model_config": _refused("molt would train a causal LM, not a sequence classifier"),
-    "dpo_*": _refused("molt's DPO takes rl_beta, dpo_loss_type, dpo_use_weighting, dpo_label_smoothing and rpo_alpha"),
-    "kto_*": _refused("molt's KTO takes rl_beta, kto_desirable_weight and kto_undesirable_weight"),
+    "dpo_norm_loss": _refused("molt's DPO sums each answer's log-probs (use dpo_loss_type: [sigmoid_norm] for TRL's length-normalised loss)"),
+    **dict.fromkeys(("dpo_padding_free", "dpo_use_logits_to_keep", "dpo_use_liger_kernel"),
+                    _warned("molt runs TRL's DPO on padded pairs (same loss)")),
+    "dpo_generate_during_eval": _warned("molt generates nothing while training"),
     "kd_*": _refused(_KD),
     "vllm": _warned("molt generates nothing while training"),
     "ebft": _refused("molt would train plain supervised fine-tuning, not energy-based fine-tuning (EBFT)"),
@@ -194,7 +196,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "remove_unused_columns": _warned("molt keeps only the columns it trains on"),
     "push_dataset_to_hub": _warned("molt uploads nothing; the prepared data is in dataset_prepared_path"),
     "min_sample_len": _refused("molt would keep rows shorter than {value} tokens (it drops rows under 2)"),
-    "max_prompt_len": _refused("molt would not cut prompts to {value} tokens"),
     "sample_packing_sequentially": _refused("molt packs first-fit-decreasing, which puts other samples together"),
     "sample_packing_mp_start_method": _warned("molt packs in one process"),
     "curriculum_sampling": _refused("molt would shuffle the rows instead of keeping their order"),
@@ -321,6 +322,7 @@ RENAMED_KEYS: dict[str, str] = {
     "model_revision": "revision_of_model",
     "type_of_model": "model_type",
     "dataset_num_proc": "dataset_processes",
+    "dpo_beta": "rl_beta",
 }
 
 
@@ -496,6 +498,9 @@ class LrGroup(TypedDict):
     lr: Annotated[float, Field(gt=0)]
 
 
+RL_METHODS = ("dpo", "ipo", "orpo", "kto", "simpo")
+
+
 class MoltConfig(BaseModel):
     """The whole config. Unsupported and unknown keys are kept as extras (see module docstring)."""
 
@@ -546,9 +551,10 @@ class MoltConfig(BaseModel):
     tokens: list[str] | None = None
 
     # preference and reward training (TRL's trainers)
-    rl: Literal["dpo", "ipo", "orpo", "kto", "simpo"] | None = None
+    rl: str | None = None  # one of RL_METHODS
     rl_beta: float | None = Field(default=None, gt=0)  # None: TRL's default for the method (0.1; SimPO 2.0)
     dpo_loss_type: list[str] | None = None  # TRL's loss_type, e.g. [ipo] (rl: ipo sets it)
+    dpo_loss_weights: list[float] | None = None  # one per dpo_loss_type
     dpo_use_weighting: bool = False
     dpo_label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
     rpo_alpha: float | None = Field(default=None, ge=0)
@@ -719,6 +725,14 @@ class MoltConfig(BaseModel):
     @classmethod
     def _zero_per_epoch_is_unset(cls, value: Any) -> Any:
         return None if value == 0 and value is not False else value  # Axolotl: 0 schedules nothing, as unset
+
+    @field_validator("rl")
+    @classmethod
+    def _known_rl(cls, value: str | None) -> str | None:
+        if value is not None and value not in RL_METHODS:
+            raise ValueError(f"rl: {value} is not supported yet: molt trains {', '.join(RL_METHODS)} (online methods such as GRPO generate "
+                             "while training, which molt does not)")
+        return value
 
     @field_validator("optimizer")
     @classmethod
@@ -903,6 +917,15 @@ RULES: list[tuple[str, ...]] = [
     ("relora_steps", EXCLUDES, "lr_scheduler: one_cycle", "relora_steps does not work with lr_scheduler: one_cycle (Axolotl's rule); use cosine, linear or constant"),
     ("relora_steps", EXCLUDES, "fsdp or fsdp_config", "relora_steps ({relora_steps}) does not work with fsdp: ReLoRA merges and resets adapters on one process"),
     ("deepspeed", EXCLUDES, "fsdp or fsdp_config", "deepspeed ({deepspeed!r}) and fsdp / fsdp_config are mutually exclusive; use one"),
+    # preference and reward training (TRL's trainers)
+    ("rl", EXCLUDES, "sample_packing", "sample_packing with rl: {rl} is not supported: TRL's preference trainers pad each prompt with its "
+     "answers, and packing pairs would let one pair attend to another's (set sample_packing: false)"),
+    ("reward_model or process_reward_model", EXCLUDES, "sample_packing", "sample_packing with a reward model is not supported: "
+     "each chosen / rejected sequence is scored at its own last token (set sample_packing: false)"),
+    ("rl", EXCLUDES, "reward_model or process_reward_model", "rl: {rl} trains a language model; reward_model / process_reward_model train a classifier: set one of them"),
+    ("reward_model", EXCLUDES, "process_reward_model", "reward_model and process_reward_model are two kinds of model: set one"),
+    *((when, EXCLUDES, key, f"{key} is a setting of molt's supervised trainer, not of TRL's preference and reward trainers")
+      for when in ("rl", "reward_model or process_reward_model") for key in ("relora_steps", "loraplus_lr_ratio", "lr_groups", "batch_flattening")),
     # learning-rate schedule
     ("cosine_min_lr_ratio", REQUIRES, "lr_scheduler: cosine", "cosine_min_lr_ratio ({cosine_min_lr_ratio}) applies to lr_scheduler: cosine, not lr_scheduler: {lr_scheduler}"),
     ("cosine_constant_lr_ratio", REQUIRES, "lr_scheduler: cosine", "cosine_constant_lr_ratio ({cosine_constant_lr_ratio}) applies to lr_scheduler: cosine, not lr_scheduler: {lr_scheduler}"),

@@ -81,9 +81,15 @@ def code_modules(params: Params) -> list[str]:
     return [resolve(params.dataset)[0]]
 
 
+# type families that render with their own built-in template when the config names none
+FAMILY_TEMPLATES = ("chatml", "llama3", "zephyr")
+
+
 def sources(params: Params) -> list[tuple[str, Path]]:
-    """The built-in chat template a dataset names for itself (the top-level one is the tokenizer's)."""
-    path = chat_templates.template_file(params.dataset.chat_template)
+    """The built-in chat template a dataset names for itself, or its type family's (the top-level
+    one is in the tokenizer's artifact)."""
+    family = params.dataset.type.partition(".")[0] if isinstance(params.dataset.type, str) else None
+    path = chat_templates.template_file(params.dataset.chat_template or (family if family in FAMILY_TEMPLATES else None))
     return [(f"chat_template {path.stem}", path)] if path else []
 
 

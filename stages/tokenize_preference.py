@@ -9,7 +9,8 @@ DPO, KTO and reward trainers take:
     steps     prompt, completions, labels, input_ids, token_labels (PRM: each step's last token
               carries its label, every other token -100)
 and the source `row`. The ids are TRL's: the prompt and prompt + answer (with EOS appended when
-the answer does not end with it) encoded whole, the answer starting where the two diverge. The
+the answer does not end with it) encoded whole, with the tokenizer's BOS unless the text starts
+with it, the answer starting where the two diverge. The
 prompt keeps its last `max_prompt_len` tokens; prompt + answer its first `sequence_len`; a row
 whose prompt alone fills `sequence_len` is dropped and counted (no answer token would be left).
 """
@@ -87,8 +88,11 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     names = set(table.column_names)
     ids = pa.list_(pa.int32())
 
+    bos = info["bos_token"] if info["adds_bos"] else None
+
     def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=True).ids
+        # the tokenizer's own BOS, unless the chat template already wrote it (llama3's does)
+        return tokenizer.encode(text, add_special_tokens=bool(bos) and not text.startswith(bos)).ids
 
     def encode_plain(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids

@@ -33,7 +33,7 @@ EVERY_RANK = True  # DDP needs every rank in the run
 
 Params = stage_params(
     *keys.MODEL, *keys.SCHEDULE, *keys.PRECISION, *keys.EVALUATION,
-    "rl", "rl_beta", "dpo_loss_type", "dpo_use_weighting", "dpo_label_smoothing", "rpo_alpha", "orpo_alpha",
+    "rl", "rl_beta", "dpo_loss_type", "dpo_loss_weights", "dpo_use_weighting", "dpo_label_smoothing", "rpo_alpha", "orpo_alpha",
     "kto_desirable_weight", "kto_undesirable_weight", "simpo_gamma", "cpo_alpha", "sequence_len",
     required=("learning_rate",), unkeyed=keys.TRACKERS,
 )
@@ -51,7 +51,9 @@ def method_settings(params: Params) -> dict:
     beta = {"beta": params.rl_beta} if params.rl_beta is not None else {}
     if params.rl in ("dpo", "ipo"):
         losses = list(params.dpo_loss_type or (["ipo"] if params.rl == "ipo" else ["sigmoid"]))
-        weights = [1.0] * len(losses)
+        weights = list(params.dpo_loss_weights or [1.0] * len(losses))
+        if len(weights) != len(losses):
+            raise DataError(f"dpo_loss_weights: {len(weights)} weights for {len(losses)} dpo_loss_type entries ({', '.join(losses)}); give one each")
         if params.rpo_alpha is not None:
             losses, weights = losses + ["sft"], weights + [params.rpo_alpha]
         return {**beta, "loss_type": losses, "loss_weights": weights, "use_weighting": params.dpo_use_weighting,

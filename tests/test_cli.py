@@ -19,17 +19,17 @@ def test_keys_no_stage_reads_are_named_not_dropped(make_config, molt):
 
 
 def test_keys_that_would_change_the_model_are_refused(make_config, molt):
-    result = molt("status", make_config(rl="dpo", sample_packing=False))
+    result = molt("status", make_config(kd_trainer=True))
     assert result.exit_code == 2, result
-    assert "rl: dpo is not supported yet: molt would train plain supervised fine-tuning instead of DPO" in result.output
+    assert "kd_trainer: true is not supported yet: knowledge distillation" in result.output
 
 
 def test_a_refused_config_names_its_ignored_and_unknown_keys_first(make_config, molt):
-    result = molt("status", make_config(rl="dpo", deepspeed="zero3.json", colour="red"))
+    result = molt("status", make_config(kd_trainer=True, deepspeed="zero3.json", colour="red"))
     assert result.exit_code == 2, result
     warned = "warning: deepspeed: zero3.json — not supported yet: molt trains unsharded on one process (DDP with --launcher)"
     unknown = "warning: unknown key: colour (not an Axolotl or molt option)"
-    refused = "rl: dpo is not supported yet"
+    refused = "kd_trainer: true is not supported yet"
     assert warned in result.output and unknown in result.output
     assert result.output.index(warned) < result.output.index(refused) and result.output.index(unknown) < result.output.index(refused)
 

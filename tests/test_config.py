@@ -161,7 +161,9 @@ def test_model_dump_json_round_trip(tmp_path):
     ({"load_in_8bit": True}, ["load_in_8bit", "adapter"]),
     ({"deepspeed": "zero3.json", "fsdp": ["full_shard"]}, ["deepspeed", "fsdp", "zero3.json"]),
     ({"deepspeed": "zero3.json", "fsdp_config": {"fsdp_version": 2}}, ["deepspeed", "fsdp_config"]),
-    ({"sample_packing": True, "rl": "dpo"}, ["rl: dpo is not supported yet: molt would train plain supervised fine-tuning instead of DPO"]),
+    ({"sample_packing": True, "rl": "dpo"}, ["sample_packing with rl: dpo is not supported", "sample_packing: false"]),
+    ({"rl": "kto", "reward_model": True}, ["rl: kto", "reward_model", "set one"]),
+    ({"rl": "grpo"}, ["rl: grpo is not supported yet", "dpo, ipo, orpo, kto, simpo"]),
     ({"chat_template": "jinja"}, ["chat_template", "jinja", "chat_template_jinja"]),
     ({"excess_length_strategy": "cut"}, ["excess_length_strategy", "'cut'", "truncate"]),
     ({"val_set_size": -0.1}, ["val_set_size", "-0.1", "greater than or equal to 0"]),
@@ -287,7 +289,7 @@ def test_every_unsupported_key_is_refused_or_warned_with_its_reason(tmp_path, ke
 
 
 @pytest.mark.parametrize("keys, message", [
-    ({"rl": "dpo"}, "rl: dpo is not supported yet: molt would train plain supervised fine-tuning instead of DPO"),
+    ({"kd_trainer": True}, "kd_trainer: true is not supported yet: knowledge distillation: molt would train on the labels alone, without a teacher's logits"),
     ({"datasets": [{"path": "d", "skip": 10}]}, "datasets[0].skip: 10 is not supported yet: molt would train on every row, the first 10 too"),
     ({"base_model_config": "other-model"}, "base_model_config: other-model is not supported yet: molt reads the model's config from base_model"),
 ])
@@ -345,13 +347,13 @@ def test_kernel_choices_say_what_molt_runs_instead(key):
 
 
 def test_refused_config_warns_about_its_other_keys_first(tmp_path):
-    path = write(tmp_path, {**BASE, "rl": "dpo", "sage_attention": True, "colour": "red"})
+    path = write(tmp_path, {**BASE, "kd_trainer": True, "sage_attention": True, "colour": "red"})
     with pytest.warns(MoltConfigWarning) as record, pytest.raises(ConfigError) as info:
         load_config(path)
     notes = ["unknown key: colour (not an Axolotl or molt option)",
              "sage_attention: true — not supported yet: molt uses the attention attn_implementation names (transformers' default otherwise)"]
     assert sorted(info.value.notes) == sorted(str(w.message) for w in record) == sorted(notes)
-    assert "rl: dpo is not supported yet" in str(info.value) and "colour" not in str(info.value)
+    assert "kd_trainer: true is not supported yet" in str(info.value) and "colour" not in str(info.value)
     # a config refused for a bad value names them too
     with pytest.warns(MoltConfigWarning), pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, {**BASE, "sequence_len": "long", "colour": "red"}))
