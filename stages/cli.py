@@ -280,17 +280,32 @@ def _save_prepared(mix_dir: Path, dest: Path) -> None:
 
 
 def show_examples(arrow: Path, tokenizer_json: Path, count: int, text_only: bool) -> None:
+    """The first rows' tokens as text(label, id): red where the loss ignores them, green where it
+    trains. A preference row shows its prompt (never trained) and then each answer."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_json))
     table = read_table(arrow).slice(0, count)
-    for ids, labels in zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()):
+
+    def show(ids: list[int], labels: list[int]) -> str:
         parts = []
         for token_id, label in zip(ids, labels):
             text = tokenizer.decode([token_id], skip_special_tokens=False).replace("[", "\\[")
             colour = "red" if label == -100 else "green"
             parts.append(f"[{colour}]{text}[/]" if text_only else f"[{colour}]{text}({label}, {token_id})[/]")
-        console.print(("" if text_only else " ").join(parts), soft_wrap=True)
+        return ("" if text_only else " ").join(parts)
+
+    for row in table.to_pylist():
+        if "prompt_ids" in row:
+            console.print("[bold]prompt:[/] " + show(row["prompt_ids"], [-100] * len(row["prompt_ids"])), soft_wrap=True)
+            for side in ("chosen", "rejected", "completion"):
+                if f"{side}_ids" in row:
+                    label = f" (label {row['label']})" if side == "completion" else ""
+                    console.print(f"[bold]{side}{label}:[/] " + show(row[f"{side}_ids"], row[f"{side}_ids"]), soft_wrap=True)
+        elif "token_labels" in row:
+            console.print(show(row["input_ids"], row["token_labels"]), soft_wrap=True)
+        else:
+            console.print(show(row["input_ids"], row["labels"]), soft_wrap=True)
         console.print()
 
 

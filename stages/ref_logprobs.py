@@ -22,7 +22,7 @@ from stages.context import QUIET, Context
 from stages.store import DataError, list_files, read_table, write_table
 
 SCHEMA = 1
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl")
 INPUTS = {"rows": "mix", "model": "fetch_model", "tokenizer": "tokenizer"}
 
 Params = stage_params(
@@ -52,24 +52,24 @@ def kl_completions(completions: list[list[int]], batch: int) -> list[list[int]]:
 
 
 def answer_logps(model, prompt: list[int], answers: list[list[int]], pad_id: int) -> list[float]:
-    """Sum of log p(token) over each answer's tokens after `prompt`, the answers in one batch."""
+    """Sum of log p(token) over each answer's tokens after `prompt`, the answers in one batch,
+    through TRL's fused LM head: the same computation its trainers run on the policy, so before
+    training policy and reference agree exactly."""
     import torch
 
+    if not prompt:
+        raise DataError("a row has an empty prompt after tokenization: the reference needs a token to predict the answer from")
     lengths = [len(prompt) + len(a) for a in answers]
     width = max(lengths)
     ids = torch.full((len(answers), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(answers), width), dtype=torch.long)
+    labels = torch.full((len(answers), width), -100, dtype=torch.long)
     for i, a in enumerate(answers):
         ids[i, :lengths[i]] = torch.tensor(prompt + a)
         mask[i, :lengths[i]] = 1
-    start = len(prompt) - 1  # the logits at position t predict token t + 1
-    keep = torch.arange(start, width - 1)
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits.float()
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, start + 1:].unsqueeze(-1)).squeeze(-1)
-    sums = []
-    for i, a in enumerate(answers):
-        sums.append(float(logps[i, :len(a)].sum()))
-    return sums
+        labels[i, len(prompt):lengths[i]] = torch.tensor(a)
+    logps = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False).log_probs
+    return [float(x) for x in logps.sum(dim=1)]
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
@@ -82,7 +82,10 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     from stages.training.precision import cast_weights
 
     info = json.loads((inputs["tokenizer"] / "molt_tokenizer.json").read_text())
+    from trl.trainer.utils import add_fused_lm_head
+
     model = load_base(params, inputs["model"], info["vocab_size"])
+    add_fused_lm_head(model)  # before peft wraps it, as TRL adds it
     if params.rl_adapter_ref_model and params.lora_model_dir:
         from peft import PeftModel
 
