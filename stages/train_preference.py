@@ -30,6 +30,7 @@ SCHEMA = 1
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl")
 INPUTS = {"rows": ("ref_logprobs", "mix"), "model": "fetch_model", "tokenizer": "tokenizer"}
 EVERY_RANK = True  # DDP needs every rank in the run
+REWARD_METRICS = ("rewards/accuracies", "rewards/margins")  # kept per logged step, drawn under the loss
 
 Params = stage_params(
     *keys.MODEL, *keys.SCHEDULE, *keys.PRECISION, *keys.EVALUATION,
@@ -132,7 +133,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     saving = schedule_checkpoints(args, params, steps_per_epoch, len(val_set) > 0)
 
     with ctx.progress(f"train {params.rl}", total_steps) as advance, tracker_environment(params, ctx.log):
-        report = Report(advance, ctx.log)
+        report = Report(advance, ctx.log, kept=REWARD_METRICS)
         trainer = trainer_cls(model=model, args=args, train_dataset=train_set, eval_dataset=val_set if len(val_set) else None,
                               processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)
@@ -174,7 +175,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         "trainable_parameters": trainable,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    save_loss_plot(report.history, report.evals, before.get("eval_loss"), after.get("eval_loss"), out / "loss.png")
+    save_loss_plot(report.history, report.evals, before.get("eval_loss"), after.get("eval_loss"), out / "loss.png", REWARD_METRICS)
     return {"metrics": {k: v for k, v in metrics.items() if k not in ("loss_history", "eval_history")}, "adapter": params.adapter, "train_seconds": round(seconds, 3)}
 
 

@@ -28,6 +28,7 @@ SCHEMA = 1
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl")
 INPUTS = {"rows": "mix", "model": "fetch_model", "tokenizer": "tokenizer"}
 EVERY_RANK = True
+REWARD_METRICS = ("accuracy", "margin")  # kept per logged step, drawn under the loss
 
 Params = stage_params(
     *keys.MODEL, *keys.SCHEDULE, *keys.PRECISION, *keys.EVALUATION, "reward_model", "process_reward_model", "num_labels",
@@ -113,7 +114,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     saving = schedule_checkpoints(args, params, steps_per_epoch, len(sets["val"]) > 0)
 
     with ctx.progress("train reward model", total_steps) as advance, tracker_environment(params, ctx.log):
-        report = Report(advance, ctx.log)
+        report = Report(advance, ctx.log, kept=REWARD_METRICS)
         trainer = trainer_cls(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets["val"] if len(sets["val"]) else None,
                               processing_class=tokenizer, **extra)
         trainer.remove_callback(PrinterCallback)
@@ -154,7 +155,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         "trainable_parameters": trainable,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    save_loss_plot(report.history, report.evals, before.get("eval_loss"), after.get("eval_loss"), out / "loss.png")
+    save_loss_plot(report.history, report.evals, before.get("eval_loss"), after.get("eval_loss"), out / "loss.png", REWARD_METRICS)
     return {"metrics": {k: v for k, v in metrics.items() if k not in ("loss_history", "eval_history")}, "adapter": params.adapter, "train_seconds": round(seconds, 3)}
 
 

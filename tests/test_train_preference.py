@@ -207,3 +207,74 @@ def test_a_process_reward_model_labels_each_step(workdir, tiny_model_dir, molt):
     assert model.config.num_labels == 2
     logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert logits.shape == (1, 4, 2)
+
+
+def test_merge_lora_folds_the_preference_adapter(workdir, tiny_model_dir, molt):
+    from transformers import AutoModelForCausalLM
+
+    config = preference_config(workdir, tiny_model_dir)
+    assert molt("train", config).exit_code == 0
+    merged = molt("merge-lora", config)
+    assert merged.exit_code == 0, merged
+    assert merged.built() == {"merge"}, merged.output
+    sample = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        folded = AutoModelForCausalLM.from_pretrained("out/merged").eval()(sample).logits
+        adapted = reloaded(Path("out"), tiny_model_dir, True).eval()(sample).logits
+    assert (folded - adapted).abs().max() < 1e-4
+
+
+def test_qlora_dpo_trains_against_the_quantized_base_as_reference(workdir, tiny_model_dir, molt, cache_dir):
+    from stages.store import read_table
+
+    config = preference_config(workdir, tiny_model_dir, adapter="qlora", load_in_4bit=True)
+    result = molt("train", config)
+    assert result.exit_code == 0, result
+    metrics = json.loads(Path("out/metrics.json").read_text())
+    # before training the adapter is zero: policy and cached reference are the same quantized model
+    assert metrics["eval_before"]["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["eval_before"]["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
+    quantized = read_table(artifact(cache_dir, "ref_logprobs") / "train.arrow").column("ref_chosen_logps").to_pylist()
+    plain = molt("run", preference_config(workdir, tiny_model_dir), "--until", "ref_logprobs", cache=workdir / "plain-cache")
+    assert plain.exit_code == 0, plain
+    full = read_table(artifact(workdir / "plain-cache", "ref_logprobs") / "train.arrow").column("ref_chosen_logps").to_pylist()
+    assert quantized != full  # the 4-bit base is its own reference
+
+
+def test_rl_adapter_ref_model_takes_the_continued_adapter_as_the_reference(workdir, tiny_model_dir, molt, cache_dir):
+    from stages.store import read_table
+
+    config = preference_config(workdir, tiny_model_dir, max_steps=6, learning_rate=1e-2)
+    assert molt("train", config).exit_code == 0
+    base_ref = read_table(artifact(cache_dir, "ref_logprobs") / "train.arrow").column("ref_chosen_logps").to_pylist()
+    continued = molt("run", preference_config(workdir, tiny_model_dir, lora_model_dir="out", rl_adapter_ref_model=True, output_dir="out2"),
+                     "--until", "ref_logprobs", cache=workdir / "second")
+    assert continued.exit_code == 0, continued
+    adapter_ref = read_table(artifact(workdir / "second", "ref_logprobs") / "train.arrow").column("ref_chosen_logps").to_pylist()
+    assert adapter_ref != pytest.approx(base_ref, abs=1e-6)
+    plain = molt("run", preference_config(workdir, tiny_model_dir, lora_model_dir="out", output_dir="out3"), "--until", "ref_logprobs",
+                 cache=workdir / "third")
+    assert plain.exit_code == 0, plain
+    assert read_table(artifact(workdir / "third", "ref_logprobs") / "train.arrow").column("ref_chosen_logps").to_pylist() == pytest.approx(base_ref, abs=1e-6)
+
+
+def test_stepwise_rows_label_only_the_last_token_of_each_step(fast_tokenizer):
+    from types import SimpleNamespace
+
+    from stages.tokenize_preference import IGNORE, _steps
+
+    def encode(text):
+        return fast_tokenizer.encode(text, add_special_tokens=False).ids
+
+    # the row of TRL's stepwise_supervised example, shortened
+    prompt, completions, labels = "Which number is larger, 9.8 or 9.11?", ["11 is larger than 8.", "So 9.11 is larger."], [False, False]
+    spec = SimpleNamespace(step_separator="\n", max_completion_length=None, train_on_last_step_only=False)
+    params = SimpleNamespace(dataset=spec, max_prompt_len=512, sequence_len=512)
+    ids, token_labels = _steps(encode, None, prompt, completions, labels, params)
+    p, s1, s2, sep = encode(prompt), encode(completions[0]), encode(completions[1]), encode("\n")
+    assert ids == p + s1 + sep + s2 + sep
+    assert token_labels == [IGNORE] * (len(p) + len(s1) + len(sep) - 1) + [0] + [IGNORE] * (len(s2) + len(sep) - 1) + [0]
+    last_only = SimpleNamespace(dataset=SimpleNamespace(step_separator="\n", max_completion_length=None, train_on_last_step_only=True),
+                                max_prompt_len=512, sequence_len=512)
+    ids, token_labels = _steps(encode, None, prompt, completions, [True, True], last_only)
+    assert [t for t in token_labels if t != IGNORE] == [1] and token_labels[-1] == 1

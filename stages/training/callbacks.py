@@ -20,8 +20,9 @@ class Report(TrainerCallback):
     loss through `log` and keeps them (`history`, `evals`: metrics.json and loss.png); drops the
     pickled TrainingArguments from each checkpoint."""
 
-    def __init__(self, advance, log):
+    def __init__(self, advance, log, kept: tuple[str, ...] = ()):
         self.advance, self.log = advance, log
+        self.kept = kept  # more logged metrics to keep per step, e.g. TRL's rewards/accuracies
         self.history: list[dict] = []
         self.evals: list[dict] = []
 
@@ -34,10 +35,12 @@ class Report(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "eval_loss" in logs:
-            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
+            extra = {f"eval_{k}": round(float(logs[f"eval_{k}"]), 6) for k in self.kept if f"eval_{k}" in logs}
+            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"], **extra})
             self.log(f"  step {state.global_step:>5}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}")
         if logs and "loss" in logs:
-            self.history.append({"step": state.global_step, "loss": round(float(logs["loss"]), 6), "lr": float(logs.get("learning_rate", 0.0))})
+            extra = {k: round(float(logs[k]), 6) for k in self.kept if k in logs}
+            self.history.append({"step": state.global_step, "loss": round(float(logs["loss"]), 6), "lr": float(logs.get("learning_rate", 0.0)), **extra})
             self.log(f"  step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}")
 
 
