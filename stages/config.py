@@ -229,8 +229,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "save_first_step": _warned("molt saves as save_strategy / save_steps say"),
     "load_best_model_at_end": _refused("molt's model is the one of the last step (early_stopping_patience keeps the best)"),
     **dict.fromkeys(("include_tokens_per_second", "include_tkps"), _warned("molt logs the loss and learning rate (tokens per second: python -m bench)")),
-    **dict.fromkeys(("eval_table_size", "eval_max_new_tokens", "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval", "bench_dataset",
-                     "bench_split", "lm_eval_*"), _warned(_LOSS_ONLY)),
+    **dict.fromkeys(("do_bench_eval", "bench_dataset", "bench_split"), _warned(_LOSS_ONLY)),
     **dict.fromkeys(("hub_model_id", "hub_strategy", "hub_revision"), _warned(_NO_UPLOAD)),
     # where it runs
     **dict.fromkeys(("deepspeed", "fsdp", "fsdp_config", "fsdp_final_state_dict_type", "fsdp_version", "sequence_parallel_degree",
@@ -673,6 +672,16 @@ class MoltConfig(BaseModel):
     relora_anneal_steps: int | None = Field(default=None, ge=0)
     relora_prune_ratio: float | None = Field(default=None, ge=0, le=1)
     relora_cpu_offload: bool = False
+
+    # after training: evaluate (molt evaluate), export (molt export), lm-evaluation-harness (molt lm-eval)
+    do_causal_lm_eval: bool = False  # Axolotl's switch for eval_causal_lm_metrics; molt evaluate computes them whenever listed
+    eval_causal_lm_metrics: list[str] | None = None  # sacrebleu, chrf, ter, perplexity, comet: greedy generations scored
+    eval_max_new_tokens: int = Field(default=128, ge=1)
+    eval_table_size: int | None = Field(default=None, ge=0)  # prompts shown in the report's table (None: 5)
+    export_format: Literal["safetensors", "gguf"] = "safetensors"
+    export_outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    lm_eval_tasks: list[str] | None = None
+    lm_eval_batch_size: int = Field(default=8, ge=1)
 
     # trackers (none unless set; their logs stay out of the artifacts)
     use_tensorboard: bool = False
