@@ -131,9 +131,9 @@ class Session:
         elif how in SYMBOL:
             console.print(f"  {SYMBOL[how]:<24} {name} [dim]{key[:12]}[/]")
 
-    def plan(self, until: str | None = None) -> list[dag.Node]:
+    def plan(self, until: str | None = None, pipeline: dag.Pipeline | None = None) -> list[dag.Node]:
         try:
-            return dag.plan(self.values, until)
+            return dag.plan(self.values, until, pipeline)
         except KeyError as error:
             fail(error.args[0])
         except ConfigError as error:  # a key a planned stage needs is unset (e.g. train's learning_rate)
@@ -395,14 +395,17 @@ def train(ctx, config, launcher, cache_dir):
 @cache_option
 @click.pass_context
 def merge_lora(ctx, config, cache_dir):
-    """Merge the trained LoRA adapter into the base model: {output_dir}/merged."""
+    """Merge the trained LoRA adapter into the base model: {output_dir}/merged. With
+    --lora-model-dir DIR, merge that adapter (a checkpoint or any peft adapter directory) as it
+    is, without training."""
     session = Session(config, ctx.args, cache_dir)
-    if not session.config.adapter:
-        fail("merge-lora: the config trains no adapter (set adapter: lora)")
-    if session.config.relora_steps:
+    given = "lora_model_dir" in parse_cli_overrides(list(ctx.args))
+    if not session.config.adapter and not given:
+        fail("merge-lora: the config trains no adapter (set adapter: lora, or give --lora-model-dir)")
+    if session.config.relora_steps and not given:
         fail(f"merge-lora: with relora_steps the adapter is merged at every restart and `molt train` already writes the full model to {session.output_dir()}; nothing to merge")
     check_output_dir(session, session.output_dir() / "merged")
-    done = session.resolve(session.plan("merge"))
+    done = session.resolve(session.plan("merge", dag.MERGE_GIVEN_ADAPTER if given else None))
     dest = session.output_dir() / "merged"
     merged = session.intact("merge")
     _copy_dir(merged.path, dest)

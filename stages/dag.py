@@ -43,7 +43,8 @@ class StageFailed(Exception):
 #   Params               the config keys it reads (a typed slice of the config)
 #   INPUTS               {role: upstream stage}; an upstream that runs per dataset, read by a
 #                        stage that does not, gives one input per dataset (roles train.N, test.N);
-#                        a tuple of stages: the first of them the pipeline has
+#                        a tuple of stages: the first of them the pipeline has (a None last:
+#                        without any of them the role is left out)
 #   PER_DATASET = True   one instance per `datasets` / `test_datasets` entry
 #   EVERY_RANK = True    under a multi-process launcher it runs on every rank at once (the
 #                        world size is then part of its key); other stages run once, on the rank
@@ -72,6 +73,8 @@ PREFERENCE: Pipeline = [
     ("train_reward", lambda config: not config.get("rl")),
     ("merge", lambda config: bool(config.get("adapter"))),
 ]
+# `molt merge-lora CFG --lora-model-dir DIR`: that adapter merged as it is, nothing trained
+MERGE_GIVEN_ADAPTER: Pipeline = [("fetch_model", None), ("tokenizer", None), ("merge", None)]
 STAGES = tuple(dict.fromkeys(name for pipeline in (SUPERVISED, PREFERENCE) for name, _ in pipeline))
 # what the CLI's commands build, per pipeline: the prepared data, the trained model, the merged one
 TARGETS = {"data": ("pack", "mix"), "train": ("train", "train_preference", "train_reward"), "merge": ("merge",)}
@@ -189,10 +192,11 @@ def plan(config: dict, until: str | None = None, pipeline: Pipeline | None = Non
     instance name, with what it needs)."""
     chosen = [stage for stage, when in (pipeline or pipeline_for(config)) if when is None or when(config)]
 
-    def upstream(up: str | tuple[str, ...]) -> str:
-        return up if isinstance(up, str) else next((u for u in up if u in chosen), up[0])
+    def upstream(up: str | tuple[str | None, ...]) -> str | None:
+        return up if isinstance(up, str) else next((u for u in up if u is None or u in chosen), up[0])
 
-    declared = {stage: {role: upstream(up) for role, up in getattr(stage_module(stage), "INPUTS", {}).items()} for stage in chosen}
+    declared = {stage: {role: found for role, up in getattr(stage_module(stage), "INPUTS", {}).items() if (found := upstream(up)) is not None}
+                for stage in chosen}
     for stage, inputs in declared.items():
         missing = [up for up in inputs.values() if up not in declared or chosen.index(up) > chosen.index(stage)]
         if missing:
