@@ -8,6 +8,7 @@
 3. packing: bench.packing (molt's packer vs first-fit in order vs unpacked);
 4. throughput: bench.throughput (tiny Llama, packed vs unpacked), multipack real batches; in the
    full run also bench.lora (SmolLM2-135M LoRA: molt packed / unpacked vs a plain Trainer);
+   quick and full: bench.dpo (tiny Llama DPO: cached reference log-probs vs TRL's on the fly);
 5. growth: preprocess time at growing row counts, `molt status` time at 10/100/1000 artifacts.
 
 Writes bench.md (every table) and bench.png under --out, plus packing.md/png and the throughput
@@ -24,17 +25,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import lora, packing, pipeline, throughput
+from bench import dpo, lora, packing, pipeline, throughput
 
 SIZES = {
     "quick": {"alpaca": 3000, "chats": 1200, "quarter": 1000, "growth": [1000, 5000, 20000], "status": [10, 100, 1000],
-              "tokenize_rounds": 3, "packing_samples": 52000, "throughput": ["--samples", "48", "--rounds", "1"]},
+              "tokenize_rounds": 3, "packing_samples": 52000, "throughput": ["--samples", "48", "--rounds", "1"],
+              "dpo_rows": 16},
     "full": {"alpaca": 50000, "chats": 20000, "quarter": 10000, "growth": [10000, 50000, 200000], "status": [10, 100, 1000],
-             "tokenize_rounds": 2, "packing_samples": 52000, "throughput": ["--samples", "128", "--rounds", "2"], "lora_rows": 32},
+             "tokenize_rounds": 2, "packing_samples": 52000, "throughput": ["--samples", "128", "--rounds", "2"], "lora_rows": 32,
+             "dpo_rows": 64},
     "tiny": {"alpaca": 40, "chats": 20, "quarter": 10, "growth": [20, 40], "status": [12, 14],
              "tokenize_rounds": 1, "packing_samples": 2000, "throughput": ["--samples", "8", "--rounds", "1", "--seq-len", "128"]},
 }
-STEPS = ("preprocess", "tokenize", "packing", "throughput", "growth", "status", "lora")
+STEPS = ("preprocess", "tokenize", "packing", "throughput", "growth", "status", "lora", "dpo")
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -72,6 +75,8 @@ def report(results: dict, mode: str, seconds: float) -> str:
         lines += ["## 4. Training throughput, tiny Llama on CPU", "", throughput.table(results["throughput"]).strip(), ""]
     if "lora" in results:
         lines += ["## 4b. SmolLM2 LoRA training throughput on CPU: molt vs a plain transformers Trainer", "", lora.table(results["lora"]).strip(), ""]
+    if "dpo" in results:
+        lines += ["## 4c. DPO training throughput: cached reference log-probs vs TRL computing them on the fly", "", dpo.table(results["dpo"]).strip(), ""]
     if "growth" in results:
         lines += ["## 5a. Preprocess cost growth (one alpaca dataset; model and tokenizer cached)", "",
                   "| rows | wall s | stage seconds | µs / row | per row vs smallest | peak RSS MiB |", "|---:|---:|---:|---:|---:|---:|"]
@@ -179,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         step("status", lambda: pipeline.status_bench(work / "status", sizes["status"], cache))
         if "lora_rows" in sizes:  # SmolLM2 LoRA on CPU: minutes per mode on 2 cores, so the full run only
             step("lora", lambda: lora.run(rows=sizes["lora_rows"], work=work / "lora"))
+        if "dpo_rows" in sizes:  # not in --tiny: tests/test_bench.py runs bench.dpo on its own
+            step("dpo", lambda: dpo.run(rows=sizes["dpo_rows"]))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

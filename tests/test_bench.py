@@ -30,3 +30,13 @@ def test_bench_runs_every_pipeline_benchmark_on_tiny_inputs(tmp_path):
 def test_imports_torch_reads_importtime_output():
     assert pipeline._imports_torch("import time:       120 |        900 |   torch\n")
     assert not pipeline._imports_torch("import time:       120 |        900 |   torch._C\nimport time: 1 | 2 | tokenizers\n")
+
+
+def test_dpo_bench_runs_molt_and_trl_on_the_same_rows(tmp_path):
+    from bench import dpo
+
+    result = dpo.main(["--rows", "2", "--micro-batch-size", "2", "--betas", "0.1", "--out", str(tmp_path)])
+    assert [r["steps"] for r in result["runs"]["molt"] + result["runs"]["trl"]] == [1, 1]
+    assert result["ref_seconds"] > 0 and result["molt_tokens_per_s"] > 0 and result["trl_tokens_per_s"] > 0
+    assert result["max_loss_gap"] < 1e-3  # the cached reference is the one TRL computes
+    assert "molt / TRL" in (tmp_path / "dpo-tiny.md").read_text()
