@@ -27,11 +27,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 class _Params:
-    """The config as load_base reads it, with the command's quantization in place of the config's
-    (a trained adapter is used on whatever precision the user asks for here)."""
+    """The config as load_base reads it; --load-in-8bit / --load-in-4bit replace its quantization
+    (as they override the config's keys in Axolotl), without them the config's own applies."""
 
     def __init__(self, config, load_in_8bit: bool, load_in_4bit: bool):
-        self._config, self._over = config, {"load_in_8bit": load_in_8bit, "load_in_4bit": load_in_4bit}
+        self._config = config
+        self._over = {"load_in_8bit": load_in_8bit, "load_in_4bit": load_in_4bit} if load_in_8bit or load_in_4bit else {}
 
     def __getattr__(self, name):
         return self._over[name] if name in self._over else getattr(self._config, name, None)
@@ -146,8 +147,8 @@ def piped(model, tokenizer, prompter: str, chat: bool, generate: dict, show_prom
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0: greedy decoding; above: sampling (seeded by the config's seed).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--load-in-8bit", is_flag=True, help="Load the model 8-bit through bitsandbytes.")
-@click.option("--load-in-4bit", is_flag=True, help="Load the model 4-bit (nf4) through bitsandbytes.")
+@click.option("--load-in-8bit", is_flag=True, help="Load the model 8-bit through bitsandbytes (default: as the config says).")
+@click.option("--load-in-4bit", is_flag=True, help="Load the model 4-bit (nf4, bnb_config_kwargs) through bitsandbytes.")
 @click.option("--show-prompt", is_flag=True, help='Write each rendered prompt to stderr as `prompt: "<JSON string>"`.')
 @click.option("--cache-dir", envvar="MOLT_CACHE_DIR", default="cache", show_default=True, type=click.Path(file_okay=False), help="Artifact store (or MOLT_CACHE_DIR).")
 @click.pass_context

@@ -159,3 +159,10 @@ def test_bad_directories_are_refused_naming_them(make_config, workdir, tiny_mode
     assert code == 2 and f"--base-model {workdir / 'empty'}: not a model directory" in err, err
     code, _, err = run_inference(config, "--base-model", tiny_model_dir, "--lora-model-dir", "empty", input="Hi.\n")
     assert code == 2 and "give one" in err, err
+
+
+def test_load_in_8bit_and_4bit_answer_through_bitsandbytes(make_config, tiny_model_dir):
+    config = make_config()
+    for flag in ("--load-in-8bit", "--load-in-4bit"):
+        code, out, err = run_inference(config, "--base-model", tiny_model_dir, flag, *SHORT, input="Say hi.\n")
+        assert code == 0 and len(out.splitlines()) == 1 and out.strip(), err
