@@ -415,6 +415,34 @@ def merge_lora(ctx, config, cache_dir):
 
 @main.command(context_settings=OVERRIDES)
 @click.argument("config")
+@cache_option
+@click.pass_context
+def evaluate(ctx, config, cache_dir):
+    """Held-out loss and perplexity of the trained model (training it if needed), with generation
+    metrics when eval_causal_lm_metrics lists them: {output_dir}/eval/ (metrics.json, report.html,
+    metrics.png). With --lora-model-dir DIR or --base-model DIR: that model, nothing trained."""
+    session = Session(config, ctx.args, cache_dir)
+    given = {"lora_model_dir", "base_model"} & set(parse_cli_overrides(list(ctx.args)))
+    if session.config.rl or session.config.reward_model or session.config.process_reward_model:
+        fail("evaluate: preference and reward models report their held-out metrics in metrics.json of molt train")
+    dest = session.output_dir() / "eval"
+    check_output_dir(session, dest)
+    session.resolve(session.plan("evaluate", dag.EVALUATE_GIVEN_MODEL if given else None))
+    report = session.intact("evaluate")
+    _copy_dir(report.path, dest)
+    metrics = report.manifest.get("metrics", {})
+    if metrics.get("validation"):
+        console.print(f"held-out loss {metrics['validation']['loss']:.4f}, perplexity {metrics['validation']['perplexity']:.3f} ({metrics['validation']['tokens']} tokens)")
+    for name, found in (metrics.get("by_dataset") or {}).items():
+        if found and len(metrics["by_dataset"]) > 1:
+            console.print(f"  {escape(name)}: loss {found['loss']:.4f}, perplexity {found['perplexity']:.3f}")
+    for name, value in (metrics.get("generation") or {}).items():
+        console.print(f"  {name}: {value}")
+    console.print(f"report: {dest / 'report.html'}")
+
+
+@main.command(context_settings=OVERRIDES)
+@click.argument("config")
 @click.option("--only", help="Run just this stage (its inputs must be cached).")
 @click.option("--until", help="Run this stage and everything it needs.")
 @cache_option
@@ -732,6 +760,11 @@ def fetch(what, dest):
         fail(f"no pipelines folder at {source}")
     _copy_dir(source, Path(dest))
     console.print(f"copied {len(list_files(source))} files to {dest}")
+
+
+from stages.inference import inference  # noqa: E402  (it imports stages.cli only inside the command)
+
+main.add_command(inference)
 
 
 if __name__ == "__main__":

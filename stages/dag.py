@@ -60,7 +60,7 @@ class StageFailed(Exception):
 Pipeline = list[tuple[str, Callable[[dict], bool] | None]]
 SUPERVISED: Pipeline = [
     ("fetch_model", None), ("tokenizer", None), ("fetch_data", None), ("format", None), ("tokenize", None),
-    ("mix", None), ("pack", None), ("train", None), ("merge", lambda config: bool(config.get("adapter"))),
+    ("mix", None), ("pack", None), ("train", None), ("merge", lambda config: bool(config.get("adapter"))), ("evaluate", None),
 ]
 # preference training (rl:) and reward models: the reference model's log-probs are a stage of
 # their own for the methods that have a reference (DPO, IPO, KTO), so a new beta or learning
@@ -75,9 +75,11 @@ PREFERENCE: Pipeline = [
 ]
 # `molt merge-lora CFG --lora-model-dir DIR`: that adapter merged as it is, nothing trained
 MERGE_GIVEN_ADAPTER: Pipeline = [("fetch_model", None), ("tokenizer", None), ("merge", None)]
+# `molt evaluate CFG --lora-model-dir DIR | --base-model DIR`: that model evaluated, nothing trained
+EVALUATE_GIVEN_MODEL: Pipeline = [stage for stage in SUPERVISED if stage[0] not in ("train", "merge")]
 STAGES = tuple(dict.fromkeys(name for pipeline in (SUPERVISED, PREFERENCE) for name, _ in pipeline))
 # what the CLI's commands build, per pipeline: the prepared data, the trained model, the merged one
-TARGETS = {"data": ("pack", "mix"), "train": ("train", "train_preference", "train_reward"), "merge": ("merge",)}
+TARGETS = {"data": ("pack", "mix"), "train": ("train", "train_preference", "train_reward"), "merge": ("merge",), "evaluate": ("evaluate",)}
 
 
 def pipeline_for(config: dict) -> Pipeline:
