@@ -443,6 +443,27 @@ def evaluate(ctx, config, cache_dir):
 
 @main.command(context_settings=OVERRIDES)
 @click.argument("config")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default=None, help="export_format (default safetensors)")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None, help="export_outtype (default f16; q8_0 is GGUF only)")
+@cache_option
+@click.pass_context
+def export(ctx, config, fmt, outtype, cache_dir):
+    """The trained (with an adapter, merged) model as safetensors, or as one GGUF file for
+    llama.cpp and Ollama: {output_dir}/export."""
+    args = list(ctx.args) + (["--export-format", fmt] if fmt else []) + (["--export-outtype", outtype] if outtype else [])
+    session = Session(config, args, cache_dir)
+    if session.config.reward_model or session.config.process_reward_model:
+        fail("export: a reward model is a classifier, not a language model llama.cpp or Ollama runs; its weights are in output_dir")
+    dest = session.output_dir() / "export"
+    check_output_dir(session, dest)
+    session.resolve(session.plan("export"))
+    artifact = session.intact("export")
+    _copy_dir(artifact.path, dest)
+    console.print(f"exported model written to {dest}" + ("  (ollama create NAME -f Modelfile)" if (dest / "Modelfile").exists() else ""))
+
+
+@main.command(context_settings=OVERRIDES)
+@click.argument("config")
 @click.option("--only", help="Run just this stage (its inputs must be cached).")
 @click.option("--until", help="Run this stage and everything it needs.")
 @cache_option

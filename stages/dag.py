@@ -61,6 +61,7 @@ Pipeline = list[tuple[str, Callable[[dict], bool] | None]]
 SUPERVISED: Pipeline = [
     ("fetch_model", None), ("tokenizer", None), ("fetch_data", None), ("format", None), ("tokenize", None),
     ("mix", None), ("pack", None), ("train", None), ("merge", lambda config: bool(config.get("adapter"))), ("evaluate", None),
+    ("export", None),
 ]
 # preference training (rl:) and reward models: the reference model's log-probs are a stage of
 # their own for the methods that have a reference (DPO, IPO, KTO), so a new beta or learning
@@ -72,14 +73,15 @@ PREFERENCE: Pipeline = [
     ("train_preference", lambda config: bool(config.get("rl"))),
     ("train_reward", lambda config: not config.get("rl")),
     ("merge", lambda config: bool(config.get("adapter"))),
+    ("export", lambda config: bool(config.get("rl"))),  # reward models are classifiers: nothing llama.cpp runs
 ]
 # `molt merge-lora CFG --lora-model-dir DIR`: that adapter merged as it is, nothing trained
 MERGE_GIVEN_ADAPTER: Pipeline = [("fetch_model", None), ("tokenizer", None), ("merge", None)]
 # `molt evaluate CFG --lora-model-dir DIR | --base-model DIR`: that model evaluated, nothing trained
-EVALUATE_GIVEN_MODEL: Pipeline = [stage for stage in SUPERVISED if stage[0] not in ("train", "merge")]
+EVALUATE_GIVEN_MODEL: Pipeline = [stage for stage in SUPERVISED if stage[0] not in ("train", "merge", "export")]
 STAGES = tuple(dict.fromkeys(name for pipeline in (SUPERVISED, PREFERENCE) for name, _ in pipeline))
 # what the CLI's commands build, per pipeline: the prepared data, the trained model, the merged one
-TARGETS = {"data": ("pack", "mix"), "train": ("train", "train_preference", "train_reward"), "merge": ("merge",), "evaluate": ("evaluate",)}
+TARGETS = {"data": ("pack", "mix"), "train": ("train", "train_preference", "train_reward"), "merge": ("merge",), "evaluate": ("evaluate",), "export": ("export",)}
 
 
 def pipeline_for(config: dict) -> Pipeline:

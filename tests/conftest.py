@@ -188,7 +188,7 @@ def molt(cache_dir):
 
 ALL_NODES = {
     "fetch_model", "tokenizer", "fetch_data[0]", "format[0]", "tokenize[0]",
-    "fetch_data[1]", "format[1]", "tokenize[1]", "mix", "pack", "train", "merge", "evaluate",
+    "fetch_data[1]", "format[1]", "tokenize[1]", "mix", "pack", "train", "merge", "evaluate", "export",
 }
 
 

@@ -38,7 +38,7 @@ def test_cli_override_changes_only_what_it_touches(warm, molt):
     config = warm()
     result = molt("run", config, "--learning-rate", "0.0002", "--lora-r", "4")
     assert result.exit_code == 0, result
-    assert result.built() == {"train", "merge", "evaluate"}
+    assert result.built() == {"train", "merge", "evaluate", "export"}
 
 
 def test_status_on_an_empty_cache_reports_missing_and_builds_nothing(make_config, molt, cache_dir):
@@ -68,9 +68,9 @@ def test_only_refuses_when_inputs_are_missing_then_runs_one_stage(make_config, m
 
 
 def test_gc_drops_only_what_no_config_last_used(warm, molt, cache_dir):
-    assert molt("run", warm(learning_rate=0.0003)).built() == {"train", "merge", "evaluate"}
+    assert molt("run", warm(learning_rate=0.0003)).built() == {"train", "merge", "evaluate", "export"}
     superseded = artifact_dirs(cache_dir)
-    assert molt("run", warm(learning_rate=0.0004)).built() == {"train", "merge", "evaluate"}
+    assert molt("run", warm(learning_rate=0.0004)).built() == {"train", "merge", "evaluate", "export"}
     latest = artifact_dirs(cache_dir)
     result = molt("gc")
     assert result.exit_code == 0, result

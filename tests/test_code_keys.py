@@ -24,7 +24,7 @@ from conftest import ALPACA_ROWS, CHAT_ROWS, MoltResult, base_config, write_json
 REPO = Path(__file__).resolve().parent.parent
 ARROW_STAGES = {"fetch_data[0]", "fetch_data[1]", "fetch_data[2]", "format[0]", "format[1]", "format[2]",
                 "tokenize[0]", "tokenize[1]", "tokenize[2]", "mix", "pack"}
-EVERYTHING = ARROW_STAGES | {"fetch_model", "tokenizer", "train", "merge", "evaluate"}
+EVERYTHING = ARROW_STAGES | {"fetch_model", "tokenizer", "train", "merge", "evaluate", "export"}
 
 
 def molt(root: Path, *args: str) -> MoltResult:
@@ -129,4 +129,4 @@ def test_one_chat_template_rebuilds_only_the_datasets_rendered_with_it(warm_copy
     assert built(warm_copy) == {"format[2]"}
     # other text: that dataset and what follows it, not the chatml or alpaca datasets
     scratch("stages/templates/chatml.jinja", "'<|im_start|>' + message['role'] + '\\n'", "'<|im_start|>' + message['role'] + ':\\n'")
-    assert built(warm_copy) == {"format[1]", "tokenize[1]", "mix", "pack", "train", "merge", "evaluate"}
+    assert built(warm_copy) == {"format[1]", "tokenize[1]", "mix", "pack", "train", "merge", "evaluate", "export"}

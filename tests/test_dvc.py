@@ -71,7 +71,7 @@ def edit(repo: Path, **changes) -> None:
 
 
 def test_dvc_repro_follows_the_molt_dag(dvc_repo):
-    everything = {"fetch_model", "tokenizer", "fetch_data-0", "format-0", "tokenize-0", "fetch_data-1", "format-1", "tokenize-1", "mix", "pack", "train", "merge", "evaluate"}
+    everything = {"fetch_model", "tokenizer", "fetch_data-0", "format-0", "tokenize-0", "fetch_data-1", "format-1", "tokenize-1", "mix", "pack", "train", "merge", "evaluate", "export"}
     assert ran(sh(dvc_repo, "dvc", "repro")) == everything
     assert (dvc_repo / "artifacts" / "merge" / "model.safetensors").exists()
     assert ran(sh(dvc_repo, "dvc", "repro")) == set()
@@ -80,10 +80,10 @@ def test_dvc_repro_follows_the_molt_dag(dvc_repo):
     edit(dvc_repo, chat_template="llama3")
     rerun = ran(sh(dvc_repo, "dvc", "repro"))
     assert "fetch_model" not in rerun and not {"fetch_data-0", "fetch_data-1"} & rerun
-    assert {"tokenizer", "format-0", "format-1", "tokenize-1", "mix", "pack", "train", "merge", "evaluate"} <= rerun
+    assert {"tokenizer", "format-0", "format-1", "tokenize-1", "mix", "pack", "train", "merge", "evaluate", "export"} <= rerun
 
     edit(dvc_repo, learning_rate=0.0005)
-    assert ran(sh(dvc_repo, "dvc", "repro")) == {"train", "merge", "evaluate"}
+    assert ran(sh(dvc_repo, "dvc", "repro")) == {"train", "merge", "evaluate", "export"}
 
     # molt reads the same store: after dvc repro, molt computes nothing
     out = sh(dvc_repo, "molt", "run", "params.yaml")

@@ -58,7 +58,7 @@ def test_training_keys_rerun_only_train_and_merge(warm, molt, change):
     assert rows["train"]["state"] == "stale"
     key = next(iter(change))
     assert any(w.startswith(f"{key} ") for w in rows["train"]["why"]), rows["train"]
-    assert rerun(molt, config) == {"train", "merge", "evaluate"}
+    assert rerun(molt, config) == {"train", "merge", "evaluate", "export"}
 
 
 def test_sequence_len_reruns_tokenize_not_format(warm, molt, cache_dir):
@@ -114,7 +114,7 @@ def test_code_edit_of_a_strategy_reruns_only_its_datasets(warm, molt, alpaca_sou
 
     # a change of the prompt text: the alpaca dataset and everything after it, not the chat one
     alpaca_source(lambda src: src.replace("### Response:", "### Answer:"))
-    assert rerun(molt, config) == {"format[0]", "tokenize[0]", "mix", "pack", "train", "merge", "evaluate"}
+    assert rerun(molt, config) == {"format[0]", "tokenize[0]", "mix", "pack", "train", "merge", "evaluate", "export"}
 
 
 def test_data_file_change_reruns_only_that_dataset(warm, molt):
@@ -124,7 +124,7 @@ def test_data_file_change_reruns_only_that_dataset(warm, molt):
     assert rows["fetch_data[1]"]["state"] == "stale"
     assert any("source chat.jsonl changed" in w for w in rows["fetch_data[1]"]["why"]), rows["fetch_data[1]"]
     assert rows["fetch_data[0]"]["state"] == "cached"
-    assert rerun(molt, config) == {"fetch_data[1]", "format[1]", "tokenize[1]", "mix", "pack", "train", "merge", "evaluate"}
+    assert rerun(molt, config) == {"fetch_data[1]", "format[1]", "tokenize[1]", "mix", "pack", "train", "merge", "evaluate", "export"}
 
 
 def test_tampered_artifact_is_rebuilt(warm, molt, cache_dir):
