@@ -73,14 +73,14 @@ def reference(path: Path, rows: list[dict], pad_id: int) -> tuple[list[dict], fl
     """The rows with molt's cached columns, and the seconds the reference took."""
     import torch
 
-    from stages.ref_logprobs import answer_logps
+    from stages.ref_logprobs import reference_logps
 
     model = _model(path, lora=False).eval()
     started = time.perf_counter()
     with torch.inference_mode():
-        pairs = [answer_logps(model, r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]], pad_id) for r in rows]
+        chosen, rejected = reference_logps(model, rows, [[r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows]], pad_id, lambda n: None)
     seconds = time.perf_counter() - started
-    return [dict(r, ref_chosen_logps=c, ref_rejected_logps=j) for r, (c, j) in zip(rows, pairs)], seconds
+    return [dict(r, ref_chosen_logps=c, ref_rejected_logps=j) for r, c, j in zip(rows, chosen, rejected)], seconds
 
 
 def train(path: Path, rows: list[dict], tokenizer, cached: bool, beta: float, mbs: int) -> dict:
@@ -146,7 +146,7 @@ def table(r: dict) -> str:
              f"| training tokens/s (median of {n}) | {r['molt_tokens_per_s']:,.0f} | {r['trl_tokens_per_s']:,.0f} | {r['molt_over_trl']:.2f}x |",
              f"| same, molt paying its reference once per run | {r['molt_with_ref_tokens_per_s']:,.0f} | {r['trl_tokens_per_s']:,.0f} | {r['molt_with_ref_over_trl']:.2f}x |",
              f"| {n}-beta sweep, total s (molt: one reference + {n} runs) | {r['sweep_molt_s']:.1f} | {r['sweep_trl_s']:.1f} | {r['sweep_molt_over_trl']:.2f}x |",
-             "", f"Reference log-probs once (`answer_logps`, a row at a time): {r['ref_seconds']:.1f} s ({r['ref_tokens_per_s']:,.0f} tokens/s). "
+             "", f"Reference log-probs once (`ref_logprobs`, ROWS_PER_PASS rows a forward): {r['ref_seconds']:.1f} s ({r['ref_tokens_per_s']:,.0f} tokens/s). "
              f"Per run s, molt: {_seconds(r['runs']['molt'])}; TRL: {_seconds(r['runs']['trl'])}. "
              f"Largest train-loss gap molt vs TRL at one beta: {r['max_loss_gap']:.2e}."]
     return "\n".join(lines) + "\n"

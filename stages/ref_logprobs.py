@@ -51,25 +51,30 @@ def kl_completions(completions: list[list[int]], batch: int) -> list[list[int]]:
     return out
 
 
-def answer_logps(model, prompt: list[int], answers: list[list[int]], pad_id: int) -> list[float]:
-    """Sum of log p(token) over each answer's tokens after `prompt`, the answers in one batch,
-    through TRL's fused LM head: the same computation its trainers run on the policy, so before
-    training policy and reference agree exactly."""
+ROWS_PER_PASS = 8  # rows per reference forward (fixed, so the bytes do not depend on the config)
+
+
+def answer_logps(model, prompts: list[list[int]], sides: list[list[list[int]]], pad_id: int) -> list[list[float]]:
+    """Sum of log p(token) over each answer's tokens after its prompt: for rows i, sides[k][i] is
+    the k-th answer of row i. One forward for all, laid out as TRL's collator lays a batch out
+    ([all first answers, all second answers], right-padded), through TRL's fused LM head: the
+    computation its trainers run on the policy, so before training policy and reference agree."""
     import torch
 
-    if not prompt:
+    if any(not p for p in prompts):
         raise DataError("a row has an empty prompt after tokenization: the reference needs a token to predict the answer from")
-    lengths = [len(prompt) + len(a) for a in answers]
-    width = max(lengths)
-    ids = torch.full((len(answers), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(answers), width), dtype=torch.long)
-    labels = torch.full((len(answers), width), -100, dtype=torch.long)
-    for i, a in enumerate(answers):
-        ids[i, :lengths[i]] = torch.tensor(prompt + a)
-        mask[i, :lengths[i]] = 1
-        labels[i, len(prompt):lengths[i]] = torch.tensor(a)
-    logps = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False).log_probs
-    return [float(x) for x in logps.sum(dim=1)]
+    sequences = [(prompt, answer) for answers in sides for prompt, answer in zip(prompts, answers)]
+    width = max(len(p) + len(a) for p, a in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for i, (prompt, answer) in enumerate(sequences):
+        n = len(prompt) + len(answer)
+        ids[i, :n] = torch.tensor(prompt + answer)
+        mask[i, :n] = 1
+        labels[i, len(prompt):n] = torch.tensor(answer)
+    logps = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False).log_probs.sum(dim=1)
+    return [[float(x) for x in part] for part in logps.split(len(prompts))]
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
@@ -100,19 +105,24 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
             rows = table.to_pylist()
             if params.rl == "kto":
                 kl = kl_completions([r["completion_ids"] for r in rows], params.micro_batch_size)
-                pairs = [answer_logps(model, r["prompt_ids"], [r["completion_ids"], k], info["pad_token_id"]) for r, k in _each(rows, kl, advance)]
-                columns = {"KL_completion_ids": pa.array(kl, type=pa.list_(pa.int32())),
-                           "ref_logps": [p[0] for p in pairs], "ref_KL_logps": [p[1] for p in pairs]}
+                found = reference_logps(model, rows, [[r["completion_ids"] for r in rows], kl], info["pad_token_id"], advance)
+                columns = {"KL_completion_ids": pa.array(kl, type=pa.list_(pa.int32())), "ref_logps": found[0], "ref_KL_logps": found[1]}
             else:
-                pairs = [answer_logps(model, r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]], info["pad_token_id"]) for r, _ in _each(rows, rows, advance)]
-                columns = {"ref_chosen_logps": [p[0] for p in pairs], "ref_rejected_logps": [p[1] for p in pairs]}
+                found = reference_logps(model, rows, [[r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows]], info["pad_token_id"], advance)
+                columns = {"ref_chosen_logps": found[0], "ref_rejected_logps": found[1]}
             for name, values in columns.items():
                 table = table.append_column(name, values if isinstance(values, pa.Array) else pa.array(values, type=pa.float32()))
             write_table(table, out / f"{split}.arrow")
     return {"rows": tables["train"].num_rows, "val_rows": tables["val"].num_rows}
 
 
-def _each(rows: list, others: list, advance):
-    for row, other in zip(rows, others):
-        yield row, other
-        advance(1)
+def reference_logps(model, rows: list[dict], sides: list[list[list[int]]], pad_id: int, advance) -> list[list[float]]:
+    """answer_logps over the rows, ROWS_PER_PASS at a time: one list of sums per side."""
+    found: list[list[float]] = [[] for _ in sides]
+    for start in range(0, len(rows), ROWS_PER_PASS):
+        stop = start + ROWS_PER_PASS
+        part = answer_logps(model, [r["prompt_ids"] for r in rows[start:stop]], [side[start:stop] for side in sides], pad_id)
+        for k, values in enumerate(part):
+            found[k] += values
+        advance(len(rows[start:stop]))
+    return found

@@ -114,14 +114,16 @@ def test_cached_reference_log_probs_are_the_ones_trl_computes(workdir, tiny_mode
             return dataset
 
     rows = datasets.Dataset(ours.select(["prompt_ids", "chosen_ids", "rejected_ids"]))
-    # one row per batch, as the stage runs them: a bigger batch changes which CPU attention kernel runs (float noise)
-    args = DPOConfig(output_dir=str(workdir / "trl"), precompute_ref_log_probs=True, per_device_train_batch_size=1, report_to=[], use_cpu=True,
+    from stages.ref_logprobs import ROWS_PER_PASS
+
+    # batches of the stage's size, laid out alike: the same float sums to the last bit
+    args = DPOConfig(output_dir=str(workdir / "trl"), precompute_ref_log_probs=True, per_device_train_batch_size=ROWS_PER_PASS, report_to=[], use_cpu=True,
                      bf16=False)  # TRL's default autocasts to bf16; molt computes in the weights' fp32 on CPU
     trainer = Tokenized(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), args=args, train_dataset=rows,
                         processing_class=AutoTokenizer.from_pretrained(artifact(cache_dir, "tokenizer")))
     theirs = trainer.train_dataset
     for side in ("chosen", "rejected"):
-        assert torch.tensor(ours.column(f"ref_{side}_logps").to_pylist()) == pytest.approx(torch.tensor(theirs[f"ref_{side}_logps"]), rel=1e-6, abs=1e-4)
+        assert torch.tensor(ours.column(f"ref_{side}_logps").to_pylist()) == pytest.approx(torch.tensor(theirs[f"ref_{side}_logps"]), rel=1e-6, abs=1e-5)
 
 
 def test_a_new_beta_retrains_without_the_reference_and_a_new_base_model_reruns_it(workdir, tiny_model_dir, molt, tmp_path):
