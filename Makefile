@@ -13,7 +13,7 @@ freeze = $(1) freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1
 # written last, once what the venv holds is the lock's set: a failed or interrupted build reruns
 INSTALLED := $(VENV)/installed.txt
 
-.PHONY: demo test venv lock
+.PHONY: demo test venv lock browser
 
 $(INSTALLED): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -32,8 +32,13 @@ venv: $(INSTALLED)
 demo: venv
 	$(BIN)/molt train pipelines/smollm2-lora.yml
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest tests -q
+
+# the web chat page is tested in a real browser: Debian's headless Chromium and its WebDriver
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # Regenerate requirements.lock: resolve pyproject.toml's ranges (with the test extra) against the
 # registry of the day in a scratch venv, installed as `make venv` installs, and freeze it.
