@@ -12,6 +12,11 @@ template and printed as generated. On a terminal it is interactive: `>>> ` (on s
 Python's REPL), the answer streamed token by token, until an empty line or Ctrl-D. `--chat` keeps
 the conversation: each turn sees the earlier ones. Only answers go to stdout; notes, stage
 progress and `--show-prompt`'s rendered prompts (`prompt: "<JSON string>"`) go to stderr.
+
+`--gradio` serves a chat page instead (at --server-name:--server-port): each reply is generated
+from the whole conversation shown, rendered and sampled as above, and streamed into the page. It
+runs offline: gradio serves its frontend and fonts from the installed package, analytics are off
+and nothing is shared.
 """
 
 from __future__ import annotations
@@ -138,6 +143,69 @@ def piped(model, tokenizer, prompter: str, chat: bool, generate: dict, show_prom
             messages = turn + [{"role": "assistant", "content": reply}]
 
 
+def _text(content) -> str:
+    """A chat message's text: gradio gives a string or a list of parts ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return "".join(p if isinstance(p, str) else p.get("text") or "" for p in parts if isinstance(p, (str, dict)))
+
+
+def _import_gradio():
+    """gradio, imported with its analytics off (the env var is read at import); exit 2 when missing."""
+    import os
+
+    from stages.cli import fail
+
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    try:
+        import gradio
+    except ImportError:
+        fail("--gradio needs gradio: pip install gradio")
+    return gradio
+
+
+def web(model, tokenizer, prompter: str, generate: dict, show_prompt: bool, server_name: str, server_port: int) -> None:
+    """Serve a gradio chat page until interrupted; each turn sees the conversation shown in it."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    gr = _import_gradio()
+
+    def reply(message: str, history: list[dict]):
+        turn = [{"role": m["role"], "content": _text(m["content"]).strip()} for m in history if m.get("role") in ("user", "assistant")]
+        prompt = render(tokenizer, turn + [{"role": "user", "content": message.strip()}], prompter)
+        _show(prompt, show_prompt)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: list = []
+
+        def generate_into_streamer():
+            try:
+                result.append(answer(model, tokenizer, prompt, templated=prompter == "chat_template", streamer=streamer, **generate))
+            except Exception as error:  # noqa: BLE001  (raised again below, where gradio shows it)
+                result.append(error)
+                streamer.end()  # else the loop below waits for tokens forever
+
+        worker = Thread(target=generate_into_streamer, daemon=True)
+        worker.start()
+        text = ""
+        for chunk in streamer:
+            text += chunk
+            yield text
+        worker.join()
+        if isinstance(result[0], Exception):
+            raise result[0]
+        # the whole decode, exactly as piped prints it: streamed pieces can differ at word joins
+        yield result[0].strip()
+
+    demo = gr.ChatInterface(reply, title="molt inference", analytics_enabled=False)
+    sys.stderr.write(f"serving http://{server_name}:{server_port} (Ctrl-C stops)\n")
+    sys.stderr.flush()
+    # no Node server for server-side rendering: the page is the package's prebuilt frontend
+    demo.launch(server_name=server_name, server_port=server_port, share=False, ssr_mode=False, mcp_server=False, quiet=True)
+
+
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("config")
 @click.option("--lora-model-dir", type=click.Path(file_okay=False), help="Use this LoRA adapter on the config's base model (no training).")
@@ -150,21 +218,26 @@ def piped(model, tokenizer, prompter: str, chat: bool, generate: dict, show_prom
 @click.option("--load-in-8bit", is_flag=True, help="Load the model 8-bit through bitsandbytes (default: as the config says).")
 @click.option("--load-in-4bit", is_flag=True, help="Load the model 4-bit (nf4, bnb_config_kwargs) through bitsandbytes.")
 @click.option("--show-prompt", is_flag=True, help='Write each rendered prompt to stderr as `prompt: "<JSON string>"`.')
+@click.option("--gradio", is_flag=True, help="Serve a chat page (gradio) instead of reading stdin; each reply sees the conversation.")
+@click.option("--server-port", default=7860, show_default=True, type=click.IntRange(1, 65535), help="The --gradio page's port.")
+@click.option("--server-name", default="127.0.0.1", show_default=True, help="The --gradio page's address (0.0.0.0: every interface).")
 @click.option("--cache-dir", envvar="MOLT_CACHE_DIR", default="cache", show_default=True, type=click.Path(file_okay=False), help="Artifact store (or MOLT_CACHE_DIR).")
 @click.pass_context
-def inference(ctx, config, lora_model_dir, base_model, chat, prompter, max_new_tokens, temperature, top_p, load_in_8bit, load_in_4bit, show_prompt, cache_dir):
+def inference(ctx, config, lora_model_dir, base_model, chat, prompter, max_new_tokens, temperature, top_p, load_in_8bit, load_in_4bit, show_prompt, gradio, server_port, server_name, cache_dir):
     """Answer prompts with the trained model of CONFIG (trained first if not cached).
 
     Piped stdin: each non-empty line is one prompt, answered on one stdout line (newlines in an
     answer written as \\n, backslashes as \\\\); `--prompter none`: all of stdin is one raw text,
     continued. On a terminal: `>>> `, answers streamed, until an empty line or Ctrl-D. Only the
-    answers go to stdout."""
+    answers go to stdout. --gradio: a chat page at --server-name:--server-port instead."""
     from stages import dag
     from stages.cli import Session, _CACHE_DIR, fail
     from stages.store import DataError
     from stages.ui import console
 
     _CACHE_DIR[:] = [Path(cache_dir).resolve()]
+    if gradio:
+        _import_gradio()  # a missing gradio is said before any training or loading
     if lora_model_dir and base_model:
         fail("--lora-model-dir and --base-model: give one (an adapter on the config's base model, or a model directory alone)")
     if load_in_8bit and load_in_4bit:
@@ -206,7 +279,9 @@ def inference(ctx, config, lora_model_dir, base_model, chat, prompter, max_new_t
 
     set_seed(session.config.seed if session.config.seed is not None else 42)
     generate = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-    if sys.stdin.isatty():
+    if gradio:
+        web(model, tokenizer, prompter, generate, show_prompt, server_name, server_port)
+    elif sys.stdin.isatty():
         repl(model, tokenizer, prompter, chat, generate, show_prompt)
     else:
         piped(model, tokenizer, prompter, chat, generate, show_prompt)
