@@ -230,6 +230,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "load_best_model_at_end": _refused("molt's model is the one of the last step (early_stopping_patience keeps the best)"),
     **dict.fromkeys(("include_tokens_per_second", "include_tkps"), _warned("molt logs the loss and learning rate (tokens per second: python -m bench)")),
     **dict.fromkeys(("do_bench_eval", "bench_dataset", "bench_split"), _warned(_LOSS_ONLY)),
+    "do_causal_lm_eval": _warned("molt evaluate computes eval_causal_lm_metrics whenever they are listed (training evaluates the loss)"),
     **dict.fromkeys(("hub_model_id", "hub_strategy", "hub_revision"), _warned(_NO_UPLOAD)),
     # where it runs
     **dict.fromkeys(("deepspeed", "fsdp", "fsdp_config", "fsdp_final_state_dict_type", "fsdp_version", "sequence_parallel_degree",
@@ -674,7 +675,6 @@ class MoltConfig(BaseModel):
     relora_cpu_offload: bool = False
 
     # after training: evaluate (molt evaluate), export (molt export), lm-evaluation-harness (molt lm-eval)
-    do_causal_lm_eval: bool = False  # Axolotl's switch for eval_causal_lm_metrics; molt evaluate computes them whenever listed
     eval_causal_lm_metrics: list[str] | None = None  # sacrebleu, chrf, ter, perplexity, comet: greedy generations scored
     eval_max_new_tokens: int = Field(default=128, ge=1)
     eval_table_size: int | None = Field(default=None, ge=0)  # prompts shown in the report's table (None: 5)

@@ -75,7 +75,7 @@ def test_gc_drops_only_what_no_config_last_used(warm, molt, cache_dir):
     result = molt("gc")
     assert result.exit_code == 0, result
     after = artifact_dirs(cache_dir)
-    assert len(latest) - len(after) == 2  # the lr=0.0003 train and merge went
+    assert len(latest) - len(after) == 4  # the lr=0.0003 train, merge, evaluate and export went
     assert latest - superseded <= after  # the newest stayed
     assert molt("run", warm(learning_rate=0.0004)).built() == set()
 

@@ -240,3 +240,26 @@ def test_smollm2_gguf_equals_llama_cpp_s_own(tmp_path):
     mine = {t.name: t for t in ours.tensors}
     for t in theirs.tensors:
         assert np.array_equal(gguf.dequantize(mine[t.name].data, mine[t.name].tensor_type), gguf.dequantize(t.data, t.tensor_type)), t.name
+
+
+def test_molt_export_writes_a_gguf_of_the_merged_model_that_transformers_loads(make_config, tmp_path):
+    """`molt export` as a user runs it: train, merge and export in one go, then a second export is cached."""
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    repo = Path(__file__).resolve().parent.parent
+    config = make_config(learning_rate=0.05, max_steps=3)
+    command = [str(repo / ".venv/bin/molt"), "export", str(config), "--format", "gguf", "--outtype", "f32", "--cache-dir", str(tmp_path / "cache")]
+    first = subprocess.run(command, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "exported model written to out/export" in first.stderr and "Modelfile" in first.stderr
+    for stage in ("train", "merge", "export"):
+        assert any(stage in line and "built" in line for line in first.stderr.splitlines()), (stage, first.stderr)
+    exported = AutoModelForCausalLM.from_pretrained("out/export", gguf_file="model.gguf", dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(next((tmp_path / "cache" / "merge").glob("*/config.json")).parent, dtype=torch.float32).eval()
+    sample = torch.tensor([[1, 5, 9, 200, 3000, 7]])
+    with torch.no_grad():
+        assert (exported(sample).logits - merged(sample).logits).abs().max() < 1e-4
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0 and "built" not in again.stderr, again.stderr[-2000:]

@@ -108,4 +108,12 @@ def test_merging_smollm2_peaks_under_two_shards_plus_the_adapter(tmp_path):
     used = json.loads(run.stdout.strip().splitlines()[-1])
     grown = (used["peak_kib"] - used["baseline_kib"]) * 1024
     assert grown < 2 * shard + adapter, (grown / 2**20, shard / 2**20, adapter / 2**20)
-    del AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    sample = tokenizer(["Convert 3 km to m."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        folded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()(sample).logits
+    from peft import PeftModel
+
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tmp_path / "adapter").eval()(sample).logits
+    assert (folded - adapted).abs().max() < 1e-4
