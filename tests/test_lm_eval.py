@@ -45,11 +45,10 @@ def accuracy(results: dict) -> float:
 
 
 def test_shipped_rows_are_what_the_generator_writes():
-    sys.path.insert(0, str(REPO / "pipelines" / "lm_eval"))
-    try:
-        from make_unit_conversions import rows
-    finally:
-        sys.path.pop(0)
+    import runpy
+
+    # run_path, not an import: no __pycache__ left in pipelines/ for `molt fetch examples` to copy
+    rows = runpy.run_path(str(REPO / "pipelines" / "lm_eval" / "make_unit_conversions.py"))["rows"]
     assert [json.loads(line) for line in ROWS] == rows() and len(ROWS) == 40
     assert sorted(r["label"] for r in rows()) == sorted([0, 1, 2, 3] * 10)  # chance is 0.25 for any fixed guess
 
