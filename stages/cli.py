@@ -786,6 +786,9 @@ def fetch(what, dest):
 from stages.inference import inference  # noqa: E402  (it imports stages.cli only inside the command)
 
 main.add_command(inference)
+from stages.lm_eval_command import lm_eval_command  # noqa: E402  (it imports stages.cli only inside the command)
+
+main.add_command(lm_eval_command)
 
 
 if __name__ == "__main__":
