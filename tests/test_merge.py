@@ -122,3 +122,14 @@ def test_merging_smollm2_peaks_under_two_shards_plus_the_adapter(tmp_path):
         logits_of_base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(sample).logits
         adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tmp_path / "adapter").eval()(sample).logits
     assert (folded - adapted).abs().max() < 1e-4 and (adapted - logits_of_base).abs().max() > 1e-2
+
+
+def test_merge_lora_as_a_user_runs_it(make_config, molt):
+    """A real `molt merge-lora` process on a trained adapter directory."""
+    config = make_config(learning_rate=0.05, max_steps=3)
+    assert molt("train", config).exit_code == 0
+    run = subprocess.run([str(REPO / ".venv/bin/molt"), "merge-lora", str(config), "--lora-model-dir", "out", "--output-dir", "merged-out",
+                          "--cache-dir", "cache"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "merged model written to merged-out/merged" in run.stderr
+    assert (Path("merged-out/merged") / "model.safetensors").exists() and not (Path("merged-out/merged") / "adapter_config.json").exists()
