@@ -38,6 +38,7 @@ from stages.store import DataError, list_files, read_table
 from stages.training.arguments import schedule_checkpoints, training_arguments
 from stages.training.batches import RankBatches, Rows, make_collator
 from stages.training.evaluation import evaluation_loss
+from stages.training.outputs import keep_checkpoints, save_model
 from stages.training.plots import save_loss_plot
 from stages.training.trackers import tracker_environment
 
@@ -143,17 +144,10 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         if after is not None:
             ctx.log(f"  eval loss after training:  {after:.4f}")
 
-    model_dir = out / "model"
     if relora is not None:
         model = model.merge_and_unload()  # ReLoRA's earlier updates live in the base weights: the artifact is the full model
-    model.save_pretrained(model_dir)
-    for p in list_files(inputs["tokenizer"]):
-        if p.name != "manifest.json":
-            shutil.copy2(p, model_dir / p.name)
-    if saving and ctx.rank == 0:
-        (out / "checkpoints").mkdir()
-        for saved in checkpoints.glob("checkpoint-*"):
-            shutil.move(saved, out / "checkpoints" / saved.name)
+    save_model(model, inputs["tokenizer"], out)
+    keep_checkpoints(checkpoints, out, saving, ctx.rank)
     metrics = {
         "steps": result.global_step,
         "train_loss": round(float(result.training_loss), 6),

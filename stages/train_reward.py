@@ -15,13 +15,11 @@ transformers Trainer; `accuracy` is over the labelled tokens.
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from pathlib import Path
 
 from stages.config import stage_params
 from stages.context import QUIET, Context
-from stages.store import DataError, list_files, read_table
+from stages.store import DataError, read_table
 from stages.training import keys
 
 SCHEMA = 1
@@ -29,6 +27,7 @@ LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl
 INPUTS = {"rows": "mix", "model": "fetch_model", "tokenizer": "tokenizer"}
 EVERY_RANK = True
 REWARD_METRICS = ("accuracy", "margin")  # kept per logged step, drawn under the loss
+SHOWN = ("eval_loss", "eval_accuracy", "eval_margin")  # said before and after training
 
 Params = stage_params(
     *keys.MODEL, *keys.SCHEDULE, *keys.PRECISION, *keys.EVALUATION, "reward_model", "process_reward_model", "num_labels",
@@ -72,7 +71,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     from stages.training.arguments import schedule_checkpoints, training_arguments
     from stages.training.callbacks import Report, callbacks_for
     from stages.training.model import load_for_training
-    from stages.training.plots import save_loss_plot
+    from stages.training.outputs import keep_checkpoints, run_evaluated, save_model, write_metrics
     from stages.training.trackers import tracker_environment
 
     process = bool(params.process_reward_model)
@@ -118,57 +117,17 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         trainer = trainer_cls(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets["val"] if len(sets["val"]) else None,
                               processing_class=tokenizer, **extra)
         trainer.remove_callback(PrinterCallback)
-        before = _held_out(trainer) if len(sets["val"]) else {}
-        for callback in callbacks_for(params, report, out):  # after the evaluation before training: not a step of the run
-            trainer.add_callback(callback)
-        if before:
-            ctx.log("  before training: " + _said(before))
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        started = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - started
-        after = _held_out(trainer) if len(sets["val"]) else {}
-        if after:
-            ctx.log("  after training:  " + _said(after))
+        before, result, seconds, after = run_evaluated(trainer, len(sets["val"]) > 0, callbacks_for(params, report, out), checkpoints, ctx.log, SHOWN)
 
-    model_dir = out / "model"
-    trainer.model.save_pretrained(model_dir)
-    for p in list_files(inputs["tokenizer"]):
-        if p.name != "manifest.json":
-            shutil.copy2(p, model_dir / p.name)
-    if saving and ctx.rank == 0:
-        (out / "checkpoints").mkdir()
-        for saved in checkpoints.glob("checkpoint-*"):
-            shutil.move(saved, out / "checkpoints" / saved.name)
-    metrics = {
-        "kind": "process_reward_model" if process else "reward_model",
-        "steps": result.global_step,
-        "train_loss": round(float(result.training_loss), 6),
-        "loss_history": report.history,
-        "eval_history": report.evals,
-        "eval_before": before,
-        "eval_after": after,
-        "eval_loss_before": before.get("eval_loss"),
-        "eval_loss_after": after.get("eval_loss"),
-        "train_rows": len(sets["train"]),
-        "val_rows": len(sets["val"]),
-        "trainable_parameters": trainable,
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    save_loss_plot(report.history, report.evals, before.get("eval_loss"), after.get("eval_loss"), out / "loss.png", REWARD_METRICS)
-    return {"metrics": {k: v for k, v in metrics.items() if k not in ("loss_history", "eval_history")}, "adapter": params.adapter, "train_seconds": round(seconds, 3)}
+    save_model(trainer.model, inputs["tokenizer"], out)
+    keep_checkpoints(checkpoints, out, saving, ctx.rank)
+    recorded = write_metrics(out, {"kind": "process_reward_model" if process else "reward_model", "steps": result.global_step,
+                                   "train_loss": round(float(result.training_loss), 6), "train_rows": len(sets["train"]),
+                                   "val_rows": len(sets["val"]), "trainable_parameters": trainable}, report, before, after, REWARD_METRICS)
+    return {"metrics": recorded, "adapter": params.adapter, "train_seconds": round(seconds, 3)}
 
 
 def _token_accuracy(prediction) -> dict:
     predicted, labels = prediction.predictions, prediction.label_ids
     scored = labels != -100
     return {"accuracy": float((predicted[scored] == labels[scored]).mean()) if scored.any() else 0.0}
-
-
-def _held_out(trainer) -> dict:
-    found = trainer.evaluate()
-    return {k: round(float(v), 6) for k, v in sorted(found.items()) if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second", "_preparation_time"))}
-
-
-def _said(metrics: dict) -> str:
-    return ", ".join(f"{k.removeprefix('eval_')} {metrics[k]:.4f}" for k in ("eval_loss", "eval_accuracy", "eval_margin") if k in metrics)
