@@ -46,7 +46,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(make_config, molt, cache_
     run = subprocess.Popen([sys.executable, "-m", "stages.cli", "train", str(config), "--cache-dir", str(cache_dir)],
                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not (first := list(cache_dir.glob("train/*.partial/checkpoints/checkpoint-3/trainer_state.json"))):
+    while not (first := [p for p in cache_dir.glob("train/*.partial/checkpoints/checkpoint-3/trainer_state.json") if _whole(p)]):
         assert run.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.02)
     run.send_signal(signal.SIGKILL)
@@ -54,7 +54,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(make_config, molt, cache_
     assert not list(cache_dir.glob("train/*/manifest.json"))  # nothing committed
     partial = first[0].parent.parent  # cache/train/<key>.partial/checkpoints
     assert partial.parent.name == f"{train_dir.name}.partial", "the train key changed: a stage module was edited meanwhile?"
-    whole_saves = [int(p.parent.name.split("-")[1]) for p in partial.glob("checkpoint-*/trainer_state.json")]
+    whole_saves = [int(p.parent.name.split("-")[1]) for p in partial.glob("checkpoint-*/trainer_state.json") if _whole(p)]
     dry = molt("gc", "--dry-run")
     assert "checkpoints of an unfinished run" in dry.output and partial.exists()
     last = max(whole_saves)
@@ -99,3 +99,12 @@ def test_gc_drops_a_killed_runs_checkpoints_unless_a_run_holds_the_key(molt, cac
     result = molt("gc")
     assert result.exit_code == 0 and "checkpoints of an unfinished run" in result.output
     assert not partial.exists()
+
+
+def _whole(state: Path) -> bool:
+    """A checkpoint's trainer_state.json written to the end (the kill may land mid-write)."""
+    try:
+        json.loads(state.read_text())
+        return True
+    except (OSError, ValueError):
+        return False

@@ -85,6 +85,16 @@ def model_to_train(params, model_dir: Path, vocab_size: int, packed: bool, log):
 
 def last_checkpoint(folder: Path) -> str | None:
     """The newest whole checkpoint in folder: the Trainer writes trainer_state.json last, so a
-    checkpoint a kill cut short has none."""
-    whole = [p for p in Path(folder).glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()]
+    checkpoint a kill cut short has none, or one the kill left half-written."""
+    whole = [p for p in Path(folder).glob("checkpoint-*") if _readable_state(p / "trainer_state.json") and p.name.split("-")[-1].isdigit()]
     return str(max(whole, key=lambda p: int(p.name.split("-")[-1]))) if whole else None
+
+
+def _readable_state(path: Path) -> bool:
+    import json
+
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
