@@ -19,7 +19,9 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from jinja2 import nodes
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # One file per built-in template: a key reads the file of the template a config names, so
@@ -140,11 +142,32 @@ def _bounded_filter(f):
     return bounded
 
 
+class GenerationTag(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (it marks assistant text for its
+    assistant mask): the body renders as is. molt finds a turn's text by rendering, so the
+    marks are not needed, but templates that use the tag (llava's) must compile."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' options: its templates call tojson(indent=...), (separators=...), (sort_keys=...)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @lru_cache(maxsize=32)
 def compile_template(source: str):
-    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", GenerationTag])
     env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     # Training data must not depend on the day it was rendered: dates come out as a fixed day.
     env.globals["strftime_now"] = lambda fmt: FIXED_DATE.strftime(fmt)

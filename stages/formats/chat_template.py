@@ -14,7 +14,8 @@ from stages.formats.rows import Formatter, Kind, RowError, Segment, UnknownKind
 
 DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]}
 # Turn-end markers of common templates; the EOS token is always one too.
-TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|END_OF_TURN_TOKEN|>", "<｜end▁of▁sentence｜>", "<|eom|>")
+TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|END_OF_TURN_TOKEN|>", "<｜end▁of▁sentence｜>", "<|eom|>",
+             "<|eot|>", "<turn|>", "[|endofturn|]", "<|END_RESPONSE|>")  # llama4, gemma4, exaone, command_a (its reply's end)
 EOT_WINDOW = 16  # characters after a turn's content in which its end marker may start
 PLACEHOLDER = "\ue000molt-turn\ue001"  # private-use characters: no real content holds them
 
