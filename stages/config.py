@@ -106,8 +106,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "use_onebitllms": _refused("molt would train the weights as they load, not as 1.58-bit ones"),
     # model loading
     "base_model_config": _refused("molt reads the model's config from base_model"),
-    "model_config": _refused("molt would load the model without it; set overrides_of_model_config"),
-    "model_kwargs": _refused("molt would load the model without it; set overrides_of_model_kwargs"),
     "rope_scaling": _refused("molt would keep the model's own RoPE; set overrides_of_model_config: {{rope_scaling: ...}}"),
     **dict.fromkeys(("model_quantization_config", "model_quantization_config_kwargs"),
                     _refused("molt would load the base unquantized (4-/8-bit: load_in_4bit / load_in_8bit)")),
@@ -128,6 +126,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "low_cpu_mem_usage": _warned("molt loads the model as transformers does by default"),
     "torchdistx_path": _warned("molt loads the model as transformers does by default"),
     **dict.fromkeys(("is_falcon_derived_model", "is_llama_derived_model", "is_mistral_derived_model", "is_qwen_derived_model"), _warned(_ARCHITECTURE)),
+    **dict.fromkeys(("capabilities", "env_capabilities"), _warned("Axolotl fills it in from the machine it runs on; molt reads the machine itself when it trains")),
     "hf_use_auth_token": _warned("molt downloads nothing: models and datasets come from local files and caches"),
     # tokenizer and embeddings
     "mean_resizing_embeddings": _refused("molt starts new embedding rows at the mean of the others (as mean_resizing_embeddings: true)", inert=True),
@@ -230,6 +229,8 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "load_best_model_at_end": _refused("molt's model is the one of the last step (early_stopping_patience keeps the best)"),
     **dict.fromkeys(("include_tokens_per_second", "include_tkps"), _warned("molt logs the loss and learning rate (tokens per second: python -m bench)")),
     **dict.fromkeys(("do_bench_eval", "bench_dataset", "bench_split"), _warned(_LOSS_ONLY)),
+    "lm_eval_post_train": _warned("molt runs lm-evaluation-harness as its own command, after training: molt lm-eval cfg.yml"),
+    "lm_eval_model": _warned("molt lm-eval evaluates the trained model, or the one --model-dir names"),
     "do_causal_lm_eval": _warned("molt evaluate computes eval_causal_lm_metrics whenever they are listed (training evaluates the loss)"),
     **dict.fromkeys(("hub_model_id", "hub_strategy", "hub_revision"), _warned(_NO_UPLOAD)),
     # where it runs
@@ -320,6 +321,8 @@ DATASET_TYPE_KEYS: frozenset[str] = frozenset({
 # Old or internal Axolotl spellings of molt fields: {spelling: field}.
 RENAMED_KEYS: dict[str, str] = {
     "model_revision": "revision_of_model",
+    "model_config": "overrides_of_model_config",  # Axolotl's alias of the field (its examples write it)
+    "model_kwargs": "overrides_of_model_kwargs",
     "type_of_model": "model_type",
     "dataset_num_proc": "dataset_processes",
     "dpo_beta": "rl_beta",
@@ -808,17 +811,21 @@ def _classify_keys(data: dict, notes: list[str]) -> tuple[list[str], list[str]]:
     unknown: list[str] = []
     refused: list[str] = []
 
-    def sort(key: str, shown: str, value: Any, known: frozenset[str], row: Unsupported | None) -> None:
+    def sort(key: str, shown: str, value: Any, known: frozenset[str], row: Unsupported | None, names: frozenset[str]) -> None:
         if key in known:
             return
         if row is None:
-            notes.append(f"unknown key: {shown} (not an Axolotl or molt option)")
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            notes.append(f"unknown key: {shown} (not an Axolotl or molt option{hint})")
             unknown.append(shown)
         elif note := unsupported_note(shown, value, row):
             (refused if row.refused else notes).append(note)
 
+    # the names a misspelling may be meant as: every key molt knows, implemented or not
+    top_names = _known_keys() | UNSUPPORTED_KEYS | frozenset(RENAMED_KEYS)
     for key, value in data.items():
-        sort(key, key, value, _known_keys(), unsupported(key))
+        sort(key, key, value, _known_keys(), unsupported(key), top_names)
     dataset_keys = frozenset(DatasetConfig.model_fields)
     for list_key in ("datasets", "test_datasets", "pretraining_dataset"):
         entries = data.get(list_key)
@@ -826,10 +833,10 @@ def _classify_keys(data: dict, notes: list[str]) -> tuple[list[str], list[str]]:
             if not isinstance(entry, dict):
                 continue
             for key, value in entry.items():
-                sort(key, f"{list_key}[{i}].{key}", value, dataset_keys, unsupported(key, entry=True))
+                sort(key, f"{list_key}[{i}].{key}", value, dataset_keys, unsupported(key, entry=True), dataset_keys | DATASET_UNSUPPORTED_KEYS)
             if isinstance(entry.get("type"), dict):
                 for key in entry["type"]:
-                    sort(key, f"{list_key}[{i}].type.{key}", None, DATASET_TYPE_KEYS, None)
+                    sort(key, f"{list_key}[{i}].type.{key}", None, DATASET_TYPE_KEYS, None, DATASET_TYPE_KEYS)
     return unknown, refused
 
 

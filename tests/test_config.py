@@ -238,7 +238,7 @@ def test_unsupported_and_unknown_keys_warn_and_are_kept(tmp_path):
 
 def test_unknown_key_in_dataset_type_dict(tmp_path):
     cfg = load(tmp_path, datasets=[{"path": "d", "type": {"field_instruction": "q", "fild_output": "a"}}])
-    assert cfg.config_warnings == ["unknown key: datasets[0].type.fild_output (not an Axolotl or molt option)"]
+    assert cfg.config_warnings == ["unknown key: datasets[0].type.fild_output (not an Axolotl or molt option; did you mean field_output?)"]
 
 
 def test_strict_refuses_all_unknown_keys(tmp_path):
