@@ -46,8 +46,10 @@ def messages_of(row: dict, spec) -> list[dict]:
         role, content = m.get(role_key), m.get(content_key)
         if role not in roles:
             raise RowError(f"{field}[{i}].{role_key}", f"unknown role {role!r} (known: {', '.join(sorted(roles))}; map it with `roles:`)")
+        if isinstance(content, list):
+            content = _text_of_parts(content, f"{field}[{i}].{content_key}")
         if not isinstance(content, str):
-            raise RowError(f"{field}[{i}].{content_key}", f"expected text, got {type(content).__name__}")
+            raise RowError(f"{field}[{i}].{content_key}", f"expected text or a list of text parts, got {type(content).__name__}")
         message = {"role": roles[role], "content": content}
         if spec.message_field_training and m.get(spec.message_field_training) is not None:
             message["train"] = bool(m[spec.message_field_training])
@@ -70,6 +72,25 @@ def messages_of(row: dict, spec) -> list[dict]:
     if spec.default_system_message and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": spec.default_system_message})
     return messages
+
+
+def _text_of_parts(parts: list, where: str) -> str:
+    """OpenAI-style content, `[{"type": "text", "text": ...}, ...]`: the text parts joined as the
+    multimodal templates join them (with nothing between). Any other part is refused: molt trains
+    language models on text, so an image or audio part cannot be rendered or trained."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict):
+            raise RowError(f"{where}[{j}]", f"expected a content part such as {{\"type\": \"text\", \"text\": ...}}, got {type(part).__name__}")
+        # rows read through Arrow carry every part's keys, absent ones as null
+        kind = part.get("type") or ("text" if part.get("text") is not None else None)
+        if kind != "text":
+            raise RowError(f"{where}[{j}]", f"{'a ' + repr(kind) if kind else 'an untyped'} part: molt trains on text only (text-only models, no image or audio "
+                                            "inputs); keep only the text parts of this message")
+        if not isinstance(part.get("text"), str):
+            raise RowError(f"{where}[{j}].text", f"expected text, got {type(part.get('text')).__name__}")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _detail(value, content: str, where: str) -> list[tuple[int, int]] | None:
