@@ -173,7 +173,7 @@ def test_user_defined_defaults_and_row_system(pipeline, fast_tokenizer):
     ("explainchoice", {"question": "q", "choices": "a b", "solution": "a"}, r"row 1: field 'choices': expected a list of texts"),
     ("alpaca_chat.load_qa", {"question": "q", "answer": 4}, r"row 1: field 'answer': expected text, got int"),
     ("pygmalion", {"conversations": [{"role": "narrator", "value": "x"}]}, r"row 1: field 'conversations\[0\]\.role': unknown role 'narrator'"),
-    ("creative_acr.load_revise", {"instruction": "q", "answer": "a", "revision": "b", "scores": None, "critiques": {}}, r"row 1: field 'scores': expected a mapping"),
+    ("creative_acr.load_revise", {"instruction": "q", "answer": "a", "revision": "b", "scores": [1], "critiques": {}}, r"row 1: field 'scores': expected text or a mapping, got list"),
 ])
 def test_bad_rows_name_row_and_field(pipeline, type_, row, message):
     with pytest.raises(DataError, match=message):

@@ -1,6 +1,6 @@
 """creative_acr: answer / critique / revise rows (`type: creative_acr.load_answer`,
 `.load_critique`, `.load_revise`) in a USER / ASSISTANT prompt; the answer, the evaluation
-(scores and critiques as YAML) or the revision is trained."""
+(scores and critiques, text or mappings, as YAML) or the revision is trained."""
 
 from __future__ import annotations
 
@@ -41,11 +41,15 @@ REVISE_PROMPT = (
 def _evaluation(row: dict) -> str:
     import yaml
 
+    # Axolotl YAML-dumps the field whatever it holds: a mapping becomes YAML lines, text (its
+    # documented shape) a YAML scalar: quoted where YAML needs it, `...` closing a plain one
     parts = []
     for field in ("scores", "critiques"):
         value = row.get(field)
-        if not isinstance(value, dict):
-            raise RowError(field, f"expected a mapping, got {type(value).__name__}")
+        if value is None:
+            raise RowError(field, "missing")
+        if not isinstance(value, (dict, str)):
+            raise RowError(field, f"expected text or a mapping, got {type(value).__name__}")
         parts.append(yaml.dump(value, default_flow_style=False, Dumper=yaml.Dumper))
     return "".join(parts)
 
