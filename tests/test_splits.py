@@ -85,3 +85,36 @@ def test_a_bad_split_names_the_dataset_and_the_key(tmp_path, spec):
     path = _write(tmp_path, "jsonl")
     with pytest.raises(DataError, match=rf"dataset {re.escape(repr(str(path)))}: split {re.escape(repr(spec))} is not a split spec"):
         _fetch(tmp_path, path=str(path), split=spec)
+
+
+def _mix(tmp_path, n: int, val_set_size: float, shuffle: bool = False):
+    from stages import mix
+    from stages.store import write_table
+
+    tokenized = tmp_path / f"tok{n}"
+    tokenized.mkdir(exist_ok=True)
+    write_table(pa.table({"input_ids": [[i] for i in range(n)]}), tokenized / "tokenized.arrow")
+    out = tmp_path / f"mix{len(list(tmp_path.glob('mix*')))}"
+    out.mkdir()
+    params = mix.Params(val_set_size=val_set_size, seed=7, shuffle_merged_datasets=shuffle, dataset_exact_deduplication=False)
+    summary = mix.run(params, {"train.0": tokenized}, out)
+    return summary, [read_table(out / f).column("input_ids").to_pylist() for f in ("train.arrow", "val.arrow")]
+
+
+# fractions whose product with the row count is a float a hair above or below a whole number
+# (0.07 * 100 = 7.000000000000001: datasets holds out 8), and integer counts
+@pytest.mark.parametrize("n, size", [(40, 0.01), (100, 0.07), (100, 0.29), (100, 0.57), (30, 0.1), (20, 0.15), (3, 0.5), (10, 0.85),
+                                     (41, 0.05), (1000, 0.001), (12, 5), (12, 11)])
+def test_val_set_size_counts_as_train_test_split(tmp_path, n, size):
+    from datasets import Dataset
+
+    expected = Dataset.from_dict({"x": list(range(n))}).train_test_split(test_size=size, shuffle=False)
+    summary, _ = _mix(tmp_path, n, size)
+    assert (summary["rows"], summary["val_rows"]) == (expected["train"].num_rows, expected["test"].num_rows)
+
+
+def test_the_split_is_deterministic(tmp_path):
+    first = _mix(tmp_path, 50, 0.1, shuffle=True)[1]
+    assert _mix(tmp_path, 50, 0.1, shuffle=True)[1] == first
+    train, val = first
+    assert len(val) == 5 and sorted(train + val) == [[i] for i in range(50)]
