@@ -208,13 +208,47 @@ def main():
 
 @main.command(context_settings=OVERRIDES)
 @click.argument("config")
+@cache_option  # accepted as every command accepts it; check reads no artifact
+@click.pass_context
+def check(ctx, config, cache_dir):
+    """Load and validate CONFIG, running nothing: every refused key with its reason, every ignored
+    key with what molt does instead and every unknown key with the nearest known name, all at once.
+    Exit 2 if anything is refused, else 0. The same as `molt preprocess CONFIG --dry-run`."""
+    check_config(config, ctx.args)
+
+
+def check_config(config: str, extra_args: list[str]) -> None:
+    warnings.simplefilter("ignore", MoltConfigWarning)  # printed below, once, in our own words
+    try:
+        cfg = load_config(config, parse_cli_overrides(list(extra_args)))
+    except ConfigError as error:
+        _print_notes(error.notes)
+        refused = sum(line.startswith("  - ") for line in str(error).splitlines()) or 1
+        console.print(f"{escape(config)}: {refused} refused, {len(error.notes)} warned")
+        fail(str(error))
+    notes = cfg.config_warnings + dag.unread_settings(cfg)
+    _print_notes(notes)
+    values = cfg.model_dump(mode="json")
+    try:  # the stages preprocess would build: a key one of them needs and cannot do without is refused here too
+        nodes = dag.plan(values, dag.target(values, "data"))
+    except (KeyError, ConfigError) as error:
+        console.print(f"{escape(config)}: 1 refused, {len(notes)} warned")
+        fail(f"{config}: {error.args[0] if isinstance(error, KeyError) else error}")
+    console.print(f"{escape(config)}: nothing refused, {len(notes)} warned; preprocess would build {len(nodes)} stage instances")
+
+
+@main.command(context_settings=OVERRIDES)
+@click.argument("config")
 @click.option("--debug", is_flag=True, help="Print tokens as text(label, id).")
 @click.option("--debug-num-examples", default=1, show_default=True)
 @click.option("--debug-text-only", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Only load and validate the config, as `molt check` (exit 2 if anything is refused).")
 @cache_option
 @click.pass_context
-def preprocess(ctx, config, debug, debug_num_examples, debug_text_only, cache_dir):
+def preprocess(ctx, config, debug, debug_num_examples, debug_text_only, dry_run, cache_dir):
     """Fetch, format, tokenize, mix and pack the datasets of CONFIG."""
+    if dry_run:
+        return check_config(config, ctx.args)
     session = Session(config, ctx.args, cache_dir)
     done = session.resolve(session.plan(dag.target(session.values, "data")))
     mix = session.intact("mix")

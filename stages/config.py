@@ -234,11 +234,10 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "do_causal_lm_eval": _warned("molt evaluate computes eval_causal_lm_metrics whenever they are listed (training evaluates the loss)"),
     **dict.fromkeys(("hub_model_id", "hub_strategy", "hub_revision"), _warned(_NO_UPLOAD)),
     # where it runs
-    **dict.fromkeys(("deepspeed", "fsdp", "fsdp_config", "fsdp_final_state_dict_type", "fsdp_version", "sequence_parallel_degree",
+    **dict.fromkeys(("deepspeed", "sequence_parallel_degree",
                      "context_parallel_size", "tensor_parallel_size", "dp_shard_size", "dp_replicate_size", "heads_k_stride", "ring_attn_func"),
                     _warned(_UNSHARDED)),
     **dict.fromkeys(("ddp", "world_size", "local_rank"), _warned("molt takes the processes from its launcher (--launcher accelerate / torchrun)")),
-    "ddp_*": _warned("molt runs DDP with its defaults"),
     **dict.fromkeys(("use_ray", "resources_per_worker", "ray_*"), _warned("molt runs on this machine (DDP with --launcher)")),
     "accelerator_config": _warned("molt sets accelerate up itself"),
     # logging integrations
@@ -677,6 +676,16 @@ class MoltConfig(BaseModel):
     relora_prune_ratio: float | None = Field(default=None, ge=0, le=1)
     relora_cpu_offload: bool = False
 
+    # several processes: FSDP / FSDP2 (torch's, through accelerate and the Trainer) and DDP's settings
+    fsdp: list[str] | None = None  # Axolotl's legacy list: full_shard, shard_grad_op, offload, auto_wrap, ...
+    fsdp_config: dict[str, Any] | None = None  # keys without the fsdp_ prefix (FSDP_KEYS), as Axolotl's schema keeps them
+    fsdp_version: Literal[1, 2] | None = None
+    fsdp_final_state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] | None = None
+    ddp_timeout: int | None = Field(default=None, ge=1)  # seconds a collective waits for the other ranks
+    ddp_bucket_cap_mb: int | None = Field(default=None, ge=1)
+    ddp_broadcast_buffers: bool | None = None
+    ddp_find_unused_parameters: bool | None = None
+
     # after training: evaluate (molt evaluate), export (molt export), lm-evaluation-harness (molt lm-eval)
     eval_causal_lm_metrics: list[str] | None = None  # sacrebleu, chrf, ter, perplexity, comet: greedy generations scored
     eval_max_new_tokens: int = Field(default=128, ge=1)
@@ -723,7 +732,11 @@ class MoltConfig(BaseModel):
             problems.append(f"strict: true refuses keys that are neither Axolotl nor molt options: {', '.join(unknown)}")
         for note in notes:  # before any refusal, so a refused config shows them too
             warnings.warn(note, MoltConfigWarning, stacklevel=2)
-        if problems:
+        if problems and info.context is not None:
+            # validation goes on, so the values' and rules' problems are found too: config_from_dict
+            # reports them all at once (the refused keys stay extras meanwhile, as warned ones do)
+            info.context["refused_keys"] = problems
+        elif problems:
             raise ValueError("\n".join(problems))
         data["config_warnings"] = notes
         return data
@@ -737,6 +750,33 @@ class MoltConfig(BaseModel):
     @classmethod
     def _zero_per_epoch_is_unset(cls, value: Any) -> Any:
         return None if value == 0 and value is not False else value  # Axolotl: 0 schedules nothing, as unset
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp_options(cls, value: Any) -> Any:
+        if value is True:
+            return ["full_shard", "auto_wrap"]  # transformers' fsdp: true
+        if value in (False, None, "", []):
+            return None
+        options = value.split() if isinstance(value, str) else value
+        if not isinstance(options, list):
+            raise ValueError(f"expected a list of FSDP options ({', '.join(FSDP_OPTIONS)}), got {_short_repr(value)}")
+        bad = [o for o in options if o not in FSDP_OPTIONS]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: not an FSDP option; use {', '.join(FSDP_OPTIONS)}")
+        return options
+
+    @field_validator("fsdp_config", mode="before")
+    @classmethod
+    def _fsdp_config_keys(cls, value: Any) -> Any:
+        return _normalise_fsdp_config(value)
+
+    @model_validator(mode="after")
+    def _fsdp_rules(self) -> "MoltConfig":
+        problems = _fsdp_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @field_validator("rl")
     @classmethod
@@ -782,6 +822,112 @@ class MoltConfig(BaseModel):
     @property
     def prepared_path(self) -> str:
         return self.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH
+
+
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard", "offload", "auto_wrap")
+# fsdp_config's keys (Axolotl's FSDPConfig, plus FSDP1's prefetch / gather switches its examples
+# set and the Trainer reads) and the values each takes; None: any value of the type
+FSDP_KEYS: dict[str, tuple[type, tuple | None]] = {
+    "fsdp_version": (int, (1, 2)),
+    "activation_checkpointing": (bool, None),
+    "offload_params": (bool, None),
+    "sync_module_states": (bool, None),
+    "cpu_ram_efficient_loading": (bool, None),
+    "cpu_offload_pin_memory": (bool, None),
+    "use_orig_params": (bool, None),
+    "state_dict_type": (str, ("FULL_STATE_DICT", "SHARDED_STATE_DICT")),
+    "final_state_dict_type": (str, ("FULL_STATE_DICT", "SHARDED_STATE_DICT")),
+    "auto_wrap_policy": (str, ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")),
+    "transformer_layer_cls_to_wrap": (str, None),
+    "min_num_params": (int, None),
+    "reshard_after_forward": (bool, None),
+    "mixed_precision_policy": (str, None),
+    "limit_all_gathers": (bool, None),
+    "forward_prefetch": (bool, None),
+    "backward_prefetch": (str, ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")),
+}
+
+
+def _normalise_fsdp_config(value: Any) -> dict | None:
+    """fsdp_config with Axolotl's two spellings made one: `fsdp_offload_params` and `offload_params`
+    are the same key (fsdp_version keeps its prefix; `version` is its short form). Unknown keys and
+    values of the wrong kind are refused, each named."""
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of FSDP settings (e.g. {{fsdp_version: 2, offload_params: false}}), got {_short_repr(value)}")
+    out: dict[str, Any] = {}
+    problems = []
+    for key, item in value.items():
+        name = "fsdp_version" if key in ("version", "fsdp_version") else str(key).removeprefix("fsdp_")
+        if name not in FSDP_KEYS:
+            near = difflib.get_close_matches(name, FSDP_KEYS, n=1)
+            problems.append(f"{key}: not an FSDP setting" + (f" (did you mean {near[0]}?)" if near else f"; known: {', '.join(FSDP_KEYS)}"))
+            continue
+        if name in out and out[name] != item:
+            problems.append(f"{key}: given twice, with and without the fsdp_ prefix ({out[name]!r} and {item!r}); keep one")
+            continue
+        kind, allowed = FSDP_KEYS[name]
+        if item is not None:
+            if kind is str and name == "transformer_layer_cls_to_wrap" and isinstance(item, list) and all(isinstance(i, str) for i in item):
+                pass  # the Trainer takes several classes too
+            elif kind is bool and isinstance(item, str) and item.lower() in ("true", "false"):
+                item = item.lower() == "true"  # Axolotl's older examples quote them
+            elif kind is int and isinstance(item, str) and item.isdigit():
+                item = int(item)
+            elif not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+                problems.append(f"{key}: expected {kind.__name__}, got {_short_repr(item)}")
+                continue
+            if allowed is not None and item not in allowed:
+                problems.append(f"{key}: {item!r} is not one of {', '.join(map(str, allowed))}")
+                continue
+        out[name] = item
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
+
+
+def _fsdp_problems(cfg: "MoltConfig") -> list[str]:
+    """The FSDP combinations torch, accelerate or the Trainer reject, and those molt cannot run,
+    found at load rather than after the data is built."""
+    config = cfg.fsdp_config or {}
+    problems = []
+    inner = config.get("fsdp_version")
+    if cfg.fsdp_version and inner and cfg.fsdp_version != inner:
+        problems.append(f"fsdp_version ({cfg.fsdp_version}) and fsdp_config.fsdp_version ({inner}) differ; keep one")
+    if not (cfg.fsdp or cfg.fsdp_config):
+        for key in ("fsdp_version", "fsdp_final_state_dict_type"):
+            if getattr(cfg, key):
+                problems.append(f"{key}: {getattr(cfg, key)} without fsdp_config: set fsdp_config (Axolotl's switch for FSDP) or drop {key}")
+        return problems
+    version = cfg.fsdp_version or inner or 1
+    options = cfg.fsdp or []
+    strategies = [o for o in options if o not in ("offload", "auto_wrap")]
+    if len(strategies) > 1:
+        problems.append(f"fsdp: {', '.join(strategies)}: one sharding strategy at a time")
+    if version == 2 and set(strategies) - {"full_shard", "shard_grad_op"}:
+        problems.append(f"fsdp: {strategies[0]} with fsdp_version 2: FSDP2 shards fully (full_shard) or keeps parameters "
+                        "gathered after forward (shard_grad_op); the other strategies are FSDP1's (fsdp_version: 1)")
+    if version == 2 and strategies and config.get("reshard_after_forward") is not None and config["reshard_after_forward"] != (strategies[0] == "full_shard"):
+        problems.append(f"fsdp: {strategies[0]} and fsdp_config.reshard_after_forward: {config['reshard_after_forward']} say opposite things; keep one")
+    if config.get("auto_wrap_policy") == "SIZE_BASED_WRAP" and not config.get("min_num_params"):
+        problems.append("fsdp_config.auto_wrap_policy: SIZE_BASED_WRAP needs fsdp_config.min_num_params (the parameters of a wrapped module)")
+    if config.get("auto_wrap_policy") == "TRANSFORMER_BASED_WRAP" and config.get("min_num_params"):
+        problems.append("fsdp_config.min_num_params applies to auto_wrap_policy: SIZE_BASED_WRAP, not TRANSFORMER_BASED_WRAP")
+    offload = config.get("offload_params") or "offload" in options
+    if config.get("cpu_offload_pin_memory") is False and (version != 2 or not offload):
+        problems.append("fsdp_config.cpu_offload_pin_memory: false needs fsdp_version: 2 and offload_params: true (FSDP1 always pins offloaded memory)")
+    if offload and "8bit" in str(cfg.optimizer) and version != 2:
+        problems.append(f"fsdp_config.offload_params with optimizer: {cfg.optimizer}: FSDP1 offloads the parameters to CPU, where bitsandbytes' 8-bit optimizer cannot step them")
+    if version == 2 and cfg.optimizer in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
+        problems.append(f"optimizer: {cfg.optimizer} with fsdp_version 2: bitsandbytes' 8-bit state does not take FSDP2's DTensor parameters (use adamw_torch)")
+    if cfg.load_in_8bit:
+        problems.append("fsdp with load_in_8bit: FSDP cannot shard bitsandbytes' int8 weights (use load_in_4bit with adapter: qlora, as Axolotl's FSDP+QLoRA does)")
+    if config.get("activation_checkpointing") and cfg.gradient_checkpointing:
+        problems.append("fsdp_config.activation_checkpointing and gradient_checkpointing both recompute the layers; set one (FSDP's: activation_checkpointing)")
+    if config.get("state_dict_type") == "SHARDED_STATE_DICT" and cfg.save_only_model:
+        problems.append("fsdp_config.state_dict_type: SHARDED_STATE_DICT with save_only_model: the Trainer cannot resume a sharded checkpoint without its optimizer state")
+    return problems
 
 
 def _known_keys() -> frozenset[str]:
@@ -1374,11 +1520,38 @@ def config_from_dict(data: dict, source: str = "<config>", load_warnings: list[s
     bad = [repr(k) for k in data if not isinstance(k, str)]
     if bad:
         raise ConfigError(f"{source}: config keys must be strings, got {', '.join(bad)}")
-    context = {"load_warnings": list(load_warnings)}
+    context: dict[str, Any] = {"load_warnings": list(load_warnings)}
     try:
-        return MoltConfig.model_validate(data, context=context)
+        cfg = MoltConfig.model_validate(data, context=context)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source), notes=context.get("notes", context["load_warnings"])) from None
+        refused = context.get("refused_keys", []) + _rule_problems_beside(error, data)
+        raise ConfigError(_describe(error, source, refused), notes=context.get("notes", context["load_warnings"])) from None
+    if context.get("refused_keys"):
+        raise ConfigError(_describe(None, source, context["refused_keys"]), notes=cfg.config_warnings)
+    return cfg
+
+
+def _rule_problems_beside(error: ValidationError, data: dict) -> list[str]:
+    """The cross-field rules' problems of a config whose values failed: pydantic checks the rules only
+    once every value is valid, so they are checked again without the failed keys (at their defaults).
+    A problem naming a dropped key is left out: it would speak of the default, not of what was written."""
+    failed = {str(e["loc"][0]) for e in error.errors() if e["loc"]}
+    if not failed:
+        return []  # the rules' own problems: already in `error`
+    rest = {k: v for k, v in data.items() if k not in failed}
+    rest.setdefault("base_model", "-")  # a required key: its absence is already reported
+    if "datasets" in failed and not rest.get("pretraining_dataset"):
+        rest["datasets"] = [{"path": "-"}]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MoltConfigWarning)
+            MoltConfig.model_validate(rest, context={})
+    except ValidationError as second:
+        lines = [line for e in second.errors(include_url=False) if not e["loc"] and e["type"] == "value_error"
+                 for line in str(e["ctx"]["error"]).splitlines()]
+        named = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(failed))) + r")\b")
+        return [line for line in lines if not named.search(line)]
+    return []
 
 
 # pydantic puts union members and wrapper schemas in error locations ("str", "list[str]",
@@ -1405,9 +1578,11 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    by_key: dict[str, tuple[Any, list[str]]] = {}
-    for e in error.errors(include_url=False):
+def _describe(error: ValidationError | None, source: str, refused: list[str] = ()) -> str:
+    """One line per problem: `refused` (keys molt does not implement, rules found beside the values'
+    errors) first, then the errors of `error`, grouped by key."""
+    by_key: dict[str, tuple[Any, list[str]]] = {"": (None, ["\n".join(refused)])} if refused else {}
+    for e in error.errors(include_url=False) if error is not None else ():
         key = _key_path(e["loc"])
         if e["type"] == "value_error":
             message = str(e["ctx"]["error"])

@@ -360,6 +360,26 @@ def test_refused_config_warns_about_its_other_keys_first(tmp_path):
     assert info.value.notes == [notes[0]]
 
 
+def test_every_refusal_is_named_at_once(tmp_path):
+    # keys molt lacks, a value of the wrong type and the cross-field rules: pydantic checks the rules
+    # only once the values are valid, so molt checks them again without the invalid ones
+    message = load_error(tmp_path, kd_trainer=True, datasets=[{"path": "d", "skip": 2}], sequence_len="long",
+                         warmup_steps=1, warmup_ratio=0.1, adapter="qlora")
+    assert message.splitlines()[1:] == [
+        "  - kd_trainer: true is not supported yet: knowledge distillation: molt would train on the labels alone, without a teacher's logits",
+        "  - datasets[0].skip: 2 is not supported yet: molt would train on every row, the first 2 too",
+        "  - warmup_steps (1) and warmup_ratio (0.1) are mutually exclusive; set only one",
+        "  - adapter: qlora requires load_in_4bit: true (got load_in_4bit: False)",
+        "  - sequence_len: got 'long': Input should be a valid integer, unable to parse string as an integer",
+    ]
+    # a rule about a key whose value was refused would judge its default, not what was written: left out
+    message = load_error(tmp_path, lr_scheduler="cosin", lr_div_factor=2.0)
+    assert "unknown lr_scheduler 'cosin'" in message and "lr_div_factor" not in message
+    # a refused key alone is refused as before
+    assert load_error(tmp_path, kd_trainer=True).splitlines()[1:] == [
+        "  - kd_trainer: true is not supported yet: knowledge distillation: molt would train on the labels alone, without a teacher's logits"]
+
+
 # -- empty values (YAML null) -------------------------------------------------------------------
 
 

@@ -1,0 +1,111 @@
+"""`molt check CFG` and `molt preprocess CFG --dry-run`: every finding of a config at once, nothing run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from stages.cli import main
+from stages.ui import console
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS = '{"instruction": "a", "output": "b"}\n'
+
+# refused for five reasons of four kinds: a key molt lacks, a dataset entry's key molt lacks, a
+# cross-field rule, a value of the wrong type; plus one warned and one unknown key
+REFUSED = {
+    "base_model": "smollm2-135m-instruct",
+    "datasets": [{"path": "data.jsonl", "type": "alpaca", "skip": 3}],
+    "kd_trainer": True,
+    "warmup_steps": 10,
+    "warmup_ratio": 0.1,
+    "adapter": "qlora",
+    "sequence_len": "long",
+    "lora_mlp_kernel": True,
+    "lora_rr": 8,
+}
+REFUSALS = [
+    "  - kd_trainer: true is not supported yet: knowledge distillation: molt would train on the labels alone, without a teacher's logits",
+    "  - datasets[0].skip: 3 is not supported yet: molt would train on every row, the first 3 too",
+    "  - warmup_steps (10) and warmup_ratio (0.1) are mutually exclusive; set only one",
+    "  - adapter: qlora requires load_in_4bit: true (got load_in_4bit: False)",
+    "  - sequence_len: got 'long': Input should be a valid integer, unable to parse string as an integer",
+]
+WARNINGS = [
+    "warning: lora_mlp_kernel: true — not supported yet: molt runs PEFT's LoRA layers (same result, without a fused kernel)",
+    "warning: unknown key: lora_rr (not an Axolotl or molt option; did you mean lora_r?)",
+]
+# loads: Axolotl's empty values and zero evaluations, one warned and one unknown key
+ACCEPTED = {
+    "base_model": "smollm2-135m-instruct",
+    "datasets": [{"path": "data.jsonl", "type": "alpaca"}],
+    "lora_r": None, "optimizer": None, "sample_packing": None, "evals_per_epoch": 0,
+    "lora_mlp_kernel": True, "lora_rr": 8,
+}
+
+
+def write(tmp_path: Path, config: dict) -> Path:
+    (tmp_path / "data.jsonl").write_text(ROWS)
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def cli(*args) -> tuple[int, str]:
+    width = console._width
+    console.width = 300  # no wrapping inside the lines compared
+    try:
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        console._width = width
+    return result.exit_code, result.output
+
+
+def test_check_names_every_refusal_and_warning_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, output = cli("check", write(tmp_path, REFUSED))
+    assert code == 2, output
+    lines = output.splitlines()
+    assert [line for line in lines if line.startswith("  - ")] == REFUSALS
+    assert [line for line in lines if line.startswith("warning:")] == WARNINGS
+    assert f"{tmp_path / 'config.yml'}: 5 refused, 2 warned" in lines
+    assert lines.index(WARNINGS[0]) < lines.index(REFUSALS[0])  # the warnings come first, as in every command
+    assert "Traceback" not in output and sorted(p.name for p in tmp_path.iterdir()) == ["config.yml", "data.jsonl"]  # nothing built
+
+
+def test_check_passes_a_config_that_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, output = cli("check", write(tmp_path, ACCEPTED), "--micro-batch-size", "2")
+    assert code == 0, output
+    assert [line for line in output.splitlines() if line.startswith("warning:")] == WARNINGS
+    assert "config.yml: nothing refused, 2 warned; preprocess would build 7 stage instances" in output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "last_run_prepared").exists()
+    # an override is checked as the file's keys are
+    code, output = cli("check", write(tmp_path, ACCEPTED), "--micro-batch-size", "0")
+    assert code == 2 and "micro_batch_size: got 0: Input should be greater than or equal to 1" in output
+
+
+def test_preprocess_dry_run_is_check(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for config, code in ((REFUSED, 2), (ACCEPTED, 0)):
+        path = write(tmp_path, config)
+        dry, checked = cli("preprocess", path, "--dry-run"), cli("check", path)
+        assert dry == checked and dry[0] == code, dry[1]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "last_run_prepared").exists()
+
+
+@pytest.mark.parametrize("config, code", [(REFUSED, 2), (ACCEPTED, 0)])
+def test_check_as_a_process(tmp_path, config, code):
+    path = write(tmp_path, config)
+    run = subprocess.run([str(REPO / ".venv/bin/molt"), "check", str(path)], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "COLUMNS": "300"}, timeout=300)
+    assert run.returncode == code, run.stderr[-3000:]
+    lines = run.stderr.splitlines()
+    assert [line for line in lines if line.startswith("warning:")] == WARNINGS
+    assert [line for line in lines if line.startswith("  - ")] == (REFUSALS if code else [])
+    assert "Traceback" not in run.stderr
