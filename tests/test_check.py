@@ -14,7 +14,7 @@ from stages.cli import main
 from stages.ui import console
 
 REPO = Path(__file__).resolve().parent.parent
-ROWS = '{"instruction": "a", "output": "b"}\n'
+ROWS = '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n'
 
 # refused for five reasons of four kinds: a key molt lacks, a dataset entry's key molt lacks, a
 # cross-field rule, a value of the wrong type; plus one warned and one unknown key
@@ -109,3 +109,25 @@ def test_check_as_a_process(tmp_path, config, code):
     assert [line for line in lines if line.startswith("warning:")] == WARNINGS
     assert [line for line in lines if line.startswith("  - ")] == (REFUSALS if code else [])
     assert "Traceback" not in run.stderr
+
+
+def test_tokenizer_config_offline_or_the_embedded_alias(tmp_path):
+    # a hub id not in the local cache: one line naming it, what molt does and what to do, no traceback;
+    # the embedded alias, which works for base_model, works for tokenizer_config too
+    config = {"base_model": "smollm2-135m-instruct", "tokenizer_config": "EleutherAI/gpt-neox-20b",
+              "datasets": [{"path": "data.jsonl", "type": "alpaca"}], "sequence_len": 128}
+    env = {**os.environ, "COLUMNS": "400", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-hub")}
+
+    def preprocess(config: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([str(REPO / ".venv/bin/molt"), "preprocess", str(write(tmp_path, config)), "--cache-dir", "cache"],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+
+    run = preprocess(config)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    [error] = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: {tmp_path / 'config.yml'}: tokenizer_config 'EleutherAI/gpt-neox-20b': not a local directory and not in the local "
+                            "Hugging Face cache; molt makes no network calls at run time. Download it elsewhere "
+                            "(huggingface-cli download EleutherAI/gpt-neox-20b)")
+    run = preprocess({**config, "tokenizer_config": "smollm2-135m-instruct"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(2 train rows, 0 validation rows)" in run.stderr
