@@ -550,10 +550,60 @@ def _read_json(path: Path):
         try:
             arrays[k] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+            unified = _text_as_parts(values)
+            if unified is not None:
+                try:
+                    arrays[k] = pa.array(unified)
+                    continue
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    pass
             i = _first_misfit(values)
             raise DataError(f"{where(i)}: field {k!r}: {type(values[i]).__name__} {_short(values[i])}, where the rows before it "
                             f"hold another type ({error})") from None
     return pa.table(arrays), lines
+
+
+def _is_parts(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(p, dict) and "type" in p for p in value)
+
+
+def _text_as_parts(values: list) -> list | None:
+    """OpenAI-style messages mix the two shapes of a content, text and a list of typed parts
+    (`[{"type": "text", "text": ...}]`), at the same place of different rows or messages (datasets
+    keeps such a field as JSON): one Arrow column cannot hold both, so where a place holds both,
+    its texts become one text part each, which is what they mean. None: no place mixes them."""
+    kinds: dict[tuple, set] = {}
+
+    def survey(value, place):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                survey(item, (*place, key))
+        elif isinstance(value, str):
+            kinds.setdefault(place, set()).add("text")
+        elif _is_parts(value):
+            kinds.setdefault(place, set()).add("parts")
+            for part in value:
+                survey(part, (*place, "[]"))
+        elif isinstance(value, list):
+            for item in value:
+                survey(item, (*place, "[]"))
+
+    for value in values:
+        survey(value, ())
+    mixed = {place for place, seen in kinds.items() if seen == {"text", "parts"}}
+    if not mixed:
+        return None
+
+    def convert(value, place):
+        if place in mixed and isinstance(value, str):
+            return [{"type": "text", "text": value}]
+        if isinstance(value, dict):
+            return {key: convert(item, (*place, key)) for key, item in value.items()}
+        if isinstance(value, list):
+            return [convert(item, (*place, "[]")) for item in value]
+        return value
+
+    return [convert(value, ()) for value in values]
 
 
 def _first_misfit(values: list) -> int:

@@ -54,3 +54,43 @@ def test_bad_parts_are_named(content, error):
     tokenizer = {"chat_template": None, "bos_token": "<s>", "eos_token": "</s>", "adds_bos": False}
     with pytest.raises(RowError, match=error):
         format_stage.formatter(format_stage.Spec(type="chat_template", chat_template="chatml")).row(row, tokenizer)
+
+
+def test_a_file_mixing_text_and_parts_contents_is_read_and_renders_as_text(tmp_path):
+    """OpenAI-style rows often give the system text as a string and the user's as parts; datasets
+    reads such a file (as JSON-typed content), and so does molt, each text becoming one part."""
+    import json
+
+    from stages import fetch_data
+    from stages import format as format_stage
+    from stages.store import read_table
+
+    rows = [{"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": parts("Hi", " there")},
+                          {"role": "assistant", "content": "Hello"}]},
+            {"messages": [{"role": "user", "content": "Plain"}, {"role": "assistant", "content": parts("Reply")}]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    out.mkdir()
+    fetch_data.run(fetch_data.Params(dataset=fetch_data.Source(path=str(path))), {}, out)
+    read = read_table(out / "data.arrow").to_pylist()
+    assert [m["content"] for m in read[0]["messages"]] == [parts("Be terse."), parts("Hi", " there"), parts("Hello")]
+    tokenizer = {"chat_template": None, "bos_token": "<s>", "eos_token": "</s>", "adds_bos": False}
+    made = format_stage.formatter(format_stage.Spec(type="chat_template", chat_template="chatml"))
+    texts = ["".join(s.text for s in made.row(row, tokenizer)) for row in read]
+    assert texts == [chatml("system", "Be terse.") + chatml("user", "Hi there") + chatml("assistant", "Hello"),
+                     chatml("user", "Plain") + chatml("assistant", "Reply")]
+
+
+def test_a_file_mixing_text_and_other_shapes_is_still_refused(tmp_path):
+    import json
+
+    from stages import fetch_data
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": {"text": "Hi"}}]}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DataError, match=r"d\.jsonl line 2: field 'messages'"):
+        fetch_data.run(fetch_data.Params(dataset=fetch_data.Source(path=str(path))), {}, out)
