@@ -961,7 +961,7 @@ def _classify_keys(data: dict, notes: list[str]) -> tuple[list[str], list[str]]:
         if key in known:
             return
         if row is None:
-            close = difflib.get_close_matches(key, sorted(names), n=1)
+            close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.75)  # below: guesses like eta_min → streaming
             hint = f"; did you mean {close[0]}?" if close else ""
             notes.append(f"unknown key: {shown} (not an Axolotl or molt option{hint})")
             unknown.append(shown)

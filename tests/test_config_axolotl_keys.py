@@ -117,6 +117,7 @@ def test_axolotls_aliases_are_its_fields(tmp_path):
     ("entry", "feild_messages", "unknown key: datasets[0].feild_messages (not an Axolotl or molt option; did you mean field_messages?)"),
     ("type", "fild_output", "unknown key: datasets[0].type.fild_output (not an Axolotl or molt option; did you mean field_output?)"),
     ("top", "colour", "unknown key: colour (not an Axolotl or molt option)"),  # nothing close: no guess
+    ("top", "eta_min", "unknown key: eta_min (not an Axolotl or molt option)"),  # nor a far-fetched one (streaming)
 ])
 def test_unknown_keys_name_the_nearest_known_one(tmp_path, where, key, said):
     entry = {"path": "d.jsonl", "type": "alpaca"}
