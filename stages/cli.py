@@ -805,14 +805,21 @@ def dvc_yaml(config, output):
     console.print(f"wrote {output}")
 
 
+# what `molt fetch` copies: {what: (folder, default dest)}
+FETCHED = {"examples": (Path(__file__).resolve().parent.parent / "pipelines", "examples"),
+           "deepspeed_configs": (Path(__file__).resolve().parent / "deepspeed_configs", "deepspeed_configs")}
+
+
 @main.command()
-@click.argument("what", type=click.Choice(["examples"]))
-@click.option("--dest", default="examples", show_default=True)
+@click.argument("what", type=click.Choice(list(FETCHED)))
+@click.option("--dest", default=None, help="Where to copy them (default: examples, deepspeed_configs).")
 def fetch(what, dest):
-    """Copy molt's ready configs (and their data) into DEST."""
-    source = Path(__file__).resolve().parent.parent / "pipelines"
+    """Copy molt's ready configs (examples: the pipelines and their data; deepspeed_configs: the
+    ZeRO 1/2/3 JSON files a config's `deepspeed:` names) into DEST."""
+    source, default = FETCHED[what]
+    dest = dest or default
     if not source.is_dir():
-        fail(f"no pipelines folder at {source}")
+        fail(f"no {what} folder at {source}")
     _copy_dir(source, Path(dest))
     console.print(f"copied {len(list_files(source))} files to {dest}")
 

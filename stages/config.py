@@ -28,6 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict before Python 3.12
 
+from stages import deepspeed_config
+
 
 class ConfigError(Exception):
     """A config problem, worded for the user: names the file, key, value and rule. `notes`: the
@@ -234,11 +236,10 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "do_causal_lm_eval": _warned("molt evaluate computes eval_causal_lm_metrics whenever they are listed (training evaluates the loss)"),
     **dict.fromkeys(("hub_model_id", "hub_strategy", "hub_revision"), _warned(_NO_UPLOAD)),
     # where it runs
-    **dict.fromkeys(("deepspeed", "sequence_parallel_degree",
+    **dict.fromkeys(("sequence_parallel_degree",
                      "context_parallel_size", "tensor_parallel_size", "dp_shard_size", "dp_replicate_size", "heads_k_stride", "ring_attn_func"),
                     _warned(_UNSHARDED)),
     **dict.fromkeys(("ddp", "world_size", "local_rank"), _warned("molt takes the processes from its launcher (--launcher accelerate / torchrun)")),
-    **dict.fromkeys(("use_ray", "resources_per_worker", "ray_*"), _warned("molt runs on this machine (DDP with --launcher)")),
     "accelerator_config": _warned("molt sets accelerate up itself"),
     # logging integrations
     "use_wandb": _warned("molt logs to wandb when wandb_project is set"),
@@ -695,6 +696,14 @@ class MoltConfig(BaseModel):
     lm_eval_tasks: list[str] | None = None
     lm_eval_batch_size: int = Field(default=8, ge=1)
 
+    # scaling out: a DeepSpeed config handed to the Trainer (stages/deepspeed_config.py); Ray Train's
+    # workers running the train stage (stages/ray_train.py)
+    deepspeed: str | dict[str, Any] | None = None  # a DeepSpeed JSON file; after load, its checked contents
+    use_ray: bool = False
+    ray_num_workers: int = Field(default=1, ge=1)
+    resources_per_worker: dict[str, float] | None = None  # None: {GPU: 1} on a cluster with GPUs, else {CPU: 1}
+    ray_run_name: str | None = None
+
     # trackers (none unless set; their logs stay out of the artifacts)
     use_tensorboard: bool = False
     wandb_project: str | None = None
@@ -1031,6 +1040,13 @@ def _real_batches_without_varlen_attention(cfg: MoltConfig) -> None:
         cfg.multipack_real_batches = not varlen
 
 
+def _deepspeed_contents(cfg: MoltConfig) -> None:
+    # the file is read once, here: the train stage (and a Ray worker on another node) get its
+    # contents, and the train key hashes them rather than the path
+    if cfg.deepspeed is not None:
+        cfg.deepspeed = deepspeed_config.load(cfg.deepspeed)
+
+
 def _batch_sizes(cfg: MoltConfig) -> None:
     mbs, gas, total = cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.batch_size
     if total is None:
@@ -1050,6 +1066,7 @@ def _batch_sizes(cfg: MoltConfig) -> None:
 
 NORMALISE: list[Callable[[MoltConfig], None]] = [
     _resolve_top_chat_template, _pretraining_dataset_as_completion, _packing_pads, _real_batches_without_varlen_attention, _batch_sizes,
+    _deepspeed_contents,
 ]
 
 EXCLUDES, REQUIRES = "excludes", "requires"
@@ -1078,7 +1095,11 @@ RULES: list[tuple[str, ...]] = [
     ("relora_steps", EXCLUDES, "peft_use_dora", "relora_steps with peft_use_dora: DoRA's magnitude vector is not a low-rank update ReLoRA can merge"),
     ("relora_steps", EXCLUDES, "lr_scheduler: one_cycle", "relora_steps does not work with lr_scheduler: one_cycle (Axolotl's rule); use cosine, linear or constant"),
     ("relora_steps", EXCLUDES, "fsdp or fsdp_config", "relora_steps ({relora_steps}) does not work with fsdp: ReLoRA merges and resets adapters on one process"),
-    ("deepspeed", EXCLUDES, "fsdp or fsdp_config", "deepspeed ({deepspeed!r}) and fsdp / fsdp_config are mutually exclusive; use one"),
+    ("deepspeed", EXCLUDES, "fsdp or fsdp_config", "deepspeed and fsdp / fsdp_config are mutually exclusive; use one"),
+    ("deepspeed", EXCLUDES, "rl or reward_model or process_reward_model", "deepspeed is not supported yet with rl / reward_model / process_reward_model: "
+     "molt hands DeepSpeed to its supervised trainer only (TRL's trainers here run on one process or DDP)"),
+    ("relora_steps", EXCLUDES, "deepspeed", "relora_steps ({relora_steps}) does not work with deepspeed: ReLoRA merges and resets the adapter "
+     "and its optimizer state in place, which DeepSpeed's partitioned copies do not see"),
     # preference and reward training (TRL's trainers)
     ("rl", EXCLUDES, "sample_packing", "sample_packing with rl: {rl} is not supported: TRL's preference trainers pad each prompt with its "
      "answers, and packing pairs would let one pair attend to another's (set sample_packing: false)"),
@@ -1287,9 +1308,14 @@ def _safetensors_only(cfg: MoltConfig) -> None:
         raise ValueError("save_safetensors: false is not supported: molt writes weights as safetensors only (no pickled .bin files)")
 
 
+def _deepspeed_fits(cfg: MoltConfig) -> None:
+    if isinstance(cfg.deepspeed, dict):
+        deepspeed_config.check_against(cfg.deepspeed, cfg)
+
+
 CHECKS: list[Callable[[MoltConfig], None]] = [
     _needs_data, _loftq_on_plain_lora, _early_stopping_needs_evaluation, _log_sweep_range, _lr_group_names_differ, _one_attention,
-    _plain_gradient_checkpointing, _plugins, _bfloat16_with_8bit, _best_saves_need_evaluation, _safetensors_only,
+    _plain_gradient_checkpointing, _plugins, _bfloat16_with_8bit, _best_saves_need_evaluation, _safetensors_only, _deepspeed_fits,
 ]
 
 

@@ -8,10 +8,10 @@ from conftest import ALL_NODES, artifact_dirs, status_rows
 
 
 def test_keys_no_stage_reads_are_named_not_dropped(make_config, molt):
-    config = make_config(deepspeed="zero3.json", dataloader_num_workers=4, lora_mlp_kernel=True)
+    config = make_config(sequence_parallel_degree=2, dataloader_num_workers=4, lora_mlp_kernel=True)
     result = molt("status", config)
     assert result.exit_code == 0, result
-    for note in ("deepspeed: zero3.json — not supported yet: molt trains unsharded on one process (DDP with --launcher)",
+    for note in ("sequence_parallel_degree: 2 — not supported yet: molt trains unsharded on one process (DDP with --launcher)",
                  "dataloader_num_workers: 4 — not supported yet: molt loads the batches in the training process (no workers, no pinned memory)",
                  "lora_mlp_kernel: true — not supported yet: molt runs PEFT's LoRA layers (same result, without a fused kernel)"):
         assert f"warning: {note}" in result.output
@@ -25,9 +25,9 @@ def test_keys_that_would_change_the_model_are_refused(make_config, molt):
 
 
 def test_a_refused_config_names_its_ignored_and_unknown_keys_first(make_config, molt):
-    result = molt("status", make_config(kd_trainer=True, deepspeed="zero3.json", colour="red"))
+    result = molt("status", make_config(kd_trainer=True, sequence_parallel_degree=2, colour="red"))
     assert result.exit_code == 2, result
-    warned = "warning: deepspeed: zero3.json — not supported yet: molt trains unsharded on one process (DDP with --launcher)"
+    warned = "warning: sequence_parallel_degree: 2 — not supported yet: molt trains unsharded on one process (DDP with --launcher)"
     unknown = "warning: unknown key: colour (not an Axolotl or molt option)"
     refused = "kd_trainer: true is not supported yet"
     assert warned in result.output and unknown in result.output
