@@ -110,9 +110,14 @@ def _message(ds: dict, role: str, text: str, thinking: bool = False) -> dict:
     return message
 
 
+def _has_system(ds: dict) -> bool:
+    """A `roles` mapping replaces the default one: a system turn only where it maps one."""
+    return not ds.get("roles") or "system" in ds["roles"]
+
+
 def _chat(ds: dict, i: int, system: bool) -> list[dict]:
     q, a = _texts(i)
-    turns = [_message(ds, "system", "Answer in one line.")] if system else []
+    turns = [_message(ds, "system", "Answer in one line.")] if system and _has_system(ds) else []
     turns += [_message(ds, "user", q), _message(ds, "assistant", a, thinking=True)]
     if i % 4 == 1:  # some rows have two exchanges
         turns += [_message(ds, "user", f"And {i + 1}?"), _message(ds, "assistant", f"{i + 1} follows {i}.", thinking=True)]
@@ -145,7 +150,8 @@ def row(ds: dict, config: dict, i: int, pretraining: bool = False) -> dict:
         return {str(ds.get("field_chosen") or "chosen"): [_message(ds, "user", q), _message(ds, "assistant", a)],
                 str(ds.get("field_rejected") or "rejected"): [_message(ds, "user", q), _message(ds, "assistant", wrong)]}
     if base == "chat_template":  # preference: a conversation, then the two answers as messages
-        return {str(ds.get("field_messages") or "messages"): [_message(ds, "system", "Be brief."), _message(ds, "user", q)],
+        system = [_message(ds, "system", "Be brief.")] if _has_system(ds) else []
+        return {str(ds.get("field_messages") or "messages"): system + [_message(ds, "user", q)],
                 str(ds.get("field_chosen") or "chosen"): _message(ds, "assistant", a),
                 str(ds.get("field_rejected") or "rejected"): _message(ds, "assistant", wrong)}
     if base == "bradley_terry":
@@ -175,10 +181,10 @@ def row(ds: dict, config: dict, i: int, pretraining: bool = False) -> dict:
             "question": q, "response": a}
 
 
-def prepare(config: dict, work: Path, rows: int) -> dict:
+def prepare(config: dict, work: Path, rows: int, base_model: str = MODEL) -> dict:
     """The config with base_model and every dataset swapped; writes its data files under work/data."""
     config = dict(config)
-    config["base_model"] = MODEL
+    config["base_model"] = base_model
     (work / "data").mkdir(parents=True, exist_ok=True)
     n = 0
     for key in ("datasets", "test_datasets", "pretraining_dataset"):
@@ -223,8 +229,12 @@ def first_error(output: str) -> str:
     return lines[-1] if lines else ""
 
 
-def preprocess(config_path: Path, cache: Path) -> tuple[str, str, float]:
-    """(outcome, first error line, seconds) of `molt preprocess` in config_path's folder."""
+PREPARED = re.compile(r"\((\d+) train rows, (\d+) validation rows\)")
+
+
+def preprocess(config_path: Path, cache: Path) -> tuple[str, str, float, str]:
+    """(outcome, first error line, seconds, "train+validation" rows) of `molt preprocess` in
+    config_path's folder."""
     from click.testing import CliRunner
 
     from stages.cli import main
@@ -244,11 +254,12 @@ def preprocess(config_path: Path, cache: Path) -> tuple[str, str, float]:
     error = result.exception
     if (error is not None and not isinstance(error, SystemExit)) or "Traceback (most recent call last)" in output:
         if error is not None and not isinstance(error, SystemExit):
-            return "traceback", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300], seconds
-        return "traceback", first_error(output)[:300], seconds
+            return "traceback", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300], seconds, ""
+        return "traceback", first_error(output)[:300], seconds, ""
     if result.exit_code == 0:
-        return "preprocesses", "", seconds
-    return "refused", first_error(output)[:300], seconds
+        counts = PREPARED.search(output)
+        return "preprocesses", "", seconds, f"{counts.group(1)}+{counts.group(2)}" if counts else "?"
+    return "refused", first_error(output)[:300], seconds, ""
 
 
 def cause(line: str) -> str:
@@ -278,7 +289,7 @@ def write_results(rows: list[dict], skipped: list[str], out: Path, meta: dict) -
         "",
         f"`python -m bench.axolotl_examples` at molt {meta['molt']} on Axolotl {meta['axolotl']} ({meta['date']}): "
         f"{total} training configs (of {total + len(skipped)} YAML files; those without a `base_model` are left out), "
-        f"`base_model: {MODEL}`, every dataset a local file of {meta['rows']} rows of its type's shape, everything else "
+        f"`base_model: {meta.get('base_model', MODEL)}`, every dataset a local file of {meta['rows']} rows of its type's shape, everything else "
         f"as written. {meta['seconds']:.0f} s.",
         "",
         "| outcome | configs | share |",
@@ -289,9 +300,10 @@ def write_results(rows: list[dict], skipped: list[str], out: Path, meta: dict) -
     lines += ["", "## Causes (refused and traceback), by number of configs", "", "| configs | first error line (numbers and paths folded) |", "|---:|---|"]
     for text, n in causes.most_common():
         lines.append(f"| {n} | {_cell(text)} |")
-    lines += ["", "## Every config", "", "| config | outcome | first error line |", "|---|---|---|"]
+    lines += ["", "## Every config", "", "rows: the prepared train + validation rows (of the local files' rows, after `split` slices and "
+              "`val_set_size`).", "", "| config | outcome | rows | first error line |", "|---|---|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['outcome']} | {_cell(r['error'])} |")
+        lines.append(f"| {r['config']} | {r['outcome']} | {r.get('rows', '')} | {_cell(r['error'])} |")
     md = out / "axolotl-examples.md"
     md.write_text("\n".join(lines) + "\n")
     (out / "axolotl-examples.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
@@ -312,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, help="only the first N training configs")
     parser.add_argument("--only", help="only configs whose path contains this text")
     parser.add_argument("--rows", type=int, default=200, help="rows in each local data file")
+    parser.add_argument("--base-model", default=MODEL, help="what base_model becomes (the tests use a tiny model)")
     parser.add_argument("--work", type=Path, help="scratch directory (kept); default: a temporary one")
     parser.add_argument("--cache-dir", type=Path, help="molt cache shared by the runs; default: WORK/cache")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -336,14 +349,14 @@ def main(argv: list[str] | None = None) -> dict:
     for n, (path, config) in enumerate(configs):
         folder = work / f"{n:03d}-{re.sub(r'[^A-Za-z0-9]+', '-', path)[:80]}"
         folder.mkdir(parents=True, exist_ok=True)
-        swapped = prepare(config, folder, args.rows)
+        swapped = prepare(config, folder, args.rows, args.base_model)
         (folder / "config.yml").write_text(yaml.safe_dump(swapped, sort_keys=False, allow_unicode=True))
-        outcome, error, seconds = preprocess(folder / "config.yml", cache)
-        rows.append({"config": path, "outcome": outcome, "error": error, "seconds": round(seconds, 2)})
+        outcome, error, seconds, prepared = preprocess(folder / "config.yml", cache)
+        rows.append({"config": path, "outcome": outcome, "error": error, "rows": prepared, "seconds": round(seconds, 2)})
         print(f"[{n + 1}/{len(configs)}] {outcome:12s} {seconds:5.1f}s {path}  {error[:150]}", flush=True)
     meta = {"molt": _revision(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
             "axolotl": _revision(["git", "--git-dir", str(args.axolotl_git), "rev-parse", args.rev]),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": args.rows,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": args.rows, "base_model": args.base_model,
             "seconds": time.perf_counter() - start, "work": str(work), "skipped": skipped}
     md = write_results(rows, skipped, args.out, meta)
     counts = Counter(r["outcome"] for r in rows)
