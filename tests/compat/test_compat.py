@@ -129,6 +129,9 @@ CASES = {
     "special_tokens": Case(20, 0, [Row("What is 5 plus one?", ["<answer> 6\n"], "<question> What is 5 plus one?\n<answer> 6\n")]),
     "chat_content_parts": Case(20, 0, [Row("sky at 12 o'clock", ["Blue at 12." + EOS], chatml(("user", "Name the colour of the sky at 12 o'clock."), ("assistant", "Blue at 12."))),
                                        Row("sky at 3 o'clock", ["Black at 3." + EOS])]),
+    # 3 days after Monday (text) and 4 days after (parts) in one file
+    "chat_content_mixed": Case(18, 2, [Row("is 3 days after Monday?", ["Thursday" + EOS], chatml(("user", "Which weekday is 3 days after Monday?"), ("assistant", "Thursday"))),
+                                       Row("is 4 days after Monday?", ["Friday" + EOS], chatml(("user", "Which weekday is 4 days after Monday?"), ("assistant", "Friday")))]),
     "empty_values": Case(18, 2, [Row("Add 5 and 7.", ["12" + EOS])]),
     "creative_acr_critique": Case(40, 0),  # its rows are checked in test_creative_acr_scores_given_as_text
     "jeopardy": Case(19, 1, [Row("number 5 on the list", ["what is fruit 5" + EOS],
