@@ -132,6 +132,9 @@ CASES = {
     # 3 days after Monday (text) and 4 days after (parts) in one file
     "chat_content_mixed": Case(18, 2, [Row("is 3 days after Monday?", ["Thursday" + EOS], chatml(("user", "Which weekday is 3 days after Monday?"), ("assistant", "Thursday"))),
                                        Row("is 4 days after Monday?", ["Friday" + EOS], chatml(("user", "Which weekday is 4 days after Monday?"), ("assistant", "Friday")))]),
+    # `path: json` with data_files, as for files on disk in Axolotl; train_on_eos: last trains only the last turn's EOS
+    "data_files_json": Case(40, 0, [Row("Add 5 and 7.", ["12" + EOS]), Row("Convert 8 km to m.", ["8 km = 8000 m", "8 m = 800 cm" + EOS])]),
+    "eot_tokens": Case(20, 0, [Row("Convert 8 km to m.", ["8 km = 8000 m" + EOS, "8 m = 800 cm" + EOS])]),
     "empty_values": Case(18, 2, [Row("Add 5 and 7.", ["12" + EOS])]),
     "creative_acr_critique": Case(40, 0),  # its rows are checked in test_creative_acr_scores_given_as_text
     "jeopardy": Case(19, 1, [Row("number 5 on the list", ["what is fruit 5" + EOS],
