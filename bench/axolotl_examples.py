@@ -3,7 +3,8 @@
 Every YAML file under Axolotl's `examples/` (read with `git show` from a bare mirror) that has a
 `base_model` is a training config. Each gets `base_model: smollm2-135m-instruct` (the embedded
 model) and every dataset (`datasets`, `test_datasets`, `pretraining_dataset`) pointed at a small
-local JSON Lines file whose rows have the shape its `type` and field keys ask for; everything else
+local JSON Lines file whose rows have the shape its `type` and field keys ask for (and Axolotl's
+deepspeed_configs/ beside it, as `axolotl fetch deepspeed_configs` leaves them); everything else
 is left as written (`tokenizer_config` too: a hub name that is not cached is one of the findings).
 Then `molt preprocess`, in this process through the CLI's click entry point (one shared cache, so
 the model is converted once), and each config is classified:
@@ -58,6 +59,14 @@ def example_paths(git_dir: Path, rev: str) -> list[str]:
 def show(git_dir: Path, rev: str, path: str) -> str:
     return subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{rev}:{path}"],
                           capture_output=True, text=True, check=True).stdout
+
+
+def side_files(git_dir: Path, rev: str) -> dict[str, str]:
+    """Axolotl's deepspeed_configs/*.json, which its examples name by relative path and a user
+    has after `axolotl fetch deepspeed_configs`; each config's folder gets them."""
+    out = subprocess.run(["git", "--git-dir", str(git_dir), "ls-tree", "-r", "--name-only", rev, "deepspeed_configs/"],
+                         capture_output=True, text=True).stdout
+    return {p: show(git_dir, rev, p) for p in out.splitlines() if p.endswith(".json")}
 
 
 def training_configs(git_dir: Path, rev: str) -> tuple[list[tuple[str, dict]], list[str]]:
@@ -229,12 +238,32 @@ def first_error(output: str) -> str:
     return lines[-1] if lines else ""
 
 
+def all_errors(output: str) -> list[str]:
+    """Every finding of a refusal: an "invalid config:" error lists each refused key on a
+    "  - ..." line of its own (other errors are one line)."""
+    lines = output.splitlines()
+    for n, line in enumerate(lines):
+        m = ERROR.match(line)
+        if m and m.group(1).strip().endswith("invalid config:"):
+            head = m.group(1).strip()
+            found = []
+            for x in lines[n + 1:]:
+                if x.startswith("  - "):
+                    found.append(f"{head} {x[4:].strip()}")
+                elif found and x.startswith("    "):  # a finding's continuation line
+                    found[-1] += " " + x.strip()
+                else:
+                    break
+            return found or [first_error(output)]
+    return [first_error(output)]
+
+
 PREPARED = re.compile(r"\((\d+) train rows, (\d+) validation rows\)")
 
 
-def preprocess(config_path: Path, cache: Path) -> tuple[str, str, float, str]:
-    """(outcome, first error line, seconds, "train+validation" rows) of `molt preprocess` in
-    config_path's folder."""
+def preprocess(config_path: Path, cache: Path) -> tuple[str, str, float, str, list[str]]:
+    """(outcome, first error line, seconds, "train+validation" rows, every finding of a refusal)
+    of `molt preprocess` in config_path's folder."""
     from click.testing import CliRunner
 
     from stages.cli import main
@@ -254,12 +283,12 @@ def preprocess(config_path: Path, cache: Path) -> tuple[str, str, float, str]:
     error = result.exception
     if (error is not None and not isinstance(error, SystemExit)) or "Traceback (most recent call last)" in output:
         if error is not None and not isinstance(error, SystemExit):
-            return "traceback", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300], seconds, ""
-        return "traceback", first_error(output)[:300], seconds, ""
+            return "traceback", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300], seconds, "", []
+        return "traceback", first_error(output)[:300], seconds, "", []
     if result.exit_code == 0:
         counts = PREPARED.search(output)
-        return "preprocesses", "", seconds, f"{counts.group(1)}+{counts.group(2)}" if counts else "?"
-    return "refused", first_error(output)[:300], seconds, ""
+        return "preprocesses", "", seconds, f"{counts.group(1)}+{counts.group(2)}" if counts else "?", []
+    return "refused", first_error(output)[:300], seconds, "", [e[:300] for e in all_errors(output)]
 
 
 def cause(line: str) -> str:
@@ -300,6 +329,19 @@ def write_results(rows: list[dict], skipped: list[str], out: Path, meta: dict) -
     lines += ["", "## Causes (refused and traceback), by number of configs", "", "| configs | first error line (numbers and paths folded) |", "|---:|---|"]
     for text, n in causes.most_common():
         lines.append(f"| {n} | {_cell(text)} |")
+    every, alone = Counter(), Counter()
+    for r in rows:
+        found = {cause(e) for e in r.get("errors") or []}
+        every.update(found)
+        if len(found) == 1:
+            alone.update(found)
+    if every:
+        lines += ["", "## Every finding of the refusals", "",
+                  "A refused config counts under each of its findings (`molt preprocess` names every refused key at once); "
+                  "alone: the configs refused for that finding only, which lifting it would let through.", "",
+                  "| configs | alone | finding |", "|---:|---:|---|"]
+        for text, n in every.most_common():
+            lines.append(f"| {n} | {alone[text]} | {_cell(text)} |")
     lines += ["", "## Every config", "", "rows: the prepared train + validation rows (of the local files' rows, after `split` slices and "
               "`val_set_size`).", "", "| config | outcome | rows | first error line |", "|---|---|---:|---|"]
     for r in rows:
@@ -336,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         return earlier
 
     configs, skipped = training_configs(args.axolotl_git, args.rev)
+    extra = side_files(args.axolotl_git, args.rev)
     if args.only:
         configs = [(p, c) for p, c in configs if args.only in p]
     if args.limit is not None:
@@ -350,9 +393,12 @@ def main(argv: list[str] | None = None) -> dict:
         folder = work / f"{n:03d}-{re.sub(r'[^A-Za-z0-9]+', '-', path)[:80]}"
         folder.mkdir(parents=True, exist_ok=True)
         swapped = prepare(config, folder, args.rows, args.base_model)
+        for name, text in extra.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
         (folder / "config.yml").write_text(yaml.safe_dump(swapped, sort_keys=False, allow_unicode=True))
-        outcome, error, seconds, prepared = preprocess(folder / "config.yml", cache)
-        rows.append({"config": path, "outcome": outcome, "error": error, "rows": prepared, "seconds": round(seconds, 2)})
+        outcome, error, seconds, prepared, errors = preprocess(folder / "config.yml", cache)
+        rows.append({"config": path, "outcome": outcome, "error": error, "errors": errors, "rows": prepared, "seconds": round(seconds, 2)})
         print(f"[{n + 1}/{len(configs)}] {outcome:12s} {seconds:5.1f}s {path}  {error[:150]}", flush=True)
     meta = {"molt": _revision(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
             "axolotl": _revision(["git", "--git-dir", str(args.axolotl_git), "rev-parse", args.rev]),
