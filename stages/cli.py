@@ -391,15 +391,19 @@ def train(ctx, config, launcher, cache_dir):
     Multi-process: `molt train CONFIG --launcher accelerate -- --cpu --num_processes 2` (GPUs:
     --multi_gpu), `--launcher torchrun -- --nproc_per_node 2`, or molt started by a launcher
     (`torchrun --nproc_per_node 2 -m stages.cli train CONFIG`). The data stages are built once;
-    every rank trains, rank 0 stores the model and writes output_dir."""
+    every rank trains, rank 0 stores the model and writes output_dir. `--use-ray` (use_ray:
+    true): Ray Train's workers train (ray_num_workers, resources_per_worker; RAY_ADDRESS names
+    an existing cluster)."""
     launcher_args = ctx.meta.get("launcher_args", [])
     if launcher != "python":
         warnings.simplefilter("ignore", MoltConfigWarning)  # each rank's molt names them
         try:  # a bad config fails here, once, rather than in every process
-            load_config(config, parse_cli_overrides(list(ctx.args)))
+            loaded = load_config(config, parse_cli_overrides(list(ctx.args)))
         except ConfigError as error:
             _print_notes(error.notes)
             fail(str(error))
+        if loaded.use_ray:
+            fail(f"--launcher {launcher} with use_ray: Ray Train starts the workers itself (ray_num_workers); drop --launcher")
         return launch(launcher, launcher_args, ["train", config, *ctx.args, "--cache-dir", cache_dir])
     if launcher_args:
         fail(f"arguments after `--` ({' '.join(launcher_args)}) are for a launcher: add --launcher accelerate or --launcher torchrun")
@@ -408,7 +412,15 @@ def train(ctx, config, launcher, cache_dir):
     session = Session(config, ctx.args, cache_dir)
     check_output_dir(session, session.output_dir())
     trained = dag.target(session.values, "train")
-    done = session.resolve(session.plan(trained))
+    if session.config.use_ray:  # Ray Train's workers run the train stage (stages/ray_train.py)
+        from stages.ray_train import RayError, train_on_ray
+
+        try:
+            train_on_ray(session, trained, config, list(ctx.args), cache_dir)
+        except RayError as error:
+            fail(str(error))
+    else:
+        session.resolve(session.plan(trained))
     if session.rank:
         return
     artifact = session.intact(trained)
