@@ -40,6 +40,7 @@ from stages.training.batches import RankBatches, Rows, make_collator
 from stages.training.evaluation import evaluation_loss
 from stages.training.outputs import keep_checkpoints, save_model
 from stages.training.plots import save_loss_plot
+from stages.training.sharding import check_layer_classes, fsdp_enabled, gathered_state_dict
 from stages.training.trackers import tracker_environment
 
 SCHEMA = 3
@@ -49,7 +50,8 @@ EVERY_RANK = True  # DDP needs every rank in the run
 
 
 # tracker keys say where a run is reported, not what it computes (their logs live outside the artifact);
-# auto_resume_from_checkpoints says how to run, not what: a resumed run ends with the same weights
+# auto_resume_from_checkpoints says how to run, not what: a resumed run ends with the same weights;
+# so do DDP's timeout, gradient buckets and unused-parameter search (the same gradients, reduced otherwise)
 Params = stage_params(
     "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear", "lora_modules_to_save",
     "lora_fan_in_fan_out", "lora_model_dir", "peft_use_dora", "peft_layers_to_transform", "loraplus_lr_ratio", "loraplus_lr_embedding",
@@ -67,10 +69,11 @@ Params = stage_params(
     "save_safetensors", "save_only_model", "profiler_steps", "profiler_steps_start", "resume_from_checkpoint",
     "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio", "relora_cpu_offload",
     "pad_to_sequence_len", "batch_flattening", "group_by_length",
+    "fsdp", "fsdp_config", "fsdp_version", "fsdp_final_state_dict_type", "ddp_broadcast_buffers",
     required=("learning_rate",),
     unkeyed=("use_tensorboard", "wandb_project", "wandb_name", "wandb_entity", "wandb_mode", "wandb_run_id", "wandb_watch", "wandb_log_model",
              "use_mlflow", "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name", "use_comet", "comet_mode", "comet_project_name",
-             "auto_resume_from_checkpoints"),
+             "auto_resume_from_checkpoints", "ddp_timeout", "ddp_bucket_cap_mb", "ddp_find_unused_parameters"),
 )
 
 
@@ -105,6 +108,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         raise DataError("no training rows: every sample was dropped before packing")
     packed = params.batch_flattening or layout["train"]["packed"] or layout["val"]["packed"]
     model = model_to_train(params, inputs["model"], tokenizer_info["vocab_size"], packed, ctx.log)
+    check_layer_classes(params, model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     args = training_arguments(params, model, layout, checkpoints, ctx.log)
@@ -146,7 +150,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
 
     if relora is not None:
         model = model.merge_and_unload()  # ReLoRA's earlier updates live in the base weights: the artifact is the full model
-    save_model(model, inputs["tokenizer"], out)
+    if fsdp_enabled(params):
+        # each rank holds a shard: gathered whole (every rank takes part), written by rank 0, whose artifact is the one kept
+        whole = gathered_state_dict(trainer)
+        if ctx.rank == 0:
+            save_model(model, inputs["tokenizer"], out, state_dict=whole)
+    else:
+        save_model(model, inputs["tokenizer"], out)
     keep_checkpoints(checkpoints, out, saving, ctx.rank)
     metrics = {
         "steps": result.global_step,

@@ -1,6 +1,6 @@
 """The config's keys translated into transformers' TrainingArguments: batch sizes, epochs, the
-optimizer and its schedule, activation checkpointing, precision, torch.compile, Liger kernels and
-trackers (training_arguments); once the steps per epoch are known, when to evaluate and save
+optimizer and its schedule, activation checkpointing, precision, torch.compile, Liger kernels,
+FSDP and DDP (training/sharding.py) and trackers (training_arguments); once the steps per epoch are known, when to evaluate and save
 (schedule_checkpoints)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 from stages.store import DataError
 from stages.training.optim import check_optimizer, trainer_optimizer_name
 from stages.training.precision import compile_settings, liger_settings, precision_settings
+from stages.training.sharding import ddp_settings, fsdp_settings
 from stages.training.trackers import trackers
 
 
@@ -35,6 +36,8 @@ def training_arguments(params, model, layout: dict, output_dir: Path, log):
         **precision_settings(params, log=log),
         **compile_settings(params),
         **liger_settings(params),
+        **fsdp_settings(params),
+        **ddp_settings(params),
         warmup_steps=warmup,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm if params.max_grad_norm is not None else 1.0,

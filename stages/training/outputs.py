@@ -41,10 +41,11 @@ def said(metrics: dict, shown: tuple[str, ...]) -> str:
     return ", ".join(f"{k.removeprefix('eval_')} {metrics[k]:.4f}" for k in shown if k in metrics)
 
 
-def save_model(model, tokenizer_dir: Path, out: Path) -> Path:
-    """`out/model/`: the weights (or adapter) with the tokenizer files and chat template."""
+def save_model(model, tokenizer_dir: Path, out: Path, state_dict: dict | None = None) -> Path:
+    """`out/model/`: the weights (or adapter) with the tokenizer files and chat template;
+    `state_dict`: the weights gathered from a sharded (FSDP) model."""
     model_dir = out / "model"
-    model.save_pretrained(model_dir)
+    model.save_pretrained(model_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
     for p in list_files(tokenizer_dir):
         if p.name != "manifest.json":
             shutil.copy2(p, model_dir / p.name)
