@@ -135,6 +135,11 @@ CASES = {
     # `path: json` with data_files, as for files on disk in Axolotl; train_on_eos: last trains only the last turn's EOS
     "data_files_json": Case(40, 0, [Row("Add 5 and 7.", ["12" + EOS]), Row("Convert 8 km to m.", ["8 km = 8000 m", "8 m = 800 cm" + EOS])]),
     "eot_tokens": Case(20, 0, [Row("Convert 8 km to m.", ["8 km = 8000 m" + EOS, "8 m = 800 cm" + EOS])]),
+    "alpaca_open_orca": Case(20, 0, [Row("letters are in tiger?", ["5" + EOS],
+                                         "### System:\nYou are a spelling assistant.\n### Human:\nHow many letters are in tiger?\n### Assistant:\n5" + EOS)]),
+    "user_defined_format": Case(20, 0, [Row("letter after c.", ["d" + EOS], "[INST] Name the letter after c. [/INST]d" + EOS)]),
+    # a turn's `train` flag overrides the role rule; a turn without one follows it
+    "message_field_training": Case(20, 0, [Row("1 (5)", ["3 2 1 (5)" + EOS]), Row("1 (6)", ["1 2 3 4" + EOS, "4 3 2 1 (6)" + EOS])]),
     "empty_values": Case(18, 2, [Row("Add 5 and 7.", ["12" + EOS])]),
     "creative_acr_critique": Case(40, 0),  # its rows are checked in test_creative_acr_scores_given_as_text
     "jeopardy": Case(19, 1, [Row("number 5 on the list", ["what is fruit 5" + EOS],
