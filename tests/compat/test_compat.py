@@ -91,6 +91,9 @@ CASES = {
     "eval_settings": Case(16, 4, [Row("Convert 5 km to m.", ["5 km = 5000 m" + EOS])]),
     "evals_per_epoch_zero": Case(20, 0, [Row("Add 5 and 7.", ["12" + EOS])]),
     "kernel_keys": Case(20, 0, [Row("Convert 5 km to m.", ["5 km = 5000 m" + EOS])], warns=["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"]),
+    # molt trains the template's end marker; Axolotl only the tokenizer's EOS, which a llama3 turn
+    # rendered for SmolLM2 does not contain: eot_tokens set to that EOS gives Axolotl's labels
+    "llama3_axolotl_labels": Case(20, 0, [Row("Convert 5 km to m.", ["5 km = 5000 m"])]),
     "chat_template_llama3": Case(20, 0, [Row("Convert 5 km to m.", ["5 km = 5000 m<|eot_id|>"],
                                              llama3(("user", "Convert 5 km to m."), ("assistant", "5 km = 5000 m")))]),
     # Qwen3's template opens an empty think block in the last assistant turn; only the content is trained
