@@ -109,7 +109,9 @@ class Session:
         refs_id = hash_text(str(self.config_path.resolve()))[:16]
         # under a multi-process launcher (accelerate, torchrun) each process has a RANK
         self.rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1 and "ACCELERATE_USE_CPU" not in os.environ:
+        # with deepspeed, accelerate must not be told CPU: it would drop DeepSpeed for plain DDP
+        # (DeepSpeed's own CPU accelerator runs the ranks over gloo)
+        if world_size > 1 and "ACCELERATE_USE_CPU" not in os.environ and not self.config.deepspeed:
             import torch
 
             if not torch.cuda.is_available():  # else the Trainer's ranks each train alone, on all the data
@@ -457,6 +459,44 @@ def merge_lora(ctx, config, cache_dir):
     _copy_dir(merged.path, dest)
     _write_card(session, merged, dest)
     console.print(f"merged model written to {dest}")
+
+
+@main.command("merge-sharded-fsdp-weights", context_settings=OVERRIDES)
+@click.argument("config")
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A checkpoint-N folder to merge (default: the newest checkpoint of this config's last `molt train`).")
+@cache_option
+@click.pass_context
+def merge_sharded_fsdp_weights(ctx, config, checkpoint_dir, cache_dir):
+    """One safetensors model from a sharded FSDP checkpoint (fsdp_state_dict_type: SHARDED_STATE_DICT):
+    {output_dir}/merged, with the trained model's config and the tokenizer, loadable as it is.
+    `molt train` already writes the final model whole; this merges a checkpoint saved on the way."""
+    from stages.training.sharding import merge_sharded_weights
+
+    session = Session(config, ctx.args, cache_dir)
+    if session.config.adapter:
+        fail("merge-sharded-fsdp-weights: the config trains a LoRA adapter, which `molt train` gathers whole into output_dir; "
+             "molt merge-lora merges it into the base model")
+    key = session.runner.refs().get("train")  # the last train of this config: its key holds the world size it ran with
+    artifact = session.store.get("train", key) if key else None
+    if checkpoint_dir is None:
+        if artifact is None:
+            fail(f"merge-sharded-fsdp-weights: {config} has no trained model in {cache_dir}: run molt train {config} --launcher ... first, or give --checkpoint DIR")
+        saved = sorted((artifact.path / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+        if not saved:
+            fail(f"merge-sharded-fsdp-weights: the trained artifact {_shown(artifact.path)} kept no checkpoints (set save_steps or saves_per_epoch)")
+        checkpoint_dir = saved[-1]
+    dest = session.output_dir() / "merged"
+    check_output_dir(session, dest)
+    try:
+        written = merge_sharded_weights(Path(checkpoint_dir), dest)
+    except DataError as error:
+        fail(f"merge-sharded-fsdp-weights: {error}")
+    if artifact is not None:  # config.json and the tokenizer: the merged weights load as a model
+        for p in (artifact.path / "model").iterdir():
+            if p.is_file() and not p.name.endswith((".safetensors", ".safetensors.index.json")):
+                shutil.copy2(p, dest / p.name)
+    console.print(f"merged {_shown(Path(checkpoint_dir))} into {_shown(written)}")
 
 
 @main.command(context_settings=OVERRIDES)

@@ -40,7 +40,7 @@ from stages.training.batches import RankBatches, Rows, make_collator
 from stages.training.evaluation import evaluation_loss
 from stages.training.outputs import keep_checkpoints, save_model
 from stages.training.plots import save_loss_plot
-from stages.training.sharding import check_layer_classes, fsdp_enabled, gathered_state_dict
+from stages.training.sharding import check_fsdp, fsdp_enabled, gathered_state_dict
 from stages.training.trackers import tracker_environment
 
 SCHEMA = 3
@@ -108,7 +108,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         raise DataError("no training rows: every sample was dropped before packing")
     packed = params.batch_flattening or layout["train"]["packed"] or layout["val"]["packed"]
     model = model_to_train(params, inputs["model"], tokenizer_info["vocab_size"], packed, ctx.log)
-    check_layer_classes(params, model)
+    check_fsdp(params, model, ctx.world_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     args = training_arguments(params, model, layout, checkpoints, ctx.log)

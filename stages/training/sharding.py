@@ -61,9 +61,18 @@ def ddp_settings(params) -> dict:
     return {k: getattr(params, k) for k in keys if getattr(params, k) is not None}
 
 
-def check_layer_classes(params, model) -> None:
-    """transformer_layer_cls_to_wrap names classes of this model: accelerate would fail at the first
-    step with a bare "could not find the transformer layer class"; say it before loading the data."""
+def check_fsdp(params, model, world_size: int) -> None:
+    """What FSDP cannot do here, said before the Trainer starts. accelerate's FSDP1 plugin needs a
+    GPU-like device (it places each rank's shard on one) and refuses CPU processes; FSDP2 shards over
+    gloo. transformer_layer_cls_to_wrap must name classes of this model: accelerate would fail at
+    the first step with a bare "could not find the transformer layer class"."""
+    if not fsdp_enabled(params):
+        return
+    import torch
+
+    if world_size > 1 and fsdp_version(params) == 1 and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise DataError("fsdp_version 1 on CPU processes: accelerate's FSDP1 needs a CUDA / XPU device for each rank's shard; "
+                        "use fsdp_version: 2 (FSDP2 shards over gloo on CPU) or train on GPUs")
     names = (params.fsdp_config or {}).get("transformer_layer_cls_to_wrap")
     if not names:
         return
