@@ -285,3 +285,31 @@ def test_creative_acr_scores_given_as_text(workdir, tiny_model_dir, compat_cache
     assert len(revise) == 1
     assert f"Evaluation:\n{scores}{critiques}" in decode(prepared.tokenizer, revise[0]["input_ids"])
     assert trained_runs(prepared.tokenizer, revise[0]) == ["5 waits between 4 and 6." + EOS]
+
+
+# configs that need what molt does not have: refused, exit 2, with no traceback and no prepared
+# data, naming each key at fault and what to do or what molt would do instead
+REFUSED = {
+    "tokenizer_config_not_cached": [["tokenizer_config 'EleutherAI/gpt-neox-20b'", "local Hugging Face cache", "huggingface-cli download"]],
+    "sharegpt_type": [["datasets[0].type", "sharegpt", "type: chat_template", "message_property_mappings"]],
+    "rslora_and_lisa": [["peft_use_rslora", "molt would"], ["lisa_n_layers", "molt would"], ["lisa_step_interval", "molt would"]],
+    "unknown_template": [["chat_template", "'chatml_v9'", "did you mean chatml?"]],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_config_needing_what_molt_lacks_is_refused_naming_it(name, workdir, tiny_model_dir, compat_cache):
+    config = yaml.safe_load((HERE / "refused" / f"{name}.yml").read_text())
+    config["base_model"] = str(tiny_model_dir)
+    shutil.copytree(HERE / "data", workdir / "data")
+    (workdir / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = invoke_molt("preprocess", "config.yml", cache=compat_cache)
+    assert result.exit_code == 2 and result.exception is None, result
+    assert "Traceback" not in result.output and "prepared dataset:" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith(("error:", "  - "))]
+    for fragments in REFUSED[name]:
+        assert any(all(f in line for f in fragments) for line in lines), (fragments, lines)
+
+
+def test_every_refused_config_has_its_expectations():
+    assert {p.stem for p in (HERE / "refused").glob("*.yml")} == set(REFUSED)
