@@ -71,16 +71,16 @@ def held_out_loss(model, rows: list[dict], pad_id: int) -> dict | None:
     import torch
 
     from stages.training.batches import collate
-    from stages.training.loss import token_loss
+    from stages.training.chunked_loss import TrainedTokenLoss
 
-    total, count = 0.0, 0
+    loss, total, count = TrainedTokenLoss(model), 0.0, 0
     for start in range(0, len(rows), BATCH):
         batch = collate([{"position_ids": list(range(len(r["input_ids"]))), **r} for r in rows[start:start + BATCH]], pad_id)
         labels = batch.pop("labels")
         n = int((labels[..., 1:] != IGNORE).sum())
         if n:
             with torch.no_grad():
-                total += float(token_loss(model(**batch, use_cache=False), labels, 1)) * 1.0
+                total += float(loss(model, {**batch, "use_cache": False}, labels, 1))
             count += n
     if not count:
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages.training.loss import IGNORE, token_loss
+from stages.training.loss import IGNORE
 
 
 def evaluation_loss(trainer, loader) -> float | None:
@@ -19,9 +19,8 @@ def evaluation_loss(trainer, loader) -> float | None:
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            logits = model(**batch).logits
             n = (labels[..., 1:] != IGNORE).sum()
-            total += torch.stack([token_loss({"logits": logits}, labels, 1).double(), n.double()])
+            total += torch.stack([trainer.trained_token_loss(model, batch, labels, 1).double(), n.double()])
     total = trainer.accelerator.reduce(total, reduction="sum") if trainer.accelerator.num_processes > 1 else total
     model.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else None

@@ -107,9 +107,16 @@ def attention_implementation(params, log) -> str | None:
 
 
 def set_attention(model, params, log) -> None:
+    """The kernel the config asks for; where that is SDPA (asked for or the model's default) on
+    CPU, SDPA per packed sample (training/segment_attention.py): the same attention, without the
+    block-diagonal mask that sends SDPA to its slow general kernel and costs a row's full length."""
     name = attention_implementation(params, log)
     if name is not None:
         model.set_attn_implementation(name)
+    if model.config._attn_implementation == "sdpa" and not _cuda():
+        from stages.training.segment_attention import NAME
+
+        model.set_attn_implementation(NAME)
 
 
 def compile_settings(params) -> dict:

@@ -13,8 +13,8 @@ from transformers import Trainer
 
 from stages.store import DataError
 from stages.training.batches import RankBatches, Rows, data_loader
+from stages.training.chunked_loss import TrainedTokenLoss
 from stages.training.evaluation import evaluation_loss
-from stages.training.loss import token_loss
 from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
 from stages.training.optim import loraplus_optimizer, make_optimizer, make_scheduler
 from stages.training.precision import cast_weights, offloaded_activations, set_attention
@@ -23,17 +23,32 @@ from stages.training.sharding import shard_on_cpu
 
 class MoltTrainer(Trainer):
     """transformers' Trainer over packed rows: batches from epoch_batches (every rank the same
-    count, each row once per epoch), the loss of token_loss, the token-weighted evaluation of
-    evaluation_loss, and the optimizers and schedules of training/optim.py. `collators` maps
-    "train" and "val" to the collate of that split."""
+    count, each row once per epoch), the loss of TrainedTokenLoss (token_loss's sum over the
+    trained tokens, without the full logits), the token-weighted evaluation of evaluation_loss,
+    and the optimizers and schedules of training/optim.py. `collators` maps "train" and "val" to
+    the collate of that split."""
+
+    # the loss is divided by the trained tokens of the whole optimizer step (num_items_in_batch)
+    loss_is_scaled_for_ga = True
 
     def __init__(self, params, train_rows: Rows, val_rows: Rows, collators: dict, **kwargs):
         self.molt_params, self.train_rows, self.val_rows, self.collators = params, train_rows, val_rows, collators
-        super().__init__(train_dataset=train_rows, eval_dataset=val_rows, compute_loss_func=token_loss, **kwargs)
+        super().__init__(train_dataset=train_rows, eval_dataset=val_rows, **kwargs)
+        # a sharded model's output weight is whole only inside its own forward
+        self.trained_token_loss = TrainedTokenLoss(self.model, sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled)
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
         self.is_fsdp_enabled = shard_on_cpu(self)  # accelerate drops FSDP on CPU processes
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        loss = self.trained_token_loss(model, inputs, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens, and DDP averages the ranks' gradients
+            loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
 
     def _batches(self, rows: Rows, rows_per_batch: int, **order) -> RankBatches:
         # the Trainer's world (torch.distributed) is the one the batches are dealt out over
