@@ -79,7 +79,6 @@ _NO_UPLOAD = "molt uploads nothing; the model is written to output_dir"
 _UNSHARDED = "molt trains unsharded on one process (DDP with --launcher)"
 _OWN_MODULES = "molt runs the model's own modules (same result, without this kernel)"
 _LORA_KERNEL = "molt runs PEFT's LoRA layers (same result, without a fused kernel)"
-_FULL_LOSS = "molt computes the loss itself from the full logits (same loss, more memory)"
 _LOADER = "molt loads the batches in the training process (no workers, no pinned memory)"
 _TEXT_ONLY = "molt trains on text; rows whose messages hold image parts are refused when formatted"
 _LOSS_ONLY = "molt evaluates the loss on the held-out rows only"
@@ -153,10 +152,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
     **dict.fromkeys(("flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp", "flash_optimum",
                      "liger_rms_norm_gated", "liger_dyt", "unsloth_*"), _warned(_OWN_MODULES)),
     **dict.fromkeys(("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel"), _warned(_LORA_KERNEL)),
-    **dict.fromkeys(("cut_cross_entropy", "chunked_cross_entropy", "chunked_cross_entropy_num_chunks"), _warned(_FULL_LOSS)),
-    **dict.fromkeys(("liger_cross_entropy", "liger_fused_linear_cross_entropy"), _warned(
-        "molt computes the loss itself from the logits (summed over the trained tokens of the whole optimizer step), "
-        "so Liger's loss kernels would never run (same loss, more memory)")),
+    "chunked_cross_entropy_num_chunks": _warned("molt's chunked loss sizes its chunks itself (at most 32 MiB of logits each)"),
     "liger_use_token_scaling": _refused("molt's loss weighs every trained token alike"),
     **dict.fromkeys(("tiled_mlp", "tiled_mlp_num_shards", "tiled_mlp_use_original_mlp"), _warned("molt runs the MLPs untiled (same result, more memory)")),
     "activation_offloading": _warned("molt keeps activations on the device (gradient_checkpointing: offload keeps the checkpointed ones in CPU memory)"),
@@ -645,6 +641,12 @@ class MoltConfig(BaseModel):
     liger_layer_norm: bool | None = None
     liger_glu_activation: bool | None = None
     liger_swiglu: bool | None = None  # Axolotl's older spelling of liger_glu_activation
+    # the loss without the full logits: molt's chunked linear cross-entropy always (training/chunked_loss.py);
+    # these ask for the cut-cross-entropy or Liger kernel instead, used where the package and a CUDA GPU are
+    cut_cross_entropy: bool | None = None
+    chunked_cross_entropy: bool | None = None
+    liger_cross_entropy: bool | None = None
+    liger_fused_linear_cross_entropy: bool | None = None
     gradient_checkpointing: Literal["offload", "offload_disk", "unsloth"] | bool = False
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
 
@@ -1064,9 +1066,20 @@ def _batch_sizes(cfg: MoltConfig) -> None:
         cfg.eval_batch_size = mbs
 
 
+def _fsdp_qlora_storage(cfg: MoltConfig) -> None:
+    # FSDP shards a module's parameters as one flat tensor of one dtype: bitsandbytes' 4-bit weights
+    # are stored in that dtype, not uint8 (Axolotl's FSDP+QLoRA does the same), the compute dtype
+    # molt loads the other weights in unless bnb_config_kwargs says otherwise
+    if (cfg.fsdp or cfg.fsdp_config) and cfg.load_in_4bit:
+        kwargs = dict(cfg.bnb_config_kwargs or {})
+        compute = kwargs.get("bnb_4bit_compute_dtype", "float32")
+        kwargs.setdefault("bnb_4bit_quant_storage", compute if isinstance(compute, str) else str(compute).removeprefix("torch."))
+        cfg.bnb_config_kwargs = kwargs
+
+
 NORMALISE: list[Callable[[MoltConfig], None]] = [
     _resolve_top_chat_template, _pretraining_dataset_as_completion, _packing_pads, _real_batches_without_varlen_attention, _batch_sizes,
-    _deepspeed_contents,
+    _deepspeed_contents, _fsdp_qlora_storage,
 ]
 
 EXCLUDES, REQUIRES = "excludes", "requires"
@@ -1276,7 +1289,7 @@ def _plugins(cfg: MoltConfig) -> None:
     plugins = cfg.plugins or []
     liger = any(p.endswith("LigerPlugin") for p in plugins)
     for name in plugins:
-        if not name.endswith("LigerPlugin"):
+        if not name.endswith(("LigerPlugin", "CutCrossEntropyPlugin")):
             note = f"ignored: plugins: {name} — not supported yet (molt has the Liger kernels: {LIGER_PLUGIN})"
             if note not in cfg.config_warnings:
                 cfg.config_warnings.append(note)

@@ -299,7 +299,7 @@ def test_refusals_name_the_key_value_and_what_molt_would_do_instead(tmp_path, ke
 
 @pytest.mark.parametrize("keys, note", [
     ({"sequence_parallel_degree": 2}, "sequence_parallel_degree: 2 — not supported yet: molt trains unsharded on one process (DDP with --launcher)"),
-    ({"fsdp": ["full_shard"]}, "fsdp: [full_shard] — not supported yet: molt trains unsharded on one process (DDP with --launcher)"),
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size: 2 — not supported yet: molt trains unsharded on one process (DDP with --launcher)"),
     ({"processor_type": "AutoProcessor"}, "processor_type: AutoProcessor — not supported yet: molt trains on text; "
      "rows whose messages hold image parts are refused when formatted"),
 ])

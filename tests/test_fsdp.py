@@ -184,3 +184,18 @@ def test_fsdp2_lora_through_torchrun_matches_one_process(make_config, molt, cach
     # differences, which Adam's division by sqrt(v) lifts to ~1e-4 after 6 steps at lr 0.01
     assert_same_tensors(adapter, load_file(cache_dir / "train" / one_key / "model" / "adapter_model.safetensors"), atol=1e-3)
     assert (workdir / "out" / "adapter_config.json").exists()
+
+
+def test_qlora_with_fsdp_stores_the_4bit_weights_in_the_compute_dtype():
+    """Axolotl's FSDP+QLoRA: bitsandbytes packs the 4-bit weights into the compute dtype, which FSDP
+    shards like the others (uint8 storage would not flatten with them); a storage given is kept."""
+    qlora = dict(adapter="qlora", load_in_4bit=True)
+    assert load(**qlora, fsdp_config={"fsdp_version": 2}).bnb_config_kwargs == {"bnb_4bit_quant_storage": "float32"}
+    given = load(**qlora, fsdp_config={"fsdp_version": 2}, bnb_config_kwargs={"bnb_4bit_compute_dtype": "bfloat16"})
+    assert given.bnb_config_kwargs == {"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"}
+    assert load(**qlora).bnb_config_kwargs is None  # without FSDP, bitsandbytes' own uint8
+
+    from stages.training.model import quantization_config
+
+    settings = quantization_config(load(**qlora, fsdp_config={"fsdp_version": 2}))
+    assert settings.bnb_4bit_quant_storage == torch.float32
