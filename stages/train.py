@@ -34,8 +34,9 @@ from pathlib import Path
 
 from stages.config import stage_params
 from stages.context import QUIET, Context
+from stages.deepspeed_config import zero_stage
 from stages.store import DataError, list_files, read_table
-from stages.training.arguments import schedule_checkpoints, training_arguments
+from stages.training.arguments import count_deepspeed_ranks, schedule_checkpoints, training_arguments
 from stages.training.batches import RankBatches, Rows, make_collator
 from stages.training.evaluation import evaluation_loss
 from stages.training.outputs import keep_checkpoints, save_model
@@ -68,7 +69,7 @@ Params = stage_params(
     "loss_watchdog_threshold", "loss_watchdog_patience", "eval_strategy", "save_strategy", "metric_for_best_model", "greater_is_better",
     "save_safetensors", "save_only_model", "profiler_steps", "profiler_steps_start", "resume_from_checkpoint",
     "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio", "relora_cpu_offload",
-    "pad_to_sequence_len", "batch_flattening", "group_by_length",
+    "pad_to_sequence_len", "batch_flattening", "group_by_length", "deepspeed",
     "fsdp", "fsdp_config", "fsdp_version", "fsdp_final_state_dict_type", "ddp_broadcast_buffers",
     required=("learning_rate",),
     unkeyed=("use_tensorboard", "wandb_project", "wandb_name", "wandb_entity", "wandb_mode", "wandb_run_id", "wandb_watch", "wandb_log_model",
@@ -112,6 +113,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     args = training_arguments(params, model, layout, checkpoints, ctx.log)
+    count_deepspeed_ranks(args)
     # counted over the Trainer's world (torch.distributed), the one MoltTrainer deals batches out over
     batches_per_epoch = len(RankBatches(train_rows.lengths, layout["train"]["rows_per_batch"], max(1, args.world_size), 0, params.seed))
     steps_per_epoch = max(1, -(-batches_per_epoch // params.gradient_accumulation_steps))
@@ -155,6 +157,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         whole = gathered_state_dict(trainer)
         if ctx.rank == 0:
             save_model(model, inputs["tokenizer"], out, state_dict=whole)
+    elif params.deepspeed and zero_stage(params.deepspeed) == 3:
+        # ZeRO-3 leaves each rank a partition of every weight: the 16-bit weights gathered from
+        # DeepSpeed's engine (every rank takes part; rank 0 alone receives them), written by rank 0
+        gathered = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if ctx.rank == 0:
+            whole = {k: v.detach().to("cpu").clone() for k, v in gathered.items()}
+            save_model(model, inputs["tokenizer"], out, state_dict=whole)
     else:
         save_model(model, inputs["tokenizer"], out)
     keep_checkpoints(checkpoints, out, saving, ctx.rank)
@@ -172,6 +181,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         "micro_batches_per_epoch": batches_per_epoch,
         "trainable_parameters": trainable,
         **({"relora_restarts": relora.restarts} if relora is not None else {}),
+        # asked of DeepSpeed's engine: the stage it ran, not the one the config asked for
+        **({"deepspeed_zero_stage": trainer.deepspeed.zero_optimization_stage()} if trainer.is_deepspeed_enabled else {}),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_loss_plot(report.history, report.evals, before, after, out / "loss.png")

@@ -139,3 +139,64 @@ def test_fetch_deepspeed_configs_copies_the_shipped_files(workdir):
     assert all(p.read_bytes() == (deepspeed_config.SHIPPED / p.name).read_bytes() for p in copied)
     result = CliRunner().invoke(main, ["fetch", "deepspeed_configs", "--dest", "elsewhere"])
     assert result.exit_code == 0 and (workdir / "elsewhere" / "zero3.json").is_file()
+def test_the_train_key_hashes_the_contents_not_the_path(tmp_path):
+    from stages.config import slice_params
+    from stages.train import Params
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    body = json.loads((deepspeed_config.SHIPPED / "zero2.json").read_text())
+    one = slice_params(Params, load(tmp_path, deepspeed=ds_file(tmp_path / "a", body)).model_dump(mode="json"))
+    two = slice_params(Params, load(tmp_path, deepspeed=ds_file(tmp_path / "b", body)).model_dump(mode="json"))
+    other = slice_params(Params, load(tmp_path, deepspeed=str(deepspeed_config.SHIPPED / "zero3.json")).model_dump(mode="json"))
+    assert one.model_dump(mode="json") == two.model_dump(mode="json") != other.model_dump(mode="json")
+
+
+
+
+# -- training: 2 processes (gloo on CPU; DeepSpeed's CPU accelerator) ------------------------------
+
+TRAIN = dict(sample_packing=False, micro_batch_size=1, val_set_size=0.25, max_steps=None, num_epochs=1, lr_scheduler="constant", learning_rate=0.01,
+             bf16=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+def test_zero_trains_with_two_processes_and_the_model_loads(make_config, cache_dir, workdir, name):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import REPO
+
+    config = make_config(**TRAIN, deepspeed=str(deepspeed_config.SHIPPED / f"{name}.json"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "stages.cli", "train", str(config), "--cache-dir", str(cache_dir),
+               "--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    (manifest,) = [json.loads(p.read_text()) for p in cache_dir.glob("train/*/manifest.json")]
+    assert manifest["metrics"]["deepspeed_zero_stage"] == int(name[-1])  # DeepSpeed's engine trained, at that stage
+    assert manifest["world_size"] == 2 and manifest["metrics"]["steps"] == 6 and manifest["params"]["deepspeed"]["zero_optimization"]["stage"] == int(name[-1])
+    # the adapter is whole (ZeRO-3's partitions gathered on save) and trained (LoRA's B starts at zero)
+    adapter = load_file(workdir / "out" / "adapter_model.safetensors")
+    b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert b and all(v.numel() > 0 for v in adapter.values()) and any(v.abs().sum() > 0 for v in b)
+    metrics = json.loads((workdir / "out" / "metrics.json").read_text())
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = yaml.safe_load(config.read_text())["base_model"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), workdir / "out")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

@@ -5,6 +5,7 @@ FSDP and DDP (training/sharding.py) and trackers (training_arguments); once the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from stages.store import DataError
@@ -53,7 +54,24 @@ def training_arguments(params, model, layout: dict, output_dir: Path, log):
         dataloader_pin_memory=False,
         average_tokens_across_devices=True,  # the loss divides by the trained tokens of all ranks
         neftune_noise_alpha=params.neftune_noise_alpha,
+        **deepspeed_settings(params),
     )
+
+
+def deepspeed_settings(params) -> dict:
+    """The config's DeepSpeed settings (checked at load, stages/deepspeed_config.py) for the Trainer,
+    which fills their "auto" values in place: a copy, so the stage's params stay as they were.
+    The preference and reward stages declare no `deepspeed` (the config refuses it with them)."""
+    settings = getattr(params, "deepspeed", None)
+    if not settings:
+        return {}
+    settings = json.loads(json.dumps(settings))
+    if settings.get("train_batch_size") == "auto":
+        # the Trainer fills it while TrainingArguments is built, before its processes are counted
+        # (world size 1 on CPU ranks); DeepSpeed computes it from the micro-batch, the accumulation
+        # and its own world size when it is left out
+        del settings["train_batch_size"]
+    return {"deepspeed": settings}
 
 
 def schedule_settings(params) -> dict:
@@ -152,3 +170,20 @@ def schedule_checkpoints(args, params, steps_per_epoch: int, has_val: bool) -> b
     if params.early_stopping_patience:
         args.load_best_model_at_end = True
     return save != "no"
+
+
+def count_deepspeed_ranks(args) -> None:
+    """DeepSpeed on CPU processes: accelerate finds no backend for a DeepSpeed run without a GPU
+    and counts one process, so every rank would train on all the rows (and the Trainer's batch
+    arithmetic would be one rank's). DeepSpeed's own CPU accelerator has joined the ranks over
+    gloo: accelerate's shared state is given that group's size and this rank's place in it."""
+    import os
+
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+
+    state = args.distributed_state
+    if args.deepspeed and state.distributed_type == DistributedType.DEEPSPEED and state.backend is None and dist.is_initialized():
+        state.backend = dist.get_backend()
+        state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", state.process_index))
