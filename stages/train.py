@@ -41,6 +41,7 @@ from stages.training.batches import RankBatches, Rows, make_collator
 from stages.training.evaluation import evaluation_loss
 from stages.training.outputs import keep_checkpoints, save_model
 from stages.training.plots import save_loss_plot
+from stages.training.resources import MemoryPeak, set_threads
 from stages.training.sharding import check_fsdp, fsdp_enabled, gathered_state_dict
 from stages.training.trackers import tracker_environment
 
@@ -64,7 +65,8 @@ Params = stage_params(
     "log_sweep_min_lr", "log_sweep_max_lr", "weight_decay", "max_grad_norm", "seed",
     "bf16", "fp16", "tf32", "bfloat16", "float16", "float32", "attn_implementation", "flash_attention", "sdp_attention",
     "xformers_attention", "eager_attention", "torch_compile", "torch_compile_backend", "torch_compile_mode", "plugins", "liger_rope",
-    "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_swiglu", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+    "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_swiglu", "cut_cross_entropy", "chunked_cross_entropy",
+    "liger_cross_entropy", "liger_fused_linear_cross_entropy", "gradient_checkpointing", "gradient_checkpointing_kwargs",
     "logging_steps", "eval_steps", "evals_per_epoch", "save_steps", "saves_per_epoch", "save_total_limit", "early_stopping_patience",
     "loss_watchdog_threshold", "loss_watchdog_patience", "eval_strategy", "save_strategy", "metric_for_best_model", "greater_is_better",
     "save_safetensors", "save_only_model", "profiler_steps", "profiler_steps_start", "resume_from_checkpoint",
@@ -100,6 +102,9 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
 
     checkpoints = ctx.checkpoints or out.parent / f"{out.name}.checkpoints"
     set_seed(params.seed)
+    set_threads(ctx.log)
+    memory = MemoryPeak()
+    memory.start()
     tokenizer_info = json.loads((inputs["tokenizer"] / "molt_tokenizer.json").read_text())
     pad_id = tokenizer_info["pad_token_id"]
     layout = json.loads((inputs["packed"] / "layout.json").read_text())
@@ -132,6 +137,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         callbacks = callbacks_for(params, report, out) + ([relora] if relora is not None else [])
         trainer = MoltTrainer(params, train_rows, val_rows, collators, model=model, args=args, callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # Report says the loss; no raw dicts
+        ctx.log(f"  loss: {trainer.trained_token_loss.describe()}")
         before = evaluation_loss(trainer, trainer.get_eval_dataloader()) if len(val_rows) else None
         if before is not None:
             ctx.log(f"  eval loss before training: {before:.4f}")
@@ -188,4 +194,5 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     save_loss_plot(report.history, report.evals, before, after, out / "loss.png")
     trained_tokens = sum(train_rows.lengths)
     # timings go in the manifest, not in metrics.json: the artifact's bytes stay reproducible
-    return {"metrics": {k: v for k, v in metrics.items() if k not in ("loss_history", "eval_history")}, "adapter": params.adapter, "train_seconds": round(seconds, 3), "tokens_per_epoch": trained_tokens}
+    return {"metrics": {k: v for k, v in metrics.items() if k not in ("loss_history", "eval_history")}, "adapter": params.adapter, "train_seconds": round(seconds, 3), "tokens_per_epoch": trained_tokens,
+            "loss": trainer.trained_token_loss.describe(), **memory.peak()}

@@ -129,3 +129,30 @@ def test_no_trained_token_is_a_zero_loss_with_zero_gradients():
     value.backward()
     assert float(value) == 0.0
     assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in model.parameters())
+
+
+def _train_manifest(cache_dir):
+    import json
+
+    (manifest,) = list((cache_dir / "train").glob("*/manifest.json"))
+    return json.loads(manifest.read_text())
+
+
+@pytest.mark.parametrize("keys, asked", [
+    ({"plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"], "cut_cross_entropy": True}, "cut_cross_entropy: true asks for cut-cross-entropy's kernel"),
+    ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_fused_linear_cross_entropy": True}, "asks for Liger's fused linear cross-entropy"),
+])
+def test_axolotl_loss_kernel_configs_train_with_molt_s_loss_on_cpu_and_say_so(make_config, molt, cache_dir, keys, asked):
+    result = molt("train", make_config(max_steps=2, **keys))
+    assert result.exit_code == 0, result
+    assert "not supported yet" not in result.output, result.output
+    assert "loss: molt's chunked linear cross-entropy" in result.output, result.output
+    manifest = _train_manifest(cache_dir)
+    assert manifest["loss"].startswith("molt's chunked linear cross-entropy") and asked in manifest["loss"] and "CUDA GPU" in manifest["loss"], manifest["loss"]
+    assert manifest["peak_rss_mib"] > 50 and "peak_rss_since" not in manifest
+
+
+def test_the_default_loss_is_the_chunked_one(make_config, molt, cache_dir):
+    result = molt("train", make_config(max_steps=1))
+    assert result.exit_code == 0, result
+    assert _train_manifest(cache_dir)["loss"] == "molt's chunked linear cross-entropy on the labelled positions (no full logits)"

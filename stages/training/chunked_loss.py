@@ -16,6 +16,11 @@ Three ways, picked once per model by a probe (`mode`):
   its head's weight is not whole outside its forward).
 * "full": the model's forward takes no `logits_to_keep` mask: full logits, token_loss.
 
+In "chunked" mode a config may ask for another kernel of the same loss (Axolotl's keys):
+`cut_cross_entropy` (Apple's cut-cross-entropy) or `liger_fused_linear_cross_entropy` /
+`liger_cross_entropy` (Liger's fused linear cross-entropy). Both are Triton kernels: used where
+their package and a CUDA GPU are, molt's own loss otherwise (`describe` says which ran).
+
 Imports torch: loaded when the stage trains.
 """
 
@@ -104,12 +109,30 @@ class TrainedTokenLoss:
     """The training (and evaluation) loss of a model: summed over the trained tokens, divided by
     `num_items` (token_loss's contract), computed the cheapest exact way the model allows."""
 
-    def __init__(self, model, sharded: bool = False):
+    def __init__(self, model, sharded: bool = False, asked: str | None = None):
         self.head = model.get_output_embeddings()
         self.config = model.config
         self.kept = None  # the hidden states the output embedding was given
         self.hand_empty = False
         self.mode = self._probe(model, sharded)
+        self.asked = asked
+        self.kernel = asked if self.mode == "chunked" and asked is not None and _kernel_missing(asked) is None else None
+
+    def describe(self) -> str:
+        """Which loss runs, in one line (the train stage logs it and keeps it in its manifest)."""
+        if self.kernel == "cut_cross_entropy":
+            return "cut-cross-entropy's linear cross-entropy kernel on the labelled positions (cut_cross_entropy: true)"
+        if self.kernel == "liger":
+            return "Liger's fused linear cross-entropy kernel on the labelled positions"
+        said = {
+            "chunked": "molt's chunked linear cross-entropy on the labelled positions (no full logits)",
+            "masked": "the model's logits at the labelled positions only, then cross-entropy",
+            "full": "cross-entropy on the model's full logits (its forward takes no logits_to_keep mask)",
+        }[self.mode]
+        if self.asked is not None:
+            why = _kernel_missing(self.asked) if self.mode == "chunked" else f"it needs the plain output layer that {self.mode} mode lacks"
+            said += f"; {KERNELS[self.asked][2]} asks for {KERNELS[self.asked][1]}, not used: {why}"
+        return said
 
     def _take(self, module, args):
         self.kept = args[0]
@@ -165,9 +188,47 @@ class TrainedTokenLoss:
                 hook.remove()
                 self.hand_empty = False
             hidden, self.kept = self.kept, None
-            total = linear_cross_entropy(hidden, self.head.weight, self.head.bias, targets, self._softcap())
+            total = self._chunked(hidden, targets)
         if num_items is None:
             num_items = targets.numel()
         if torch.is_tensor(num_items):
             return total / num_items.to(total.device).clamp(min=1)
         return total / max(1, num_items)
+
+    def _chunked(self, hidden, targets):
+        weight, bias, softcap = self.head.weight, self.head.bias, self._softcap()
+        if self.kernel == "cut_cross_entropy":
+            from cut_cross_entropy import linear_cross_entropy as cut
+
+            return cut(hidden, weight, targets, bias=bias, softcap=softcap, reduction="sum")
+        if self.kernel == "liger":
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            return liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, softcap=softcap, reduction="sum")
+        return linear_cross_entropy(hidden, weight, bias, targets, softcap)
+
+
+# asked-for kernel: (its module, what it is, the key that asks for it)
+KERNELS = {
+    "cut_cross_entropy": ("cut_cross_entropy", "cut-cross-entropy's kernel", "cut_cross_entropy: true"),
+    "liger": ("liger_kernel", "Liger's fused linear cross-entropy", "liger_fused_linear_cross_entropy / liger_cross_entropy"),
+}
+
+
+def asked_kernel(params) -> str | None:
+    """The loss kernel a config asks for (None: molt's own)."""
+    if getattr(params, "cut_cross_entropy", None):
+        return "cut_cross_entropy"
+    if getattr(params, "liger_fused_linear_cross_entropy", None) or getattr(params, "liger_cross_entropy", None):
+        return "liger"
+    return None
+
+
+def _kernel_missing(kernel: str) -> str | None:
+    import importlib.util
+
+    module, _, _ = KERNELS[kernel]
+    missing = [] if importlib.util.find_spec(module) is not None else [f"the package {module.replace('_', '-')}"]
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (it is a Triton kernel)")
+    return f"it needs {' and '.join(missing)}" if missing else None

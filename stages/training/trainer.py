@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from stages.store import DataError
 from stages.training.batches import RankBatches, Rows, data_loader
-from stages.training.chunked_loss import TrainedTokenLoss
+from stages.training.chunked_loss import TrainedTokenLoss, asked_kernel
 from stages.training.evaluation import evaluation_loss
 from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
 from stages.training.optim import loraplus_optimizer, make_optimizer, make_scheduler
@@ -35,7 +35,7 @@ class MoltTrainer(Trainer):
         self.molt_params, self.train_rows, self.val_rows, self.collators = params, train_rows, val_rows, collators
         super().__init__(train_dataset=train_rows, eval_dataset=val_rows, **kwargs)
         # a sharded model's output weight is whole only inside its own forward
-        self.trained_token_loss = TrainedTokenLoss(self.model, sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        self.trained_token_loss = TrainedTokenLoss(self.model, self.is_fsdp_enabled or self.is_deepspeed_enabled, asked_kernel(params))
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
