@@ -85,3 +85,31 @@ def test_launcher_arguments_after_the_dashes_reach_the_launcher(make_config, mol
     stray = molt("train", config, *cache, "--", "--nproc_per_node", "2")
     assert stray.exit_code == 2 and "--launcher" in stray.output
     assert not cache_dir.exists() or not list(cache_dir.glob("train/*"))
+
+
+def test_two_nodes_on_localhost_meet_at_a_c10d_endpoint(make_config, cache_dir, workdir):
+    """Two torchrun invocations, as two machines would start them (--nnodes 2, one process each,
+    a c10d rendezvous on 127.0.0.1), sharing one store: the data is built once, both ranks train,
+    rank 0 commits. The DDP keys reach DDP (a timeout, no unused-parameter search)."""
+    config = make_config(**SETTINGS, ddp_timeout=300, ddp_find_unused_parameters=False, ddp_bucket_cap_mb=10)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "stages.cli", "train", str(config), "--cache-dir", str(cache_dir), "--launcher", "torchrun", "--",
+                               "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                               "--rdzv_id", "molt-test"],
+                              cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=400)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-4000:] for o in outputs)
+    both = "".join(outputs)
+    assert both.count("model written to") == 1, both[-3000:]
+    # the data stages: whichever node takes a key's lock first builds it (rank 1 builds quietly), the
+    # other waits and reuses it: one manifest each, and rank 0 reports each once, built or cached
+    for stage in ("fetch_data", "format", "tokenize", "mix", "pack"):
+        made = list(cache_dir.glob(f"{stage}/*/manifest.json"))
+        assert len(made) == (2 if stage in ("fetch_data", "format", "tokenize") else 1), (stage, made)
+    for data in ("tokenize[0]", "tokenize[1]", "mix", "pack"):
+        assert sum(line.split()[2:3] == [data] for line in both.splitlines() if "● built" in line or "✓ cached" in line) == 1, (data, both[-3000:])
+    assert not list(cache_dir.glob("*/*.partial"))
+    assert "find_unused_parameters=True" not in both  # DDP's warning when it searches for unused parameters
+    (two,) = manifests(cache_dir).values()
+    assert two["world_size"] == 2 and two["metrics"]["steps"] == 6
