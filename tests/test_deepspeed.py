@@ -200,3 +200,10 @@ def test_zero_trains_with_two_processes_and_the_model_loads(make_config, cache_d
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), workdir / "out")
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    if name == "zero1":  # the ranks split the rows: one process with twice the accumulation takes the same steps
+        from conftest import invoke_molt
+
+        one = invoke_molt("train", config, "--deepspeed", "null", "--gradient-accumulation-steps", "2", "--output-dir", "out1", cache=cache_dir)
+        assert one.exit_code == 0, one
+        single = json.loads((workdir / "out1" / "metrics.json").read_text())
+        assert [h["loss"] for h in metrics["loss_history"]] == pytest.approx([h["loss"] for h in single["loss_history"]], abs=1e-4)
