@@ -187,6 +187,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
         "micro_batches_per_epoch": batches_per_epoch,
         "trainable_parameters": trainable,
         **({"relora_restarts": relora.restarts} if relora is not None else {}),
+        # what accelerate ran, not what the config asked for (one process trains unsharded)
+        **({"fsdp_version": trainer.accelerator.state.fsdp_plugin.fsdp_version} if trainer.is_fsdp_enabled else {}),
         # asked of DeepSpeed's engine: the stage it ran, not the one the config asked for
         **({"deepspeed_zero_stage": trainer.deepspeed.zero_optimization_stage()} if trainer.is_deepspeed_enabled else {}),
     }

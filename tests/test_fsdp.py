@@ -135,7 +135,7 @@ def test_fsdp2_full_weights_match_one_process_save_sharded_resume_and_merge(make
         "fsdp_version": 2, "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"})
     done = train_two(config, cache_dir, workdir)
     (key, manifest), = trained(cache_dir).items()
-    assert manifest["world_size"] == 2 and manifest["metrics"]["steps"] == 6
+    assert manifest["world_size"] == 2 and manifest["metrics"]["steps"] == 6 and manifest["metrics"]["fsdp_version"] == 2
     run = cache_dir / "train" / key
     for step in (3, 6):  # each rank's shard in torch.distributed.checkpoint's files, not one model file
         saved = run / "checkpoints" / f"checkpoint-{step}"
@@ -173,7 +173,7 @@ def test_fsdp2_lora_through_torchrun_matches_one_process(make_config, molt, cach
     config = make_config(**SETTINGS, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"})
     train_two(config, cache_dir, workdir, launcher="torchrun")
     (key, manifest), = trained(cache_dir).items()
-    assert manifest["world_size"] == 2 and manifest["metrics"]["steps"] == 6
+    assert manifest["world_size"] == 2 and manifest["metrics"]["steps"] == 6 and manifest["metrics"]["fsdp_version"] == 2
     one = molt("train", make_config("one.yml", **SETTINGS), "--gradient-accumulation-steps", "2")
     assert one.exit_code == 0, one
     (one_key, _), = {k: m for k, m in trained(cache_dir).items() if k != key}.items()
@@ -199,3 +199,16 @@ def test_qlora_with_fsdp_stores_the_4bit_weights_in_the_compute_dtype():
 
     settings = quantization_config(load(**qlora, fsdp_config={"fsdp_version": 2}))
     assert settings.bnb_4bit_quant_storage == torch.float32
+
+
+def test_qlora_under_fsdp2_trains_as_one_process(make_config, molt, cache_dir, workdir):
+    qlora = dict(SETTINGS, adapter="qlora", load_in_4bit=True)
+    train_two(make_config(**qlora, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}), cache_dir, workdir)
+    (key, manifest), = trained(cache_dir).items()
+    assert manifest["metrics"]["fsdp_version"] == 2 and manifest["metrics"]["steps"] == 6
+    # one process, bitsandbytes' own uint8 storage: the same NF4 values, so the same losses
+    one = molt("train", make_config("one.yml", **qlora), "--gradient-accumulation-steps", "2")
+    assert one.exit_code == 0, one
+    (one_key, _), = {k: m for k, m in trained(cache_dir).items() if k != key}.items()
+    assert losses(cache_dir / "train" / key) == pytest.approx(losses(cache_dir / "train" / one_key), abs=1e-3)
+    assert (cache_dir / "train" / key / "model" / "adapter_model.safetensors").exists()
