@@ -99,6 +99,9 @@ def test_fsdp1_on_cpu_processes_and_an_unknown_layer_class_are_refused_before_tr
     one = SimpleNamespace(fsdp=["full_shard"], fsdp_config={"fsdp_version": 1}, fsdp_version=None)
     with pytest.raises(DataError, match="fsdp_version 1 on CPU processes.*fsdp_version: 2"):
         check_fsdp(one, model, world_size=2)
+    offload = SimpleNamespace(fsdp=["full_shard", "offload"], fsdp_config={"fsdp_version": 2}, fsdp_version=None)
+    with pytest.raises(DataError, match="offload_params on CPU processes"):
+        check_fsdp(offload, model, world_size=2)
     wrong = SimpleNamespace(fsdp=None, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": "MistralDecoderLayer"}, fsdp_version=None)
     with pytest.raises(DataError, match="MistralDecoderLayer is not a module class of this model.*LlamaDecoderLayer"):
         check_fsdp(wrong, model, world_size=2)

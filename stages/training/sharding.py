@@ -73,6 +73,10 @@ def check_fsdp(params, model, world_size: int) -> None:
     if world_size > 1 and fsdp_version(params) == 1 and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
         raise DataError("fsdp_version 1 on CPU processes: accelerate's FSDP1 needs a CUDA / XPU device for each rank's shard; "
                         "use fsdp_version: 2 (FSDP2 shards over gloo on CPU) or train on GPUs")
+    offload = (params.fsdp_config or {}).get("offload_params") or "offload" in (params.fsdp or [])
+    if world_size > 1 and offload and not torch.cuda.is_available():
+        raise DataError("fsdp offload_params on CPU processes: the shards already live in CPU memory, and FSDP's offload "
+                        "moves them between a GPU and the CPU; drop offload_params (or fsdp's offload) here")
     dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
     if len(dtypes) > 1 and fsdp_version(params) == 1:  # FSDP1 flattens a wrapped module's parameters into one tensor of one dtype (FSDP2 shards each alone)
         hint = " (4-bit weights: set bnb_config_kwargs.bnb_4bit_quant_storage to the other weights' dtype)" if "uint8" in dtypes else ""
