@@ -393,7 +393,9 @@ def train(ctx, config, launcher, cache_dir):
     Multi-process: `molt train CONFIG --launcher accelerate -- --cpu --num_processes 2` (GPUs:
     --multi_gpu), `--launcher torchrun -- --nproc_per_node 2`, or molt started by a launcher
     (`torchrun --nproc_per_node 2 -m stages.cli train CONFIG`). The data stages are built once;
-    every rank trains, rank 0 stores the model and writes output_dir. `--use-ray` (use_ray:
+    every rank trains, rank 0 stores the model and writes output_dir. Several machines: the same
+    command on each, `--launcher torchrun -- --nnodes N --nproc_per_node G --rdzv_backend c10d
+    --rdzv_endpoint HOST:PORT`. Sharded (FSDP / FSDP2): fsdp / fsdp_config in the config. `--use-ray` (use_ray:
     true): Ray Train's workers train (ray_num_workers, resources_per_worker; RAY_ADDRESS names
     an existing cluster)."""
     launcher_args = ctx.meta.get("launcher_args", [])
