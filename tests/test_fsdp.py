@@ -215,3 +215,14 @@ def test_qlora_under_fsdp2_trains_as_one_process(make_config, molt, cache_dir, w
     (one_key, _), = {k: m for k, m in trained(cache_dir).items() if k != key}.items()
     assert losses(cache_dir / "train" / key) == pytest.approx(losses(cache_dir / "train" / one_key), abs=1e-3)
     assert (cache_dir / "train" / key / "model" / "adapter_model.safetensors").exists()
+
+
+def test_merge_sharded_fsdp_weights_says_what_it_lacks(make_config, molt, workdir):
+    lora = molt("merge-sharded-fsdp-weights", make_config(fsdp_config={"fsdp_version": 2}))
+    assert lora.exit_code == 2 and "LoRA adapter" in lora.output and "merge-lora" in lora.output
+    untrained = molt("merge-sharded-fsdp-weights", make_config(**FULL, fsdp_config={"fsdp_version": 2}))
+    assert untrained.exit_code == 2 and "no trained model" in untrained.output and "--checkpoint" in untrained.output
+    (workdir / "checkpoint-3").mkdir()  # a checkpoint of FULL_STATE_DICT holds no pytorch_model_fsdp_*
+    whole = molt("merge-sharded-fsdp-weights", make_config(**FULL, fsdp_config={"fsdp_version": 2}), "--checkpoint", str(workdir / "checkpoint-3"))
+    assert whole.exit_code == 2 and "SHARDED_STATE_DICT" in whole.output
+    assert not (workdir / "out" / "merged").exists()
