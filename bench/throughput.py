@@ -1,7 +1,7 @@
 """Training throughput, real (non-pad) tokens per second, packed against unpacked, on a tiny
 random Llama, measured side by side in one run.
 
-    python -m bench.throughput [--samples 256] [--seq-len 512] [--micro-batch-size 4] [--rounds 3]
+    python -m bench.throughput [--samples 256] [--seq-len 512] [--micro-batch-size 4] [--rounds 3] [--attn molt_segments]
 
 Alpaca-like lengths (bench.packing's distribution, samples over --seq-len dropped), random
 tokens. Each round runs one epoch (forward, backward, AdamW step per micro-batch) of every mode
@@ -37,6 +37,8 @@ def tiny_model(vocab: int, seq_len: int, attn: str, seed: int = 0):
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=max(seq_len, 64), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if attn == "molt_segments":
+        import stages.training.segment_attention  # noqa: F401  (registers molt's per-sample SDPA)
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
@@ -72,15 +74,15 @@ def batches_for(mode: str, table, lengths: np.ndarray, seq_len: int, mbs: int, r
 def epoch(model, optimizer, batches: list[dict], device: str) -> float:
     import torch
 
-    from stages.training.loss import token_loss
+    from stages.training.chunked_loss import TrainedTokenLoss
 
+    loss = TrainedTokenLoss(model)  # molt's training loss
     if device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        token_loss({"logits": logits}, batch["labels"]).backward()
+        loss(model, {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}, batch["labels"]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if device == "cuda":
@@ -91,7 +93,7 @@ def epoch(model, optimizer, batches: list[dict], device: str) -> float:
 MODES = ("packed", "unpacked, pad to longest", "unpacked, pad to sequence_len")
 
 
-def run(samples: int = 256, seq_len: int = 512, mbs: int = 4, rounds: int = 3, vocab: int = 4096, attn: str = "sdpa", device: str = "cpu", real_batches: bool = False) -> dict:
+def run(samples: int = 256, seq_len: int = 512, mbs: int = 4, rounds: int = 3, vocab: int = 4096, attn: str = "molt_segments", device: str = "cpu", real_batches: bool = False) -> dict:
     import torch
 
     lengths = alpaca_like_lengths(samples)
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--attn", default="molt_segments", choices=["molt_segments", "sdpa", "eager", "flash_attention_2"],
+                        help="molt_segments: molt's CPU default (SDPA per packed sample); sdpa: one masked SDPA per row")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--real-batches", action="store_true", help="packed bins of seq-len, micro-batch-size rows per batch")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args.samples, args.seq_len, args.micro_batch_size, args.rounds, attn=args.attn, device=args.device, real_batches=args.real_batches)
     text = table(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"throughput-{args.seq_len}-mbs{args.micro_batch_size}{'-real' if args.real_batches else ''}.md"
+    name = f"throughput-{args.seq_len}-mbs{args.micro_batch_size}{'-real' if args.real_batches else ''}{'' if args.attn == 'molt_segments' else '-' + args.attn}.md"
     (args.out / name).write_text(text + "\n")
     print(text)
     return result
