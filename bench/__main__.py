@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         step("growth", lambda: pipeline.growth_bench(work / "growth", sizes["growth"], cache))
         step("status", lambda: pipeline.status_bench(work / "status", sizes["status"], cache))
         if "lora_rows" in sizes:  # SmolLM2 LoRA on CPU: minutes per mode on 2 cores, so the full run only
-            step("lora", lambda: lora.run(rows=sizes["lora_rows"], work=work / "lora"))
+            step("lora", lambda: lora.run(rows=sizes["lora_rows"], work=work / "lora", rounds=1))
         if "dpo_rows" in sizes:  # not in --tiny: tests/test_bench.py runs bench.dpo on its own
             step("dpo", lambda: dpo.run(rows=sizes["dpo_rows"]))
     finally:
