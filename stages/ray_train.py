@@ -40,6 +40,12 @@ def train_on_ray(session, target: str, config: str, overrides: list[str], cache_
     nodes = session.plan(target)
     session.resolve([n for n in nodes if n.name != target])  # the data stages: once, here
     cfg = session.config
+    # the key the workers' rank 0 commits under: their world size's, as under torchrun, taken now,
+    # before they start (a cached one needs no workers)
+    session.runner.world_size = cfg.ray_num_workers
+    planned = session.runner.resolve(next(n for n in nodes if n.name == target), run=False)
+    if planned.artifact is not None:
+        return planned
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         # a cluster of our own: no dashboard (nothing would look at it)
@@ -59,13 +65,13 @@ def train_on_ray(session, target: str, config: str, overrides: list[str], cache_
         raise RayError(f"Ray Train failed: {error}") from error
     finally:
         shutil.rmtree(storage, ignore_errors=True)
-    # the artifact the workers committed is keyed by their world size, as under torchrun
-    session.runner.world_size = cfg.ray_num_workers
-    done = session.runner.resolve(next(n for n in nodes if n.name == target), run=False)
-    if done.artifact is None:
-        raise RayError(f"Ray Train finished but the store {session.store.root} has no {target} artifact: "
-                       "the workers must share the cache dir with this process (a shared file system on several machines)")
-    return done
+    planned.artifact = session.store.get(planned.node.stage, planned.key)
+    if planned.artifact is None:
+        raise RayError(f"Ray Train finished but the store {session.store.root} has no {target} artifact under key {planned.key[:12]}: "
+                       "the workers must share the cache dir with this process (a shared file system on several machines), "
+                       "and molt's code and the config must not change while they run (they key the artifact as they find them)")
+    planned.how = "ran"
+    return planned
 
 
 def train_worker(job: dict) -> None:

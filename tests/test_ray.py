@@ -69,3 +69,23 @@ def test_two_ray_workers_train_once_on_data_built_once(make_config, cache_dir, w
 def test_use_ray_refuses_another_launcher(make_config, molt):
     result = molt("train", make_config(use_ray=True), "--launcher", "torchrun", "--", "--nproc_per_node", "2")
     assert result.exit_code == 2 and "Ray Train starts the workers itself" in result.output, result
+
+
+def test_ray_workers_train_with_deepspeed(make_config, cache_dir, workdir, ray_cluster):
+    # Axolotl's Ray example trains with a ZeRO config: Ray's gloo group is the one DeepSpeed uses
+    from stages import deepspeed_config
+
+    config = make_config(**SETTINGS, bf16=False, ray_num_workers=2, resources_per_worker={"CPU": 1}, deepspeed=str(deepspeed_config.SHIPPED / "zero2.json"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RAY_ADDRESS=ray_cluster)
+    command = [sys.executable, "-m", "stages.cli", "train", str(config), "--use-ray", "--cache-dir", str(cache_dir)]
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    (train,) = [json.loads(p.read_text()) for p in cache_dir.glob("train/*/manifest.json")]
+    assert train["metrics"]["deepspeed_zero_stage"] == 2 and train["world_size"] == 2 and train["metrics"]["steps"] == 6
+    assert (workdir / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_the_ray_keys_are_read_not_reported_ignored(make_config, molt):
+    result = molt("status", make_config(use_ray=True, ray_num_workers=2, resources_per_worker={"CPU": 1}, ray_run_name="r"))
+    assert result.exit_code == 0, result
+    assert "ignored" not in result.output and "not supported" not in result.output, result.output
