@@ -97,7 +97,7 @@ def test_display_bookkeeping_and_cli_edits_rebuild_nothing(warm_copy, scratch):
     scratch("stages/ui.py", "transient=True", "transient=False")  # the progress display
     scratch("stages/cli.py", "{'would remove' if dry_run else 'removed'}", "{'would delete' if dry_run else 'deleted'}")  # molt gc
     scratch("stages/cli.py", 'Table("stage", "state", "key", "why")', 'Table("stage", "state", "key", "why", show_lines=True)')  # status printing
-    scratch("stages/cli.py", '@click.option("--dry-run", is_flag=True', '@click.option("--dry-run", "-n", is_flag=True')  # argument parsing
+    scratch("stages/cli.py", '@click.option("--dry-run", is_flag=True)', '@click.option("--dry-run", "-n", is_flag=True)')  # argument parsing (molt gc)
     scratch("stages/store.py", 'FileLock(str(lock_dir / f"{stage}-{key}.lock"))', 'FileLock(str(lock_dir / f"{stage}.{key}.lock"))')  # locks
     scratch("stages/store.py", "tmp.write_text(json.dumps(self._entries))", "tmp.write_text(json.dumps(self._entries, indent=0))")  # the stat index
     assert stale(warm_copy) == {}
