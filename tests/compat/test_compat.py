@@ -6,6 +6,20 @@ trained tokens (for preference rows: prompt, chosen, rejected).
 Every config names `base_model: HuggingFaceTB/SmolLM2-135M-Instruct`, as a user's would; the test
 points it at the tiny random Llama with the SmolLM2 tokenizer, which is all preprocess reads. The
 expected texts are the SmolLM2 tokenizer's (its EOS `<|im_end|>`, its BOS `<|im_start|>`).
+
+Compared with Axolotl 0.19.0's `preprocess` of the same configs, model and data (2026-12-02, its
+prepared rows matched to molt's by input_ids): the same input_ids and labels for every row of
+alpaca_chat_style, alpaca_open_orca, alpaca_train_on_inputs, chat_content_mixed,
+chat_content_parts, chat_template_jinja, chat_template_qwen3, chat_template_tokenizer_default,
+completion_text, creative_acr_critique, dataset_prepared_path, empty_values, eot_tokens,
+eval_settings, evals_per_epoch_zero, fft_chat_chatml, input_output_segments, jeopardy,
+kernel_keys and legacy_message_fields, and the same prompt / chosen / rejected strings for
+dpo_chat_template_default and dpo_chatml_intel. Different on purpose: chat_template_llama3,
+chat_template_gemma3 and dataset_chat_template_override, where molt also trains the template's
+end marker (`<|eot_id|>`, `<end_of_turn>`) and Axolotl, with eot_tokens unset, only the
+tokenizer's EOS (llama3_axolotl_labels gives Axolotl's labels). Different: kto_llama3's prompt,
+which in molt starts with the tokenizer's BOS. Not comparable offline: data_files_json (Axolotl
+looks `path: json` up on the hub) and pretraining_dataset (Axolotl streams it, saving nothing).
 """
 
 from __future__ import annotations
@@ -46,6 +60,7 @@ class Row:
     text: str | None = None  # the whole decoded input
     split: str | None = None  # where it must be; None: train or validation
     prompt: str | None = None  # preference rows
+    prompt_end: str | None = None  # what the prompt ends with (all of it that Axolotl's matches)
     chosen: str | None = None
     rejected: str | None = None
     completion: str | None = None
@@ -119,8 +134,10 @@ CASES = {
                                          + "<|im_start|>assistant\n", chosen="15" + EOS, rejected="16" + EOS)]),
     "dpo_chat_template_default": Case(18, 2, [Row("Capitalise tiger.", prompt=chatml(("system", "Be brief."), ("user", "Capitalise tiger."))
                                                   + "<|im_start|>assistant\n", chosen="TIGER" + EOS, rejected="tiger" + EOS)]),
-    # n = 3: a row labelled undesirable (every third), its completion "yes"
-    "kto_llama3": Case(20, 0, [Row("\n\nIs 3 even?", prompt=llama3(("user", "Is 3 even?"), generation=True), completion="yes<|eot_id|>", label=False),
+    # n = 3: a row labelled undesirable (every third), its completion "yes". molt's prompt may start
+    # with the tokenizer's BOS (it does today), Axolotl's llama3.* strings have none
+    "kto_llama3": Case(20, 0, [Row("\n\nIs 3 even?", prompt_end=llama3(("user", "Is 3 even?"), generation=True).removeprefix("<|im_start|>"),
+                                   completion="yes<|eot_id|>", label=False),
                                Row("\n\nIs 4 even?", completion="yes<|eot_id|>", label=True)]),
     "orpo_argilla": Case(20, 0, [Row("Spell tiger backwards.", prompt=chatml(("user", "Spell tiger backwards.")) + "<|im_start|>assistant\n",
                                      chosen="regit" + EOS, rejected="tiger" + EOS)]),
@@ -231,6 +248,8 @@ def test_config_preprocesses_as_axolotl_would(name, workdir, tiny_model_dir, com
             assert decode(prepared.tokenizer, row["input_ids"]) == expect.text
         if expect.trained is not None:
             assert trained_runs(prepared.tokenizer, row) == expect.trained
+        if expect.prompt_end is not None:
+            assert row["prompt"].endswith(expect.prompt_end) and len(row["prompt"]) - len(expect.prompt_end) <= len("<|im_start|>")
         for key in ("prompt", "chosen", "rejected", "completion", "label"):
             if getattr(expect, key) is not None:
                 assert row[key] == getattr(expect, key), key
