@@ -42,7 +42,7 @@ from stages.training.evaluation import evaluation_loss
 from stages.training.outputs import keep_checkpoints, save_model
 from stages.training.plots import save_loss_plot
 from stages.training.resources import MemoryPeak, set_threads
-from stages.training.sharding import check_fsdp, fsdp_enabled, gathered_state_dict
+from stages.training.sharding import check_fsdp, check_resume, fsdp_enabled, gathered_state_dict
 from stages.training.trackers import tracker_environment
 
 SCHEMA = 3
@@ -148,6 +148,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
             ctx.log(f"  resuming from {resume}" if resume else "  no checkpoint to resume from: starting afresh")
         elif ctx.rank == 0:
             shutil.rmtree(checkpoints, ignore_errors=True)  # a killed run's saves are not this run's
+        check_resume(params, resume, ctx.world_size)
         if relora is not None:
             relora.resume_from = resume  # its base weights, changed by earlier restarts, are in the checkpoint
         result = trainer.train(resume_from_checkpoint=resume)

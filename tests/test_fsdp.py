@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import REPO
 from stages.config import ConfigError, config_from_dict
 from stages.store import DataError
-from stages.training.sharding import check_fsdp, ddp_settings, fsdp_settings
+from stages.training.sharding import check_fsdp, check_resume, ddp_settings, fsdp_settings
 from test_distributed import SETTINGS, free_port
 
 FULL = dict(SETTINGS, adapter=None, lora_r=None, lora_alpha=None, lora_target_linear=None, learning_rate=1e-3)
@@ -173,9 +173,12 @@ def test_fsdp2_full_weights_match_one_process_save_sharded_resume_and_merge(make
 
 
 def test_fsdp2_lora_through_torchrun_matches_one_process(make_config, molt, cache_dir, workdir):
-    config = make_config(**SETTINGS, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"})
+    config = make_config(**SETTINGS, save_steps=3, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"})
     train_two(config, cache_dir, workdir, launcher="torchrun")
     (key, manifest), = trained(cache_dir).items()
+    # FULL_STATE_DICT (the default): each checkpoint holds the adapter gathered whole
+    saved = cache_dir / "train" / key / "checkpoints" / "checkpoint-3"
+    assert (saved / "adapter_model.safetensors").exists() and not list(saved.glob("pytorch_model_fsdp_*")), sorted(p.name for p in saved.iterdir())
     assert manifest["world_size"] == 2 and manifest["metrics"]["steps"] == 6 and manifest["metrics"]["fsdp_version"] == 2
     one = molt("train", make_config("one.yml", **SETTINGS), "--gradient-accumulation-steps", "2")
     assert one.exit_code == 0, one
@@ -187,6 +190,9 @@ def test_fsdp2_lora_through_torchrun_matches_one_process(make_config, molt, cach
     # differences, which Adam's division by sqrt(v) lifts to ~1e-4 after 6 steps at lr 0.01
     assert_same_tensors(adapter, load_file(cache_dir / "train" / one_key / "model" / "adapter_model.safetensors"), atol=1e-3)
     assert (workdir / "out" / "adapter_config.json").exists()
+    # resuming it on CPU processes would hang in accelerate's load: refused with the way out
+    with pytest.raises(DataError, match="FULL_STATE_DICT checkpoint does not resume.*SHARDED_STATE_DICT"):
+        check_resume(SimpleNamespace(fsdp=None, fsdp_config={"fsdp_version": 2}), str(saved), world_size=2)
 
 
 def test_qlora_with_fsdp_stores_the_4bit_weights_in_the_compute_dtype():

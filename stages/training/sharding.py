@@ -92,6 +92,19 @@ def check_fsdp(params, model, world_size: int) -> None:
         raise DataError(f"fsdp_config.transformer_layer_cls_to_wrap: {', '.join(missing)} is not a module class of this model (its layers: {', '.join(layers) or 'none found'})")
 
 
+def check_resume(params, checkpoint: str | None, world_size: int) -> None:
+    """A FULL_STATE_DICT checkpoint is loaded by accelerate on rank 0 and broadcast: over gloo on
+    CPU processes that load never returns under FSDP2 (seen with torch 2.13 / accelerate 1.15), so
+    it is refused instead of hanging; a SHARDED_STATE_DICT one loads on every rank and resumes."""
+    if checkpoint is None or world_size < 2 or not fsdp_enabled(params):
+        return
+    import torch
+
+    if not torch.cuda.is_available() and not list(Path(checkpoint).glob("pytorch_model_fsdp_*")):
+        raise DataError(f"resume_from_checkpoint {checkpoint}: a FULL_STATE_DICT checkpoint does not resume under FSDP on CPU processes "
+                        "(accelerate's load waits forever over gloo); train with fsdp_config.state_dict_type: SHARDED_STATE_DICT to resume here")
+
+
 def merge_sharded_weights(checkpoint: Path, out: Path) -> Path:
     """One safetensors model from a SHARDED_STATE_DICT checkpoint (`pytorch_model_fsdp_0/`, the
     torch.distributed.checkpoint files each rank wrote), by accelerate's merge_fsdp_weights, which
@@ -124,7 +137,18 @@ def shard_on_cpu(trainer) -> bool:
         return False  # one process: the Trainer trains unsharded (nothing to shard over)
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    # here accelerate's get_state_dict hands back FSDP2's DTensor shards, which the Trainer's
+    # FULL_STATE_DICT checkpoints (and the final save) cannot write: gathered whole on every rank
+    sharded_state_dict = trainer.accelerator.get_state_dict
+    trainer.accelerator.get_state_dict = lambda model, unwrap=True: _whole(sharded_state_dict(model, unwrap))
     return True
+
+
+def _whole(state: dict) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    # plain CPU copies: safetensors cannot address the storage of a gathered tensor
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().to("cpu").clone().contiguous() for k, v in state.items()}
 
 
 def gathered_state_dict(trainer) -> dict:
@@ -132,7 +156,4 @@ def gathered_state_dict(trainer) -> dict:
     gather is collective). accelerate's get_state_dict, whose FSDP2 path can hand back the DTensor
     shards on CPU processes: those are gathered here (full_tensor), and every tensor copied, since
     safetensors cannot address the storage of a gathered one."""
-    from torch.distributed.tensor import DTensor
-
-    state = trainer.accelerator.get_state_dict(trainer.model)
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    return _whole(trainer.accelerator.get_state_dict(trainer.model))
