@@ -856,6 +856,8 @@ FSDP_KEYS: dict[str, tuple[type, tuple | None]] = {
     "limit_all_gathers": (bool, None),
     "forward_prefetch": (bool, None),
     "backward_prefetch": (str, ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")),
+    # FSDP1's name for the strategy (35 of Axolotl's examples): the same as that entry of `fsdp`
+    "sharding_strategy": (str, ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2", "NO_SHARD")),
 }
 
 
@@ -912,8 +914,8 @@ def _fsdp_problems(cfg: "MoltConfig") -> list[str]:
                 problems.append(f"{key}: {getattr(cfg, key)} without fsdp_config: set fsdp_config (Axolotl's switch for FSDP) or drop {key}")
         return problems
     version = cfg.fsdp_version or inner or 1
-    options = cfg.fsdp or []
-    strategies = [o for o in options if o not in ("offload", "auto_wrap")]
+    options = (cfg.fsdp or []) + ([config["sharding_strategy"].lower()] if config.get("sharding_strategy") else [])
+    strategies = list(dict.fromkeys(o for o in options if o not in ("offload", "auto_wrap")))
     if len(strategies) > 1:
         problems.append(f"fsdp: {', '.join(strategies)}: one sharding strategy at a time")
     if version == 2 and set(strategies) - {"full_shard", "shard_grad_op"}:

@@ -47,6 +47,10 @@ def test_both_spellings_of_fsdp_config_give_the_trainer_the_same_arguments():
     # Axolotl's default without a version is FSDP1, whose reshard_after_forward names the strategy
     assert fsdp_settings(load(fsdp=["full_shard"], fsdp_config={"reshard_after_forward": False}))["fsdp_config"] == {"version": 1, "reshard_after_forward": "shard_grad_op"}
     assert fsdp_settings(load()) == {}
+    # FSDP1's sharding_strategy (in 35 of Axolotl's examples) is that entry of the list
+    assert fsdp_settings(load(fsdp_config={"version": 2, "fsdp_sharding_strategy": "SHARD_GRAD_OP"}))["fsdp_config"] == {"version": 2, "reshard_after_forward": False}
+    with pytest.raises(ConfigError, match="one sharding strategy"):
+        load(fsdp=["full_shard"], fsdp_config={"sharding_strategy": "NO_SHARD"})
 
     from transformers import TrainingArguments
 

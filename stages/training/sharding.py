@@ -16,7 +16,7 @@ from stages.store import DataError
 # it reads under their own name. offload_params is what Axolotl calls FSDP's CPU offload.
 _TRAINER_NAMES = {"offload_params": "cpu_offload", "fsdp_version": "version"}
 # Axolotl's keys the Trainer has no argument for: they change no weight
-_NOT_PASSED = ("final_state_dict_type", "mixed_precision_policy", "cpu_offload_pin_memory")
+_NOT_PASSED = ("final_state_dict_type", "mixed_precision_policy", "cpu_offload_pin_memory", "sharding_strategy")
 
 
 def fsdp_version(params) -> int:
@@ -40,6 +40,8 @@ def fsdp_settings(params) -> dict:
     config = {_TRAINER_NAMES.get(k, k): v for k, v in (params.fsdp_config or {}).items() if k not in _NOT_PASSED and v is not None}
     config["version"] = version
     options = params.fsdp.split() if isinstance(params.fsdp, str) else list(params.fsdp or [])
+    if (params.fsdp_config or {}).get("sharding_strategy"):  # FSDP1's spelling of the same choice
+        options.append(params.fsdp_config["sharding_strategy"].lower())
     for option in options:
         if option == "offload":
             config.setdefault("cpu_offload", True)
