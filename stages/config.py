@@ -99,7 +99,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "kd_*": _refused(_KD),
     "vllm": _warned("molt generates nothing while training"),
     "ebft": _refused("molt would train plain supervised fine-tuning, not energy-based fine-tuning (EBFT)"),
-    "center_rewards_coefficient": _refused("a reward-model setting: molt would train a causal LM, not a reward model"),
     "precompute_ref_log_probs": _warned("molt always computes the reference log-probs once, as a cached stage (ref_logprobs)"),
     "use_eaft": _refused("molt's loss weighs every trained token alike, not by the entropy of its prediction (EAFT)"),
     "eaft_*": _warned("a setting of use_eaft: molt's loss weighs every trained token alike"),
@@ -567,6 +566,7 @@ class MoltConfig(BaseModel):
     reward_model: bool = False  # AutoModelForSequenceClassification, Bradley-Terry on chosen / rejected
     process_reward_model: bool = False  # AutoModelForTokenClassification, a label per reasoning step
     num_labels: int | None = Field(default=None, ge=1)  # the classification head's outputs (reward 1, PRM 2)
+    center_rewards_coefficient: float | None = None  # TRL's: pulls the reward model's outputs toward zero mean
 
     # adapter
     adapter: Literal["lora", "qlora"] | None = None
@@ -784,6 +784,13 @@ class MoltConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fsdp_rules(self) -> "MoltConfig":
+        if (self.fsdp_config or {}).get("activation_checkpointing") and self.gradient_checkpointing:
+            # as in Axolotl: FSDP's activation checkpointing does the recomputing (the Trainer refuses both at once)
+            note = "gradient_checkpointing with fsdp_config.activation_checkpointing: FSDP checkpoints the layers; gradient_checkpointing is not used on top"
+            self.gradient_checkpointing = False
+            if note not in self.config_warnings:
+                self.config_warnings.append(note)
+                warnings.warn(note, MoltConfigWarning, stacklevel=2)
         problems = _fsdp_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
@@ -936,8 +943,6 @@ def _fsdp_problems(cfg: "MoltConfig") -> list[str]:
         problems.append(f"optimizer: {cfg.optimizer} with fsdp_version 2: bitsandbytes' 8-bit state does not take FSDP2's DTensor parameters (use adamw_torch)")
     if cfg.load_in_8bit:
         problems.append("fsdp with load_in_8bit: FSDP cannot shard bitsandbytes' int8 weights (use load_in_4bit with adapter: qlora, as Axolotl's FSDP+QLoRA does)")
-    if config.get("activation_checkpointing") and cfg.gradient_checkpointing:
-        problems.append("fsdp_config.activation_checkpointing and gradient_checkpointing both recompute the layers; set one (FSDP's: activation_checkpointing)")
     if config.get("state_dict_type") == "SHARDED_STATE_DICT" and cfg.save_only_model:
         problems.append("fsdp_config.state_dict_type: SHARDED_STATE_DICT with save_only_model: the Trainer cannot resume a sharded checkpoint without its optimizer state")
     return problems
@@ -1111,6 +1116,8 @@ RULES: list[tuple[str, ...]] = [
     ("relora_steps", EXCLUDES, "lr_scheduler: one_cycle", "relora_steps does not work with lr_scheduler: one_cycle (Axolotl's rule); use cosine, linear or constant"),
     ("relora_steps", EXCLUDES, "fsdp or fsdp_config", "relora_steps ({relora_steps}) does not work with fsdp: ReLoRA merges and resets adapters on one process"),
     ("deepspeed", EXCLUDES, "fsdp or fsdp_config", "deepspeed and fsdp / fsdp_config are mutually exclusive; use one"),
+    ("fsdp or fsdp_config", EXCLUDES, "rl or reward_model or process_reward_model", "fsdp is not supported yet with rl / reward_model / process_reward_model: "
+     "molt hands FSDP to its supervised trainer only (TRL's trainers here run on one process or DDP)"),
     ("deepspeed", EXCLUDES, "rl or reward_model or process_reward_model", "deepspeed is not supported yet with rl / reward_model / process_reward_model: "
      "molt hands DeepSpeed to its supervised trainer only (TRL's trainers here run on one process or DDP)"),
     ("relora_steps", EXCLUDES, "deepspeed", "relora_steps ({relora_steps}) does not work with deepspeed: ReLoRA merges and resets the adapter "

@@ -31,7 +31,7 @@ SHOWN = ("eval_loss", "eval_accuracy", "eval_margin")  # said before and after t
 
 Params = stage_params(
     *keys.MODEL, *keys.SCHEDULE, *keys.PRECISION, *keys.EVALUATION, "reward_model", "process_reward_model", "num_labels",
-    required=("learning_rate",), unkeyed=keys.TRACKERS,
+    "center_rewards_coefficient", required=("learning_rate",), unkeyed=keys.TRACKERS,
 )
 HEADS = {"reward": ("AutoModelForSequenceClassification", 1), "process": ("AutoModelForTokenClassification", 2)}
 
@@ -109,7 +109,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
 
         names = {f.name for f in dataclasses.fields(RewardConfig)}
         shared = {f.name: getattr(base_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init and f.name in names}
-        args, trainer_cls, extra = RewardConfig(**{**shared, **logging, "max_length": None}), RewardTrainer, {}
+        args, trainer_cls, extra = RewardConfig(**{**shared, **logging, "max_length": None, "center_rewards_coefficient": params.center_rewards_coefficient}), RewardTrainer, {}
     saving = schedule_checkpoints(args, params, steps_per_epoch, len(sets["val"]) > 0)
 
     with ctx.progress("train reward model", total_steps) as advance, tracker_environment(params, ctx.log):

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from stages.config import ConfigError, config_from_dict
+from stages.config import MoltConfigWarning, ConfigError, config_from_dict
 from stages.store import DataError
 from stages.training.sharding import check_fsdp, check_resume, ddp_settings, fsdp_settings
 from test_distributed import SETTINGS, free_port
@@ -85,15 +85,22 @@ def test_ddp_keys_reach_the_training_arguments_and_only_broadcast_buffers_is_key
     ({"fsdp_config": {"fsdp_version": 2, "cpu_offload_pin_memory": False}}, ["cpu_offload_pin_memory", "offload_params"]),
     ({"fsdp_config": {"offload_params": True}, "optimizer": "adamw_bnb_8bit"}, ["FSDP1", "8-bit"]),
     ({"fsdp_config": {"fsdp_version": 2}, "load_in_8bit": True, "adapter": "lora"}, ["load_in_8bit", "int8"]),
-    ({"fsdp_config": {"fsdp_version": 2, "activation_checkpointing": True}, "gradient_checkpointing": True}, ["activation_checkpointing", "gradient_checkpointing"]),
     ({"fsdp_config": {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}, "save_only_model": True}, ["SHARDED_STATE_DICT", "save_only_model"]),
     ({"fsdp_config": {"fsdp_version": 2}, "relora_steps": 10, "adapter": "lora"}, ["relora_steps", "fsdp"]),
+    ({"fsdp_config": {"fsdp_version": 2}, "rl": "dpo"}, ["fsdp is not supported yet with rl"]),
 ])
 def test_combinations_fsdp_rejects_are_refused_at_load_with_the_reason(keys, words):
     with pytest.raises(ConfigError) as error:
         load(**keys)
     for word in words:
         assert word in str(error.value), str(error.value)
+
+
+def test_gradient_checkpointing_under_fsdp_activation_checkpointing_is_left_to_fsdp():
+    # as Axolotl does: 4 of its examples set both
+    with pytest.warns(MoltConfigWarning, match="FSDP checkpoints the layers"):
+        cfg = load(fsdp_config={"fsdp_version": 2, "activation_checkpointing": True}, gradient_checkpointing=True)
+    assert cfg.gradient_checkpointing is False and cfg.fsdp_config["activation_checkpointing"] is True
 
 
 def test_fsdp1_on_cpu_processes_and_an_unknown_layer_class_are_refused_before_training(tiny_model_dir):

@@ -280,3 +280,23 @@ def test_stepwise_rows_label_only_the_last_token_of_each_step(fast_tokenizer):
                                 max_prompt_len=512, sequence_len=512)
     ids, token_labels = _steps(encode, None, prompt, completions, [True, True], last_only)
     assert [t for t in token_labels if t != IGNORE] == [1] and token_labels[-1] == 1
+
+
+def test_center_rewards_coefficient_pulls_the_rewards_toward_zero(workdir, tiny_model_dir, molt):
+    """TRL's center_rewards_coefficient (Axolotl's key) reaches the reward trainer: with a large one
+    the scores of the training pairs sit closer to zero than without."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = [f"<|im_start|>user\n{p['messages'][0]['content']}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>" for p in PAIRS[:6] for answer in (p["chosen"], p["rejected"])]
+    spread = {}
+    for coefficient in (None, 10.0):
+        config = preference_config(workdir, tiny_model_dir, rl=None, reward_model=True, adapter=None, lora_r=None, lora_alpha=None,
+                                   lora_target_linear=None, max_steps=20, learning_rate=3e-3, center_rewards_coefficient=coefficient,
+                                   output_dir=f"out-{coefficient}", datasets=[{"path": "data/pairs.jsonl", "type": "bradley_terry.chat_template"}])
+        write_jsonl(workdir / "data" / "pairs.jsonl", [{"input": p["messages"][0]["content"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in PAIRS])
+        result = molt("train", config)
+        assert result.exit_code == 0, result
+        model = AutoModelForSequenceClassification.from_pretrained(f"out-{coefficient}").eval()
+        tokenizer = AutoTokenizer.from_pretrained(f"out-{coefficient}")
+        spread[coefficient] = float(torch.cat([scores(model, tokenizer, [t])[0] for t in texts]).pow(2).mean())
+    assert spread[10.0] < spread[None] / 2, spread

@@ -22,12 +22,13 @@ _NOT_PASSED = ("final_state_dict_type", "mixed_precision_policy", "cpu_offload_p
 def fsdp_version(params) -> int:
     """The FSDP version a config asks for: fsdp_version, or fsdp_config's; Axolotl's default is 1
     when fsdp_config is given without one, and molt keeps it (the same config, the same wrapping)."""
-    config = params.fsdp_config or {}
-    return int(params.fsdp_version or config.get("fsdp_version") or 1)
+    config = getattr(params, "fsdp_config", None) or {}
+    return int(getattr(params, "fsdp_version", None) or config.get("fsdp_version") or 1)
 
 
 def fsdp_enabled(params) -> bool:
-    return bool(params.fsdp or params.fsdp_config)
+    # the preference and reward trainers' params have no fsdp keys (config.py refuses fsdp with them)
+    return bool(getattr(params, "fsdp", None) or getattr(params, "fsdp_config", None))
 
 
 def fsdp_settings(params) -> dict:
@@ -60,7 +61,7 @@ def fsdp_settings(params) -> dict:
 def ddp_settings(params) -> dict:
     """TrainingArguments ddp_*: only those the config sets (the Trainer's defaults otherwise)."""
     keys = ("ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_find_unused_parameters")
-    return {k: getattr(params, k) for k in keys if getattr(params, k) is not None}
+    return {k: getattr(params, k) for k in keys if getattr(params, k, None) is not None}
 
 
 def check_fsdp(params, model, world_size: int) -> None:
