@@ -249,3 +249,14 @@ def logged(molt, cache_dir: Path, config: Path) -> list[dict]:
     assert "not supported yet" not in result.output, result.output
     newest = max(cache_dir.glob("train/*/metrics.json"), key=lambda p: p.stat().st_mtime)
     return json.loads(newest.read_text())["loss_history"]
+
+
+def trained_texts(segments) -> list[str]:
+    """The trained text of a formatted row, as runs: neighbouring segments of the same train flag joined."""
+    merged: list[list] = []
+    for text, train, _detail in segments:
+        if merged and merged[-1][1] == train:
+            merged[-1][0] += text
+        else:
+            merged.append([text, train])
+    return [text for text, train in merged if train]

@@ -9,6 +9,7 @@ import pytest
 from stages import chat_templates
 from stages import tokenizer as tokenizer_stage
 from test_formats import expect, pipeline, tokenizer_artifacts  # noqa: F401  (fixtures)
+from conftest import trained_texts
 
 CHAT = [
     {"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
@@ -117,12 +118,6 @@ def test_repeated_assistant_content_is_masked_per_turn(template):
     tokenizer = {"chat_template": chat_templates.builtin(template), "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "adds_bos": False}
     made = format_stage.formatter(format_stage.Spec(type="chat_template"))
     segments = made.row(row, tokenizer)
-    merged: list[list] = []
-    for text, train, _detail in segments:
-        if merged and merged[-1][1] == train:
-            merged[-1][0] += text
-        else:
-            merged.append([text, train])
-    assert [t for t, train in merged if train] == ["The sky is blue." + TURN_END[template]] * 2
+    assert trained_texts(segments) == ["The sky is blue." + TURN_END[template]] * 2
     text = "".join(s.text for s in segments)
     assert text == chat_templates.render(chat_templates.builtin(template), row["messages"], bos_token="<|im_start|>", eos_token="<|im_end|>")

@@ -9,6 +9,7 @@ import pytest
 
 from stages import chat_templates, config
 from stages import format as format_stage
+from conftest import trained_texts
 
 CHAT = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 RENDERED = {
@@ -98,10 +99,4 @@ def test_labels_through_the_chat_template_format(name):
     tokenizer = {"chat_template": None, "bos_token": "<s>", "eos_token": "</s>", "adds_bos": False}
     segments = format_stage.formatter(format_stage.Spec(type="chat_template", chat_template=name)).row(row, tokenizer)
     assert "".join(s.text for s in segments) == render(name, row["messages"])
-    merged: list[list] = []
-    for text, train, _detail in segments:
-        if merged and merged[-1][1] == train:
-            merged[-1][0] += text
-        else:
-            merged.append([text, train])
-    assert [t for t, train in merged if train] == TRAINED[name]
+    assert trained_texts(segments) == TRAINED[name]
