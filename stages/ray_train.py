@@ -80,6 +80,9 @@ def train_worker(job: dict) -> None:
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    # Ray reuses worker processes: what an earlier job set here (RANK, ACCELERATE_USE_CPU, which
+    # makes accelerate drop DeepSpeed) must not reach this one
+    started_with = dict(os.environ)
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(context.get_world_size()))
     if Path(job["cwd"]).is_dir():  # Ray starts workers in a folder of its own
@@ -93,3 +96,6 @@ def train_worker(job: dict) -> None:
         session.resolve(session.plan(job["target"]))
     except SystemExit as stop:  # molt's own error, printed above by this worker
         raise RuntimeError(f"molt train failed on Ray worker {rank} (exit {stop.code}; its error is printed above)") from None
+    finally:
+        os.environ.clear()
+        os.environ.update(started_with)

@@ -66,7 +66,9 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(make_config, mol
 def test_launcher_arguments_after_the_dashes_reach_the_launcher(make_config, molt, monkeypatch, cache_dir):
     calls = []
     monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))
-    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    # set, then removed: monkeypatch then removes what launch() sets too (a later Ray cluster would inherit it)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "")
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
     config, cache = make_config(), ["--cache-dir", str(cache_dir)]  # before `--`, where the fixture would add it
     result = molt("train", config, "--learning-rate", "0.0002", *cache, "--launcher", "torchrun", "--", "--nproc_per_node", "2")
     assert result.exit_code == 0, result
