@@ -508,8 +508,26 @@ def first_difference(old: Path, new: Path) -> str:
                 if a.slice(i, 1).to_pylist() != b.slice(i, 1).to_pylist():
                     return f"{name}: first differing row {i}"
             return f"{name}: {a.num_rows} stored rows vs {b.num_rows} recomputed"
+        if name.endswith(".json"):
+            return f"{name} differs{json_difference(old_files[name], new_files[name])}"
         return f"{name} differs"
     return "the manifest's content hash does not match its files"
+
+
+def json_difference(old: Path, new: Path) -> str:
+    """The first top-level key two JSON objects disagree on, both values shortened (empty when
+    either is not a JSON object)."""
+    try:
+        a, b = json.loads(old.read_text()), json.loads(new.read_text())
+    except ValueError:
+        return ""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return ""
+    for key in sorted(set(a) | set(b), key=str):
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            short = lambda value: (text := json.dumps(value))[:80] + ("…" if len(text) > 80 else "")  # noqa: E731
+            return f" at key {key!r}: stored {short(a.get(key, '<absent>'))}, recomputed {short(b.get(key, '<absent>'))}"
+    return ""
 
 
 def lineage(store: Store, target: str) -> list[tuple[int, Artifact]]:

@@ -136,5 +136,6 @@ def _convert_gguf(gguf: Path, out: Path) -> dict:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
+    tokenizer.init_kwargs.pop("local_files_only", None)  # how it was loaded (HF_HUB_OFFLINE) is not part of the artifact
     tokenizer.save_pretrained(out)
     return {"converted_from": gguf.name}

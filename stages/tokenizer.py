@@ -79,7 +79,7 @@ def tokenizer_class(name: str | None):
 
 def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     source = locate(params) or inputs["model"]
-    kwargs = {"use_fast": params.tokenizer_use_fast, "trust_remote_code": params.trust_remote_code}
+    kwargs = {"use_fast": params.tokenizer_use_fast, "trust_remote_code": params.trust_remote_code, "local_files_only": True}
     if params.tokenizer_legacy is not None:
         kwargs["legacy"] = params.tokenizer_legacy
     what = f"tokenizer_config {params.tokenizer_config!r}" if params.tokenizer_config else f"base_model {inputs['model'].name}"
@@ -104,6 +104,9 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     except chat_templates.TemplateChoiceError as error:
         raise DataError(str(error)) from None
     tokenizer.chat_template = template
+    # transformers saves how the files were loaded (offline or not: HF_HUB_OFFLINE); the artifact
+    # must not depend on the environment it was built in
+    tokenizer.init_kwargs.pop("local_files_only", None)
     tokenizer.save_pretrained(out)
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     info = {

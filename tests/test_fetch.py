@@ -200,3 +200,23 @@ def test_a_text_file_names_lines_as_an_editor_counts_them(tmp_path):
     got, where = _fetch(tmp_path, "d.txt", "a\nb\u2028c\n\r\nd".encode())  # rows as datasets' text loader splits them
     assert [r["text"] for r in got] == ["a", "b", "c", "", "d"]
     assert [w["line"] for w in where] == [1, 2, 2, 3, 4]
+
+
+def test_the_tokenizer_artifact_does_not_depend_on_offline_mode(tmp_path, tiny_model_dir):
+    """transformers writes how a tokenizer was loaded into tokenizer_config.json
+    (`local_files_only` follows HF_HUB_OFFLINE, read once per process): the same inputs built
+    with and without it must give the same files, or `molt verify` says the stage does not reproduce."""
+    import os
+    import subprocess
+    import sys
+
+    from stages.dag import first_difference
+
+    script = ("import sys; from pathlib import Path; from stages import tokenizer; "
+              "tokenizer.run(tokenizer.Params(), {'model': Path(sys.argv[1])}, Path(sys.argv[2]))")
+    repo = Path(__file__).resolve().parent.parent
+    for name, offline in (("offline", "1"), ("online", "0")):
+        env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE=offline)
+        subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), str(tmp_path / name)], env=env, check=True)
+    assert "local_files_only" not in json.loads((tmp_path / "offline" / "tokenizer_config.json").read_text())
+    assert first_difference(tmp_path / "offline", tmp_path / "online") == "the manifest's content hash does not match its files"  # no file differs
