@@ -92,15 +92,20 @@ class Session:
 
     _building: str | None = None  # the stage instance being built, for a commit that fails
 
-    def __init__(self, config_path: str, extra_args: list[str], cache_dir: str, published: Path | None = Path("artifacts"), quiet: bool = False):
+    def __init__(self, config_path: str, extra_args: list[str], cache_dir: str, published: Path | None = Path("artifacts"), quiet: bool = False,
+                 data_only: bool = False):
+        """`data_only`: the command builds data stages only, so keys that only training reads and
+        molt refuses (config.REFUSED_AT_TRAINING) are named as what `molt train` will refuse."""
         warnings.simplefilter("ignore", MoltConfigWarning)  # printed below, once, in our own words
         try:
-            self.config = load_config(config_path, parse_cli_overrides(list(extra_args)))
+            self.config = load_config(config_path, parse_cli_overrides(list(extra_args)), defer_training_refusals=data_only)
         except ConfigError as error:
             _print_notes(error.notes)  # a refused config's ignored and unknown keys are named too, first
             fail(str(error))
         for note in self.config.config_warnings + dag.unread_settings(self.config):
             console.print(f"[yellow]warning:[/] {escape(note)}")
+        for refusal in self.config.training_refusals:
+            console.print(f"[yellow]warning:[/] {escape(refusal)} (molt train will refuse it; the prepared data does not depend on it)")
         self.config_path = Path(config_path)
         self.values = self.config.model_dump(mode="json")
         self.store = Store(cache_dir)
@@ -251,7 +256,7 @@ def preprocess(ctx, config, debug, debug_num_examples, debug_text_only, dry_run,
     """Fetch, format, tokenize, mix and pack the datasets of CONFIG."""
     if dry_run:
         return check_config(config, ctx.args)
-    session = Session(config, ctx.args, cache_dir)
+    session = Session(config, ctx.args, cache_dir, data_only=True)
     done = session.resolve(session.plan(dag.target(session.values, "data")))
     mix = session.intact("mix")
     prepared = Path(session.config.dataset_prepared_path or "last_run_prepared") / mix.key

@@ -275,6 +275,30 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "datasets[].trust_remote_code": _warned("molt runs no dataset loading script (it reads data files and cached datasets)"),
 }
 
+# Refused keys that change only how the model is loaded or trained, never the prepared data: `molt
+# preprocess` prepares the data of such a config and names what `molt train` will refuse (data is
+# often prepared on one machine and trained on another, with dvc push / pull in between); every
+# command that trains refuses them. Families as in UNSUPPORTED (`lisa_*`).
+REFUSED_AT_TRAINING: frozenset[str] = frozenset({
+    "trl", "cls_model_config", "dpo_norm_loss", "ebft", "use_eaft", "trainer_cls", "use_onebitllms", "rope_scaling",
+    "model_quantization_config", "model_quantization_config_kwargs", "gptq", "reinit_weights", "random_init_weights",
+    "llama4_linearized_experts", "freeze_mm_modules", "mean_resizing_embeddings", "shrink_embeddings", "fix_untrained_tokens",
+    "scaling_softmax", "scaling_softmax_factor", "scaling_softmax_bias", "s2_attention", "liger_use_token_scaling",
+    "lora_rank_pattern", "lora_alpha_pattern", "lora_target_parameters", "peft_layers_pattern", "peft_use_rslora",
+    "peft_layer_replication", "peft_init_lora_weights", "peft_trainable_token_indices", "peft_ensure_weight_tying",
+    "peft_autocast_adapter_dtype", "relora", "relora_prune_method", "fp8", "qat", "quantization", "dataloader_drop_last",
+    "embedding_lr", "embedding_lr_scale", "adam_epsilon2", "adam_beta3", "noisy_embedding_alpha", "jagged_restart_*", "lisa_*",
+    "grokfast_*", "spectrum_*", "load_best_model_at_end", "nonexpert_quantization", "dsv4_fp8_nonexpert_mode",
+    "dsv4_fp4_grouped_mode", "dsv4_bf16_all", "gemma4_fp8_nonexpert", "gemma4_nf4_nonexpert", "nvfp4_merge_aware",
+    "nvfp4_merge_aware_start_step", "dense_mixer", "diffusion", "hatchery", "llmcompressor", "mora",
+})
+
+
+def refused_at_training(key: str) -> bool:
+    """Whether refusing top-level `key` is training's business only (it changes no prepared data)."""
+    return key in REFUSED_AT_TRAINING or any(f.endswith("*") and key.startswith(f[:-1]) for f in REFUSED_AT_TRAINING)
+
+
 _ENTRY = "datasets[]."
 UNSUPPORTED_KEYS: frozenset[str] = frozenset(k for k in UNSUPPORTED if not k.endswith("*") and not k.startswith(_ENTRY))
 UNSUPPORTED_PREFIXES: tuple[str, ...] = tuple(k[:-1] for k in UNSUPPORTED if k.endswith("*"))
@@ -726,6 +750,8 @@ class MoltConfig(BaseModel):
     # molt behaviour
     strict: bool = False  # unknown keys are errors; CLI overrides may only change keys in the file
     config_warnings: list[str] = Field(default_factory=list, exclude=True, repr=False)
+    # with load_config(..., defer_training_refusals=True): what the train stages would refuse
+    training_refusals: list[str] = Field(default_factory=list, exclude=True, repr=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -738,7 +764,12 @@ class MoltConfig(BaseModel):
             info.context["notes"] = notes  # a refused config's error carries them (ConfigError.notes)
         _rename_legacy_keys(data)
         _drop_restated_keys(data)
-        unknown, problems = _classify_keys(data, notes)
+        unknown, problems, training_refusals = _classify_keys(data, notes)
+        if (info.context or {}).get("defer_training_refusals") and not problems:
+            data["training_refusals"] = training_refusals  # named again if the values or rules fail (config_from_dict)
+            info.context["training_refusals"] = training_refusals
+        else:
+            problems += training_refusals
         if unknown and data.get("strict") is True:
             problems.append(f"strict: true refuses keys that are neither Axolotl nor molt options: {', '.join(unknown)}")
         for note in notes:  # before any refusal, so a refused config shows them too
@@ -949,7 +980,7 @@ def _fsdp_problems(cfg: "MoltConfig") -> list[str]:
 
 
 def _known_keys() -> frozenset[str]:
-    return frozenset(MoltConfig.model_fields) - {"config_warnings"}
+    return frozenset(MoltConfig.model_fields) - {"config_warnings", "training_refusals"}
 
 
 def _rename_legacy_keys(data: dict) -> None:
@@ -970,10 +1001,12 @@ def _drop_restated_keys(data: dict) -> None:
         del data["relora"]
 
 
-def _classify_keys(data: dict, notes: list[str]) -> tuple[list[str], list[str]]:
-    """Add a warning to `notes` for each warned or unknown key; return (unknown keys, refusals)."""
+def _classify_keys(data: dict, notes: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Add a warning to `notes` for each warned or unknown key; return (unknown keys, refusals,
+    refusals of keys only training reads: REFUSED_AT_TRAINING)."""
     unknown: list[str] = []
     refused: list[str] = []
+    refused_in_training: list[str] = []
 
     def sort(key: str, shown: str, value: Any, known: frozenset[str], row: Unsupported | None, names: frozenset[str]) -> None:
         if key in known:
@@ -984,7 +1017,8 @@ def _classify_keys(data: dict, notes: list[str]) -> tuple[list[str], list[str]]:
             notes.append(f"unknown key: {shown} (not an Axolotl or molt option{hint})")
             unknown.append(shown)
         elif note := unsupported_note(shown, value, row):
-            (refused if row.refused else notes).append(note)
+            at_training = row.refused and shown == key and refused_at_training(key)
+            (refused_in_training if at_training else refused if row.refused else notes).append(note)
 
     # the names a misspelling may be meant as: every key molt knows, implemented or not
     top_names = _known_keys() | UNSUPPORTED_KEYS | frozenset(RENAMED_KEYS)
@@ -1001,7 +1035,7 @@ def _classify_keys(data: dict, notes: list[str]) -> tuple[list[str], list[str]]:
             if isinstance(entry.get("type"), dict):
                 for key in entry["type"]:
                     sort(key, f"{list_key}[{i}].type.{key}", None, DATASET_TYPE_KEYS, None, DATASET_TYPE_KEYS)
-    return unknown, refused
+    return unknown, refused, refused_in_training
 
 
 # -- cross-field rules ----------------------------------------------------------------------------
@@ -1541,8 +1575,10 @@ def _normalize_key(key: str) -> str:
     return key.strip().replace("-", "_")
 
 
-def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> MoltConfig:
-    """Read a YAML config, apply `overrides` (e.g. from parse_cli_overrides) and validate it."""
+def load_config(path: str | Path, overrides: dict[str, object] | None = None, defer_training_refusals: bool = False) -> MoltConfig:
+    """Read a YAML config, apply `overrides` (e.g. from parse_cli_overrides) and validate it.
+    `defer_training_refusals`: refused keys only training reads (REFUSED_AT_TRAINING) do not stop
+    the load; they are kept in `training_refusals` (for preparing data only)."""
     path = Path(path)
     data, notes = _read_yaml(path)
     if not isinstance(data, dict):
@@ -1558,21 +1594,21 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
                 f"not in it: {', '.join(added)}"
             )
         data.update(overrides)
-    return config_from_dict(data, source=str(path), load_warnings=notes)
+    return config_from_dict(data, source=str(path), load_warnings=notes, defer_training_refusals=defer_training_refusals)
 
 
-def config_from_dict(data: dict, source: str = "<config>", load_warnings: list[str] = ()) -> MoltConfig:
+def config_from_dict(data: dict, source: str = "<config>", load_warnings: list[str] = (), defer_training_refusals: bool = False) -> MoltConfig:
     """Validate an already-parsed config; errors become one ConfigError prefixed by `source`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of config keys, got a {type(data).__name__}")
     bad = [repr(k) for k in data if not isinstance(k, str)]
     if bad:
         raise ConfigError(f"{source}: config keys must be strings, got {', '.join(bad)}")
-    context: dict[str, Any] = {"load_warnings": list(load_warnings)}
+    context: dict[str, Any] = {"load_warnings": list(load_warnings), "defer_training_refusals": defer_training_refusals}
     try:
         cfg = MoltConfig.model_validate(data, context=context)
     except ValidationError as error:
-        refused = context.get("refused_keys", []) + _rule_problems_beside(error, data)
+        refused = context.get("refused_keys", []) + context.get("training_refusals", []) + _rule_problems_beside(error, data)
         raise ConfigError(_describe(error, source, refused), notes=context.get("notes", context["load_warnings"])) from None
     if context.get("refused_keys"):
         raise ConfigError(_describe(None, source, context["refused_keys"]), notes=cfg.config_warnings)

@@ -95,7 +95,7 @@ def target(config: dict, what: str) -> str:
 
 
 # read by the CLI (or folded into other keys by the config) rather than by a stage
-CLI_KEYS = frozenset({"output_dir", "dataset_prepared_path", "strict", "datasets", "test_datasets", "batch_size", "pad_to_sequence_len", "config_warnings",
+CLI_KEYS = frozenset({"output_dir", "dataset_prepared_path", "strict", "datasets", "test_datasets", "batch_size", "pad_to_sequence_len", "config_warnings", "training_refusals",
                       "lm_eval_tasks", "lm_eval_batch_size", "use_ray", "ray_num_workers", "resources_per_worker", "ray_run_name"})
 DATASET_IDENTITY_KEYS = frozenset({"message_property_mappings"})
 

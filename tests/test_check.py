@@ -131,3 +131,27 @@ def test_tokenizer_config_offline_or_the_embedded_alias(tmp_path):
     run = preprocess({**config, "tokenizer_config": "smollm2-135m-instruct"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "(2 train rows, 0 validation rows)" in run.stderr
+
+
+def test_keys_only_training_reads_refuse_train_not_preprocess(tmp_path, monkeypatch, tiny_model_dir):
+    # data is often prepared on one machine and trained on another: a key molt refuses that changes
+    # only the training (QAT, LISA) lets `molt preprocess` prepare the data and say what train refuses;
+    # check and train refuse it; a refused key that would change the data stops preprocess too
+    monkeypatch.chdir(tmp_path)
+    training_only = {"base_model": str(tiny_model_dir), "datasets": [{"path": "data.jsonl", "type": "alpaca"}], "sequence_len": 64,
+                     "micro_batch_size": 1, "learning_rate": 1e-4, "max_steps": 1, "qat": {"weight_dtype": "int4"}, "lisa_n_layers": 2}
+    path = write(tmp_path, training_only)
+    code, output = cli("preprocess", path, "--cache-dir", "cache")
+    assert code == 0, output
+    assert ("warning: qat: {weight_dtype: int4} is not supported yet: molt would train without fake quantization (quantization-aware training) "
+            "(molt train will refuse it; the prepared data does not depend on it)") in output.splitlines()
+    assert "(2 train rows, 0 validation rows)" in output
+    for command in ("check", "train"):
+        code, output = cli(command, path, "--cache-dir", "cache")
+        assert code == 2, output
+        assert [line for line in output.splitlines() if line.startswith("  - ")] == [
+            "  - qat: {weight_dtype: int4} is not supported yet: molt would train without fake quantization (quantization-aware training)",
+            "  - lisa_n_layers: 2 is not supported yet: molt would train every trainable layer at each step, not LISA's sampled ones"]
+    assert not list((tmp_path / "cache").glob("train/*"))
+    code, output = cli("preprocess", write(tmp_path, {**training_only, "curriculum_sampling": True}), "--cache-dir", "cache")
+    assert code == 2 and "curriculum_sampling: true is not supported yet" in output and "qat: {weight_dtype: int4}" in output
