@@ -191,8 +191,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "dataloader_drop_last": _refused("molt trains the last, smaller batch of each epoch too"),
     "remove_unused_columns": _warned("molt keeps only the columns it trains on"),
     "push_dataset_to_hub": _warned("molt uploads nothing; the prepared data is in dataset_prepared_path"),
-    "min_sample_len": _refused("molt would keep rows shorter than {value} tokens (it drops rows under 2)"),
-    "sample_packing_sequentially": _refused("molt packs first-fit-decreasing, which puts other samples together"),
     "sample_packing_mp_start_method": _warned("molt packs in one process"),
     "curriculum_sampling": _refused("molt would shuffle the rows instead of keeping their order"),
     "pretraining_sample_concatenation": _refused("molt keeps each document apart (split into sequence_len pieces, then packed)"),
@@ -264,8 +262,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
     **dict.fromkeys(("datasets[].field_human", "datasets[].field_model"),
                     _refused("molt would read the roles by roles: and message_property_mappings (these are ShareGPT's keys)")),
     "datasets[].field_tools": _refused("molt would render the conversations without their tools"),
-    **dict.fromkeys(("datasets[].field_thinking", "datasets[].template_thinking_key", "datasets[].split_thinking"),
-                    _refused("molt would render the messages without their reasoning part")),
+    "datasets[].split_thinking": _refused("molt would render an answer's <think> part as content, not as its reasoning (field_thinking reads it from its own field)"),
     **dict.fromkeys(("datasets[].logprobs_field", "datasets[].temperature"), _refused(_KD)),
     "datasets[].skip": _refused("molt would train on every row, the first {value} too"),
     **dict.fromkeys(("datasets[].length", "datasets[].sequence_length", "datasets[].min_input_id", "datasets[].max_input_id", "datasets[].seed"),
@@ -412,6 +409,9 @@ class DatasetConfig(BaseModel):
     message_field_training: str | None = None
     message_field_training_detail: str | None = None
     drop_system_message: bool = False  # the conversation's system message left out (a default_system_message is not)
+    # a message's reasoning: read from its field_thinking, handed to the template as template_thinking_key
+    field_thinking: str = "reasoning_content"
+    template_thinking_key: str = "reasoning_content"
 
     # preference and reward data (rl:, reward_model:, process_reward_model:)
     field_chosen: str = "chosen"
@@ -553,11 +553,13 @@ class MoltConfig(BaseModel):
     dataset_processes: int | None = Field(default=None, ge=1)
     sequence_len: int = Field(default=2048, ge=1)
     excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
+    min_sample_len: int = Field(default=2, ge=1)  # shorter rows are dropped (Axolotl's default too)
     sample_packing: bool = False
     pad_to_sequence_len: bool | None = None  # filled in: defaults to sample_packing
     eval_sample_packing: bool | None = None  # None: as sample_packing
     multipack_real_batches: bool | None = None  # filled in: true unless a varlen attention (flash, flex, xformers)
     sample_packing_group_size: int = Field(default=100_000, ge=1)
+    sample_packing_sequentially: bool = False  # next-fit in mix's order instead of first-fit-decreasing
     sample_packing_bin_size: int = Field(default=200, ge=1)
     sample_packing_eff_est: float | None = Field(default=None, gt=0, le=1)
     total_num_tokens: int | None = Field(default=None, ge=0)

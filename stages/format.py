@@ -51,7 +51,7 @@ ALIASES = {
 Spec = dataset_params(
     "Spec", "type", "field", "conversation", "field_messages", "message_field_role", "message_field_content", "message_property_mappings",
     "message_field_training", "message_field_training_detail", "roles", "roles_to_train", "train_on_eos", "chat_template",
-    "chat_template_jinja", "default_system_message", "drop_system_message",
+    "chat_template_jinja", "default_system_message", "drop_system_message", "field_thinking", "template_thinking_key",
 )
 # dataset_processes: how many worker processes; the output is the same for any number, so it is not in the key
 Params = stage_params("eot_tokens", unkeyed=("dataset_processes",), dataset=Spec)

@@ -12,7 +12,8 @@ which follows it unless set), samples are bin-packed by length, first-fit-decrea
 Samples are packed in groups of `sample_packing_group_size` consecutive samples (in mix's seeded
 order) with at most `sample_packing_bin_size` samples per bin (first-fit in mix's order replaces
 FFD for a group where that cap makes it need more bins). Bins are then put in an order drawn
-from `seed`, so the artifact is deterministic. A fresh order each epoch is train's business: its
+from `seed`, so the artifact is deterministic. `sample_packing_sequentially` packs next-fit in
+mix's order instead and keeps the bins in that order. A fresh order each epoch is train's business: its
 sampler reshuffles the rows with `seed` and the epoch number (the bins' contents stay fixed).
 
 Inside a row each sample's `position_ids` restart at 0, which is how the model tells samples apart
@@ -49,7 +50,7 @@ IGNORE = -100
 # eval_sample_packing None: as sample_packing; eval_batch_size None: micro_batch_size; the config fills in
 # multipack_real_batches (config._real_batches_without_varlen_attention)
 Params = stage_params("sample_packing", "eval_sample_packing", "sequence_len", "micro_batch_size", "eval_batch_size",
-                      "gradient_accumulation_steps", "multipack_real_batches", "sample_packing_group_size", "sample_packing_bin_size",
+                      "gradient_accumulation_steps", "multipack_real_batches", "sample_packing_group_size", "sample_packing_bin_size", "sample_packing_sequentially",
                       "sample_packing_eff_est", "total_num_tokens", "seed")
 
 
@@ -130,6 +131,24 @@ def first_fit_in_order(lengths: np.ndarray, capacity: int, max_items: int | None
     _check(lengths, capacity)
     room = np.full(1 << max(0, (n - 1).bit_length()), capacity, dtype=np.int64)
     return np.asarray(_first_fit(lengths.tolist(), room, [0] * n, max_items or n), dtype=np.int64)
+
+
+def next_fit_in_order(lengths: np.ndarray, capacity: int, max_items: int | None = None) -> list[np.ndarray]:
+    """Bins that keep the items' order (`sample_packing_sequentially`, as Axolotl's sequential
+    packer): each item goes into the current bin, or opens the next one when it does not fit or
+    the bin holds `max_items`."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        return []
+    _check(lengths, capacity)
+    bins, start, room = [], 0, capacity
+    for i, size in enumerate(lengths.tolist()):
+        if size > room or (max_items and i - start >= max_items):
+            bins.append(np.arange(start, i))
+            start, room = i, capacity
+        room -= size
+    bins.append(np.arange(start, len(lengths)))
+    return bins
 
 
 def pack_group(lengths: np.ndarray, capacity: int, max_items: int) -> np.ndarray:
@@ -217,7 +236,9 @@ def plan_split(params: Params, split: str, lengths: np.ndarray) -> tuple[list[np
         capacity, rows_per_batch = params.sequence_len * batch, 1
     else:
         capacity, rows_per_batch = params.sequence_len, batch
-    if packed:
+    if packed and params.sample_packing_sequentially:
+        bins = next_fit_in_order(lengths, capacity, params.sample_packing_bin_size)
+    elif packed:
         bins = pack_groups(lengths, capacity, params.sample_packing_group_size, params.sample_packing_bin_size, params.seed)
     else:
         bins = [np.array([i]) for i in range(len(lengths))]

@@ -5,7 +5,7 @@ no model code is loaded). Each row's segments are joined and encoded in one call
 offsets; a token is trained when it covers a trained character, otherwise its label is -100
 (`train_on_inputs` trains every token; a message_field_training_detail span trains the tokens
 Axolotl's rule picks, see _detail_tokens). Rows longer than `sequence_len` are dropped, truncated
-or refused (`excess_length_strategy`); rows under 2 tokens or with nothing to train are dropped
+or refused (`excess_length_strategy`); rows under `min_sample_len` tokens (2) or with nothing to train are dropped
 and counted. The format stage says per row how to encode (`mode`): joined as above; `separate`
 encodes each segment on its own (input_output); `prefix` as separate, but an untrained segment
 and the trained one after it are encoded in one piece, and as many leading tokens masked as the
@@ -35,7 +35,7 @@ IGNORE = -100
 
 
 # dataset_processes: how many worker processes; the output is the same for any number, so it is not in the key
-Params = stage_params("sequence_len", "train_on_inputs", "excess_length_strategy", unkeyed=("dataset_processes",))
+Params = stage_params("sequence_len", "train_on_inputs", "excess_length_strategy", "min_sample_len", unkeyed=("dataset_processes",))
 
 
 def labels_for(segments: list[dict], offsets: list[tuple[int, int]], ids: list[int], train_all: bool) -> np.ndarray:
@@ -151,7 +151,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
 WHY_DROPPED = {
     "too_long": "longer than sequence_len {sequence_len} tokens (excess_length_strategy: drop; raise sequence_len or set "
                 "excess_length_strategy: truncate to keep them)",
-    "too_short": "under 2 tokens",
+    "too_short": "under {min_sample_len} tokens (min_sample_len)",
     "nothing_trained": "with no trained token (check roles_to_train / train_on_inputs)",
 }
 
@@ -161,7 +161,7 @@ def _say_dropped(ctx: Context, dropped: dict[str, int], firsts: list[dict[str, i
     for kind, count in dropped.items():
         if count:
             row = min(f[kind] for f in firsts if kind in f)
-            why = WHY_DROPPED[kind].format(sequence_len=params.sequence_len)
+            why = WHY_DROPPED[kind].format(sequence_len=params.sequence_len, min_sample_len=params.min_sample_len)
             ctx.log(f"tokenize: dropped {count} of {rows} rows {why}; the first is {origin.where(formatted, row)}")
 
 
@@ -189,7 +189,7 @@ def _tokenize_rows(start: int, stop: int, params: Params, formatted: Path, token
     first: dict[str, int] = counts["first"]  # the first dropped row of each kind, for the message
 
     def keep(source_row: int, ids, labels) -> None:
-        if len(ids) < 2:
+        if len(ids) < params.min_sample_len:
             dropped["too_short"] += 1
             first.setdefault("too_short", source_row)
         elif not (np.asarray(labels) != IGNORE).any():

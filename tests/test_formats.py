@@ -44,7 +44,7 @@ def tokenizer_artifacts(tokenizer_dir, tmp_path_factory):
 def pipeline(tokenizer_artifacts, tmp_path):
     """`pipeline(rows, template=..., train_on_inputs=..., **spec)` -> [(input_ids, labels)]."""
 
-    def run(rows, template="chatml", train_on_inputs=False, sequence_len=1024, **spec):
+    def run(rows, template="chatml", train_on_inputs=False, sequence_len=1024, min_sample_len=2, **spec):
         import pyarrow as pa
 
         n = len(list(tmp_path.iterdir()))
@@ -54,7 +54,7 @@ def pipeline(tokenizer_artifacts, tmp_path):
         write_table(pa.Table.from_pylist(rows), data / "data.arrow")
         tok = tokenizer_artifacts[template]
         format_stage.run(format_stage.Params(dataset=format_stage.Spec(**spec)), {"data": data, "tokenizer": tok}, formatted)
-        params = tokenize_stage.Params(sequence_len=sequence_len, train_on_inputs=train_on_inputs)
+        params = tokenize_stage.Params(sequence_len=sequence_len, train_on_inputs=train_on_inputs, min_sample_len=min_sample_len)
         run.said = []  # what tokenize says through ctx.log
         run.stats = tokenize_stage.run(params, {"formatted": formatted, "tokenizer": tok}, tokenized, Context(log=run.said.append))
         table = read_table(tokenized / "tokenized.arrow")
@@ -270,6 +270,16 @@ def test_rows_with_nothing_trained_or_too_long_are_dropped(pipeline, expect):
         "or set excess_length_strategy: truncate to keep them); the first is row 2",
         "tokenize: dropped 1 of 3 rows with no trained token (check roles_to_train / train_on_inputs); the first is row 1",
     ]
+
+
+def test_rows_under_min_sample_len_are_dropped(pipeline, expect):
+    short, long = msgs(("user", "q"), ("assistant", "a")), msgs(("user", "q"), ("assistant", "a longer answer"))
+    assert len(pipeline([short, long], type="chat_template")) == 2
+    size = len(pipeline([short], type="chat_template")[0][0])
+    kept = pipeline([short, long], type="chat_template", min_sample_len=size + 1)  # Axolotl keeps rows of at least min_sample_len tokens
+    assert pipeline.stats["dropped"]["too_short"] == 1
+    assert pipeline.said == [f"tokenize: dropped 1 of 2 rows under {size + 1} tokens (min_sample_len); the first is row 1"]
+    assert kept == pipeline([long], type="chat_template")
 
 
 def test_labels_for_marks_tokens_covering_trained_characters():

@@ -121,3 +121,29 @@ def test_repeated_assistant_content_is_masked_per_turn(template):
     assert trained_texts(segments) == ["The sky is blue." + TURN_END[template]] * 2
     text = "".join(s.text for s in segments)
     assert text == chat_templates.render(chat_templates.builtin(template), row["messages"], bos_token="<|im_start|>", eos_token="<|im_end|>")
+
+
+def test_reasoning_goes_to_the_template_and_is_trained_with_its_turn():
+    """A message's reasoning (field_thinking, Axolotl's default reasoning_content) is handed to the
+    template as template_thinking_key; qwen3 renders it inside <think>…</think> and the trained span
+    of the turn runs from it through the answer (Axolotl's span too: qwen3 writes the <think> tag
+    with or without reasoning in a last turn; a template that writes tags only around reasoning has
+    them trained too, as Axolotl finds the turn by rendering it without reasoning). A template that does
+    not render it (chatml) trains the answer alone."""
+    from stages import format as format_stage
+
+    row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Add them."}]}
+    tokenizer = {"chat_template": chat_templates.builtin("qwen3"), "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "adds_bos": False}
+    segments = format_stage.formatter(format_stage.Spec(type="chat_template")).row(row, tokenizer)
+    assert trained_texts(segments) == ["Add them.\n</think>\n\n4<|im_end|>"]
+    assert "".join(s.text for s in segments) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nAdd them.\n</think>\n\n4<|im_end|>\n"
+    # gpt-oss style keys: the reasoning in `thinking`, the template reading message.thinking
+    own = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "thinking": "Add them."}]}
+    jinja = ("{% for m in messages %}<|{{ m.role }}|>{% if m.thinking %}[{{ m.thinking }}]{% endif %}{{ m.content }}<|end|>{% endfor %}")
+    spec = format_stage.Spec(type="chat_template", chat_template="jinja", chat_template_jinja=jinja, field_thinking="thinking", template_thinking_key="thinking")
+    segments = format_stage.formatter(spec).row(own, {**tokenizer, "chat_template": None})
+    assert trained_texts(segments) == ["[Add them.]4<|end|>"]
+    segments = format_stage.formatter(format_stage.Spec(type="chat_template", chat_template="jinja", chat_template_jinja=jinja)).row(own, tokenizer)
+    assert trained_texts(segments) == ["4<|end|>"]  # the default field_thinking (reasoning_content) is absent: no reasoning
+    tokenizer["chat_template"] = chat_templates.builtin("chatml")
+    assert trained_texts(format_stage.formatter(format_stage.Spec(type="chat_template")).row(row, tokenizer)) == ["4<|im_end|>"]

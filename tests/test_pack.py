@@ -300,3 +300,16 @@ def test_an_eval_split_short_of_one_packed_batch_is_named_with_the_numbers(tmp_p
     # train evaluates the one row as a batch of its own
     from stages.training.batches import epoch_batches
     assert epoch_batches([manifest["packing"]["val"]["tokens"]], 4, 1, 0, 0, shuffle=False) == [[[0]]]
+
+
+def test_sequential_packing_keeps_mix_order_next_fit(tmp_path):
+    # Axolotl's sample_packing_sequentially: each sample joins the current bin or opens the next
+    assert [b.tolist() for b in pack.next_fit_in_order(np.array([5, 4, 3, 6, 1, 2]), 10)] == [[0, 1], [2, 3, 4], [5]]
+    assert [b.tolist() for b in pack.next_fit_in_order(np.array([1, 1, 1, 1]), 10, max_items=3)] == [[0, 1, 2], [3]]
+    data = samples(40, seed=13)
+    out, _ = run_pack(tmp_path, data, [], sample_packing=True, sample_packing_sequentially=True, sequence_len=64, micro_batch_size=1)
+    rows = read_table(out / "train.arrow").to_pylist()
+    assert [s for r in rows for s in r["samples"]] == list(range(40))  # every sample once, in mix's order
+    assert all(r["length"] + data[r["samples"][-1] + 1]["length"] > 64 for r in rows[:-1])  # a bin closes only when the next does not fit
+    ffd, _ = run_pack(tmp_path, data, [], "ffd", sample_packing=True, sequence_len=64, micro_batch_size=1)
+    assert [r["samples"] for r in read_table(ffd / "train.arrow").to_pylist()] != [r["samples"] for r in rows]

@@ -3,8 +3,10 @@
 Each turn is located by rendering the conversation again with that turn's content replaced by a
 placeholder: the text before the placeholder and after it are exactly the template's text around
 the turn, so repeated content, template markers inside content and templates that trim content
-cannot misplace a boundary. message_field_training_detail spans are marked as such: tokenize
-picks their tokens by Axolotl's rule rather than by character coverage.
+cannot misplace a boundary. A message's reasoning (`field_thinking`) goes to the template as
+`template_thinking_key`; where the template renders it, a trained turn's span runs from its
+reasoning through its content, as in Axolotl. message_field_training_detail spans are marked as
+such: tokenize picks their tokens by Axolotl's rule rather than by character coverage.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|
              "<|eot|>", "<turn|>", "[|endofturn|]", "<|END_RESPONSE|>")  # llama4, gemma4, exaone, command_a (its reply's end)
 EOT_WINDOW = 16  # characters after a turn's content in which its end marker may start
 PLACEHOLDER = "\ue000molt-turn\ue001"  # private-use characters: no real content holds them
+THINKING_PLACEHOLDER = "\ue000molt-thinking\ue001"
 
 
 def _role_map(spec) -> dict[str, str]:
@@ -51,6 +54,13 @@ def messages_of(row: dict, spec) -> list[dict]:
         if not isinstance(content, str):
             raise RowError(f"{field}[{i}].{content_key}", f"expected text or a list of text parts, got {type(content).__name__}")
         message = {"role": roles[role], "content": content}
+        thinking = m.get(spec.field_thinking) if spec.field_thinking else None
+        if isinstance(thinking, list):
+            thinking = _text_of_parts(thinking, f"{field}[{i}].{spec.field_thinking}")
+        if thinking is not None and not isinstance(thinking, str):
+            raise RowError(f"{field}[{i}].{spec.field_thinking}", f"expected text (the message's reasoning), got {type(thinking).__name__}")
+        if thinking:
+            message["thinking"] = thinking
         if spec.message_field_training and m.get(spec.message_field_training) is not None:
             message["train"] = bool(m[spec.message_field_training])
         if spec.message_field_training_detail and m.get(spec.message_field_training_detail) is not None:
@@ -126,7 +136,8 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
         raise chat_templates.TemplateChoiceError("the tokenizer has no chat template: set chat_template (e.g. chatml)")
     messages = messages_of(row, spec)
     special = {"bos_token": tokenizer["bos_token"] or "", "eos_token": tokenizer["eos_token"] or ""}
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    key = spec.template_thinking_key
+    plain = [{"role": m["role"], "content": m["content"], **({key: m["thinking"]} if "thinking" in m else {})} for m in messages]
     # a dataset's own chat_template, else the top-level choice the tokenizer stage resolved
     name = chat_templates.template_name(spec.chat_template or tokenizer.get("chat_template_choice"))
     text = chat_templates.render(template, plain, name=name, **special)
@@ -141,7 +152,7 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
         trained = message.get("train", True if detail is not None else message["role"] in spec.roles_to_train)
         if not trained and spec.train_on_eos != "all":
             continue
-        start, end = _locate(template, plain, i, text, special, name)
+        start, end = _locate(template, plain, i, text, special, name, key)
         if trained and detail is not None:  # character ranges decide inside the content
             spans += _detail_spans(detail, start, end, text, message["content"])
         elif trained:
@@ -159,15 +170,24 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
     return _segments(text, spans)
 
 
-def _locate(template: str, messages: list[dict], i: int, text: str, special: dict, name: str) -> tuple[int, int]:
+def _locate(template: str, messages: list[dict], i: int, text: str, special: dict, name: str, thinking_key: str) -> tuple[int, int]:
+    """The turn's span in `text`: its content, and its reasoning too where the template renders it."""
     probe = [dict(m) for m in messages]
     probe[i]["content"] = PLACEHOLDER
+    if thinking_key in probe[i]:
+        probe[i][thinking_key] = THINKING_PLACEHOLDER
     rendered = chat_templates.render(template, probe, name=name, **special)
-    start = rendered.find(PLACEHOLDER)
-    if start < 0:
+    if PLACEHOLDER not in rendered:
         raise RowError(f"messages[{i}]", "the chat template does not render this turn's content")
-    tail = len(rendered) - start - len(PLACEHOLDER)
+    found = [(at, at + len(mark)) for mark in (PLACEHOLDER, THINKING_PLACEHOLDER) if (at := rendered.find(mark)) >= 0]
+    start = min(a for a, _ in found)
+    tail = len(rendered) - max(b for _, b in found)
     end = len(text) - tail
+    if len(found) == 2:  # as Axolotl, the turn starts where the text leaves the turn rendered without reasoning (tags included)
+        bare = [dict(m) for m in probe]
+        del bare[i][thinking_key]
+        without = chat_templates.render(template, bare, name=name, **special)
+        start = min(start, next((k for k, (a, b) in enumerate(zip(without, text)) if a != b), start))
     if rendered[:start] != text[:start] or rendered[len(rendered) - tail:] != text[end:] or end < start:
         raise RowError(f"messages[{i}]", "the chat template renders this turn's surroundings differently depending on its content")
     return start, end
