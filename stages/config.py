@@ -816,7 +816,7 @@ class MoltConfig(BaseModel):
         return _normalise_fsdp_config(value)
 
     @model_validator(mode="after")
-    def _fsdp_rules(self) -> "MoltConfig":
+    def _fsdp_rules(self, info: ValidationInfo) -> "MoltConfig":
         if (self.fsdp_config or {}).get("activation_checkpointing") and self.gradient_checkpointing:
             # as in Axolotl: FSDP's activation checkpointing does the recomputing (the Trainer refuses both at once)
             note = "gradient_checkpointing with fsdp_config.activation_checkpointing: FSDP checkpoints the layers; gradient_checkpointing is not used on top"
@@ -824,9 +824,7 @@ class MoltConfig(BaseModel):
             if note not in self.config_warnings:
                 self.config_warnings.append(note)
                 warnings.warn(note, MoltConfigWarning, stacklevel=2)
-        problems = _fsdp_problems(self)
-        if problems:
-            raise ValueError("\n".join(problems))
+        _raise_or_defer(self, [], _fsdp_problems(self), info)  # sharding is training's business alone
         return self
 
     @field_validator("rl")
@@ -864,10 +862,8 @@ class MoltConfig(BaseModel):
         return [value] if isinstance(value, dict) else value
 
     @model_validator(mode="after")
-    def _apply_rules(self) -> "MoltConfig":
-        problems = _problems(self)
-        if problems:
-            raise ValueError("\n".join(problems))
+    def _apply_rules(self, info: ValidationInfo) -> "MoltConfig":
+        _raise_or_defer(self, *_problems(self), info)
         return self
 
     @property
@@ -1253,12 +1249,13 @@ class _Values(dict):
         return _value(self.cfg, key)
 
 
-def _broken_rules(cfg: MoltConfig) -> list[str]:
+def _broken_rules(cfg: MoltConfig) -> list[tuple[str, str]]:
+    """(the rule's `when`, the problem) of each rule the config breaks."""
     problems = []
     for when, relation, condition, *message in RULES:
         if _holds(cfg, when) and _holds(cfg, condition) == (relation == EXCLUDES):
             text = message[0] if message else f"{when} ({{{when}!r}}) and {condition} ({{{condition}!r}}) are mutually exclusive; set only one"
-            problems.append(text.format_map(_Values(cfg)))
+            problems.append((when, text.format_map(_Values(cfg))))
     return problems
 
 
@@ -1377,21 +1374,40 @@ CHECKS: list[Callable[[MoltConfig], None]] = [
 ]
 
 
-def _problems(cfg: MoltConfig) -> list[str]:
-    """Normalise `cfg` in place; the problems of its values, in the order found."""
-    problems = []
+# problems that only training has (the data stages read none of their keys), deferred as
+# REFUSED_AT_TRAINING keys are: the rules whose first key is one of these, and these checks
+TRAINING_RULE_KEYS = ("deepspeed", "fsdp or fsdp_config")
+TRAINING_CHECKS = frozenset({"_early_stopping_needs_evaluation", "_deepspeed_fits"})
+
+
+def _problems(cfg: MoltConfig) -> tuple[list[str], list[str]]:
+    """Normalise `cfg` in place; the problems of its values, in the order found: (all others,
+    those only training has)."""
+    problems, training = [], []
     for step in NORMALISE:
         try:
             step(cfg)
         except ValueError as error:
             problems.append(str(error))
-    problems += _broken_rules(cfg)
+    for when, text in _broken_rules(cfg):
+        (training if when in TRAINING_RULE_KEYS else problems).append(text)
     for check in CHECKS:
         try:
             check(cfg)
         except ValueError as error:
-            problems.append(str(error))
-    return problems
+            (training if check.__name__ in TRAINING_CHECKS else problems).append(str(error))
+    return problems, training
+
+
+def _raise_or_defer(cfg: MoltConfig, problems: list[str], training: list[str], info: ValidationInfo) -> None:
+    """Raise the problems; those only training has are kept in `cfg.training_refusals` instead
+    when the loader defers them (load_config's defer_training_refusals) and nothing else is wrong."""
+    context = info.context or {}
+    if context.get("defer_training_refusals") and not problems and not context.get("refused_keys"):
+        cfg.training_refusals += [t for t in training if t not in cfg.training_refusals]
+        context.setdefault("training_refusals", []).extend(training)
+    elif problems or training:
+        raise ValueError("\n".join(problems + training))
 
 
 # -- what a stage reads: typed slices of the one declaration ---------------------------------------

@@ -139,19 +139,24 @@ def test_keys_only_training_reads_refuse_train_not_preprocess(tmp_path, monkeypa
     # check and train refuse it; a refused key that would change the data stops preprocess too
     monkeypatch.chdir(tmp_path)
     training_only = {"base_model": str(tiny_model_dir), "datasets": [{"path": "data.jsonl", "type": "alpaca"}], "sequence_len": 64,
-                     "micro_batch_size": 1, "learning_rate": 1e-4, "max_steps": 1, "qat": {"weight_dtype": "int4"}, "lisa_n_layers": 2}
+                     "micro_batch_size": 1, "learning_rate": 1e-4, "max_steps": 1, "qat": {"weight_dtype": "int4"}, "lisa_n_layers": 2,
+                     "early_stopping_patience": 3}
     path = write(tmp_path, training_only)
     code, output = cli("preprocess", path, "--cache-dir", "cache")
     assert code == 0, output
     assert ("warning: qat: {weight_dtype: int4} is not supported yet: molt would train without fake quantization (quantization-aware training) "
             "(molt train will refuse it; the prepared data does not depend on it)") in output.splitlines()
     assert "(2 train rows, 0 validation rows)" in output
+    assert ("warning: early_stopping_patience (3) needs evaluation and saving at fixed steps: set eval_steps and save_steps (got eval_steps: None, "
+            "save_steps: None) (molt train will refuse it; the prepared data does not depend on it)") in output.splitlines()
     for command in ("check", "train"):
         code, output = cli(command, path, "--cache-dir", "cache")
         assert code == 2, output
         assert [line for line in output.splitlines() if line.startswith("  - ")] == [
             "  - qat: {weight_dtype: int4} is not supported yet: molt would train without fake quantization (quantization-aware training)",
-            "  - lisa_n_layers: 2 is not supported yet: molt would train every trainable layer at each step, not LISA's sampled ones"]
+            "  - lisa_n_layers: 2 is not supported yet: molt would train every trainable layer at each step, not LISA's sampled ones",
+            "  - early_stopping_patience (3) needs evaluation and saving at fixed steps: set eval_steps and save_steps (got eval_steps: None, save_steps: None)"]
     assert not list((tmp_path / "cache").glob("train/*"))
     code, output = cli("preprocess", write(tmp_path, {**training_only, "curriculum_sampling": True}), "--cache-dir", "cache")
     assert code == 2 and "curriculum_sampling: true is not supported yet" in output and "qat: {weight_dtype: int4}" in output
+    assert "early_stopping_patience (3)" in output
