@@ -769,7 +769,7 @@ class MoltConfig(BaseModel):
         unknown, problems, training_refusals = _classify_keys(data, notes)
         if (info.context or {}).get("defer_training_refusals") and not problems:
             data["training_refusals"] = training_refusals  # named again if the values or rules fail (config_from_dict)
-            info.context["training_refusals"] = training_refusals
+            info.context["training_refusals"] = list(training_refusals)
         else:
             problems += training_refusals
         if unknown and data.get("strict") is True:

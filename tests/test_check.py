@@ -160,3 +160,13 @@ def test_keys_only_training_reads_refuse_train_not_preprocess(tmp_path, monkeypa
     code, output = cli("preprocess", write(tmp_path, {**training_only, "curriculum_sampling": True}), "--cache-dir", "cache")
     assert code == 2 and "curriculum_sampling: true is not supported yet" in output and "qat: {weight_dtype: int4}" in output
     assert "early_stopping_patience (3)" in output
+
+
+def test_the_training_only_tables_name_refused_keys_and_real_checks():
+    from stages import config
+
+    for key in config.REFUSED_AT_TRAINING:
+        row = config.UNSUPPORTED.get(key)
+        assert row is not None and row.refused, key  # a key implemented since, or only warned, would linger here
+    assert config.TRAINING_CHECKS <= {check.__name__ for check in config.CHECKS}
+    assert set(config.TRAINING_RULE_KEYS) <= {rule[0] for rule in config.RULES}
