@@ -63,6 +63,7 @@ class Unsupported(NamedTuple):
     refused: bool
     reason: str
     inert: Any = False  # False also matches 0
+    at_training: bool = False  # refused by training only: see REFUSED_AT_TRAINING
 
 
 def _refused(reason: str, inert: Any = False) -> Unsupported:
@@ -275,8 +276,8 @@ UNSUPPORTED: dict[str, Unsupported] = {
 # Refused keys that change only how the model is loaded or trained, never the prepared data: `molt
 # preprocess` prepares the data of such a config and names what `molt train` will refuse (data is
 # often prepared on one machine and trained on another, with dvc push / pull in between); every
-# command that trains refuses them. Families as in UNSUPPORTED (`lisa_*`).
-REFUSED_AT_TRAINING: frozenset[str] = frozenset({
+# command that trains refuses them. Names as in UNSUPPORTED (`lisa_*` for the family).
+REFUSED_AT_TRAINING: tuple[str, ...] = (
     "trl", "cls_model_config", "dpo_norm_loss", "ebft", "use_eaft", "trainer_cls", "use_onebitllms", "rope_scaling",
     "model_quantization_config", "model_quantization_config_kwargs", "gptq", "reinit_weights", "random_init_weights",
     "llama4_linearized_experts", "freeze_mm_modules", "mean_resizing_embeddings", "shrink_embeddings", "fix_untrained_tokens",
@@ -288,12 +289,9 @@ REFUSED_AT_TRAINING: frozenset[str] = frozenset({
     "grokfast_*", "spectrum_*", "load_best_model_at_end", "nonexpert_quantization", "dsv4_fp8_nonexpert_mode",
     "dsv4_fp4_grouped_mode", "dsv4_bf16_all", "gemma4_fp8_nonexpert", "gemma4_nf4_nonexpert", "nvfp4_merge_aware",
     "nvfp4_merge_aware_start_step", "dense_mixer", "diffusion", "hatchery", "llmcompressor", "mora",
-})
-
-
-def refused_at_training(key: str) -> bool:
-    """Whether refusing top-level `key` is training's business only (it changes no prepared data)."""
-    return key in REFUSED_AT_TRAINING or any(f.endswith("*") and key.startswith(f[:-1]) for f in REFUSED_AT_TRAINING)
+)
+# a KeyError here: a key implemented (its row deleted) or renamed since
+UNSUPPORTED.update({key: UNSUPPORTED[key]._replace(at_training=True) for key in REFUSED_AT_TRAINING})
 
 
 _ENTRY = "datasets[]."
@@ -1015,8 +1013,7 @@ def _classify_keys(data: dict, notes: list[str]) -> tuple[list[str], list[str], 
             notes.append(f"unknown key: {shown} (not an Axolotl or molt option{hint})")
             unknown.append(shown)
         elif note := unsupported_note(shown, value, row):
-            at_training = row.refused and shown == key and refused_at_training(key)
-            (refused_in_training if at_training else refused if row.refused else notes).append(note)
+            (refused_in_training if row.refused and row.at_training else refused if row.refused else notes).append(note)
 
     # the names a misspelling may be meant as: every key molt knows, implemented or not
     top_names = _known_keys() | UNSUPPORTED_KEYS | frozenset(RENAMED_KEYS)

@@ -523,10 +523,14 @@ def json_difference(old: Path, new: Path) -> str:
         return ""
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return ""
+    def shown(value) -> str:
+        text = json.dumps(value)
+        return text[:80] + ("…" if len(text) > 80 else "")
+
     for key in sorted(set(a) | set(b), key=str):
-        if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            short = lambda value: (text := json.dumps(value))[:80] + ("…" if len(text) > 80 else "")  # noqa: E731
-            return f" at key {key!r}: stored {short(a.get(key, '<absent>'))}, recomputed {short(b.get(key, '<absent>'))}"
+        stored, recomputed = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if stored != recomputed:
+            return f" at key {key!r}: stored {shown(stored)}, recomputed {shown(recomputed)}"
     return ""
 
 
