@@ -1,5 +1,6 @@
-"""SmolLM2-135M training throughput on CPU, LoRA or full: `molt train` packed vs unpacked vs a
-plain transformers Trainer (+ peft for LoRA) on the same tokenized rows (the baseline).
+"""SmolLM2-135M training throughput on CPU, LoRA or full: `molt train` packed, unpacked (padded to
+the longest) and unpacked padding-free (batch_flattening) vs a plain transformers Trainer (+ peft
+for LoRA) on the same tokenized rows (the baseline).
 
     python -m bench.lora [--rows 128] [--seq-len 512] [--micro-batch-size 2] [--rounds 3] [--full]
 
@@ -29,12 +30,13 @@ from bench import pipeline
 REPO = pipeline.REPO
 
 
-def _config(work: Path, rows: int, seq_len: int, mbs: int, packed: bool, full: bool = False) -> Path:
+def _config(work: Path, rows: int, seq_len: int, mbs: int, packed: bool, full: bool = False, flattened: bool = False) -> Path:
     method = {"adapter": None, "lora_r": None, "lora_alpha": None, "lora_target_linear": None, "learning_rate": 1e-5} if full else {
         "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate": 1e-4}
     return pipeline.write_config(
-        work / f"{'full' if full else 'lora'}-{'packed' if packed else 'unpacked'}.yml", Path("unused"), [{"path": "data/a.jsonl", "type": "alpaca"}],
-        base_model="smollm2-135m-instruct", sequence_len=seq_len, sample_packing=packed, micro_batch_size=mbs,
+        work / f"{'full' if full else 'lora'}-{'packed' if packed else 'flattened' if flattened else 'unpacked'}.yml", Path("unused"),
+        [{"path": "data/a.jsonl", "type": "alpaca"}], base_model="smollm2-135m-instruct", sequence_len=seq_len, sample_packing=packed,
+        micro_batch_size=mbs, **({"batch_flattening": True} if flattened else {}),
         num_epochs=1, max_steps=None, logging_steps=1000, chat_template="tokenizer_default", **method,
     )
 
@@ -134,7 +136,8 @@ def run(rows: int = 128, seq_len: int = 512, mbs: int = 2, work: Path | None = N
         cache = work / "cache"
         _seed_cache(cache)
         pipeline.write_jsonl(work / "data" / "a.jsonl", pipeline.alpaca_rows(rows, seed=7))
-        configs = {"molt packed": _config(work, rows, seq_len, mbs, True, full), "molt unpacked": _config(work, rows, seq_len, mbs, False, full)}
+        configs = {"molt packed": _config(work, rows, seq_len, mbs, True, full), "molt unpacked": _config(work, rows, seq_len, mbs, False, full),
+                   "molt unpacked, batch_flattening": _config(work, rows, seq_len, mbs, False, full, flattened=True)}
         for cfg in configs.values():
             pipeline.molt(["preprocess", cfg], work, cache)
         status = pipeline.molt(["status", configs["molt unpacked"], "--json"], work, cache)["stdout"]

@@ -193,7 +193,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "remove_unused_columns": _warned("molt keeps only the columns it trains on"),
     "push_dataset_to_hub": _warned("molt uploads nothing; the prepared data is in dataset_prepared_path"),
     "sample_packing_mp_start_method": _warned("molt packs in one process"),
-    "curriculum_sampling": _refused("molt would shuffle the rows instead of keeping their order"),
     "pretraining_sample_concatenation": _refused("molt keeps each document apart (split into sequence_len pieces, then packed)"),
     "pretrain_multipack_buffer_size": _warned("molt packs the whole dataset at once"),
     "pretrain_multipack_attn": _refused("molt keeps packed samples apart (as pretrain_multipack_attn: true)", inert=True),
@@ -292,6 +291,10 @@ REFUSED_AT_TRAINING: tuple[str, ...] = (
 )
 # a KeyError here: a key implemented (its row deleted) or renamed since
 UNSUPPORTED.update({key: UNSUPPORTED[key]._replace(at_training=True) for key in REFUSED_AT_TRAINING})
+# and keys only training reads whose values are checked at load: `molt preprocess` prepares the data
+# as if a wrong one were unset, and names it as what `molt train` will refuse
+TRAINING_VALUE_KEYS: tuple[str, ...] = ("optimizer", "lr_scheduler", "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1",
+                                        "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_kwargs", "optim_args")
 
 
 _ENTRY = "datasets[]."
@@ -563,6 +566,7 @@ class MoltConfig(BaseModel):
     total_num_tokens: int | None = Field(default=None, ge=0)
     batch_flattening: bool = False  # padding-free batches without packing
     group_by_length: bool = False
+    curriculum_sampling: bool = False  # train on the rows in the prepared order, epoch after epoch (no shuffle)
     train_on_inputs: bool = False
 
     # chat templates and tokens
@@ -1623,6 +1627,13 @@ def config_from_dict(data: dict, source: str = "<config>", load_warnings: list[s
     try:
         cfg = MoltConfig.model_validate(data, context=context)
     except ValidationError as error:
+        failed = {str(e["loc"][0]) for e in error.errors() if e["loc"]}
+        if defer_training_refusals and failed and failed <= set(TRAINING_VALUE_KEYS):
+            # only training reads these keys: the data is prepared as if they were unset, and
+            # their errors wait for molt train like the refused training-only keys
+            cfg = config_from_dict({k: v for k, v in data.items() if k not in failed}, source, load_warnings, defer_training_refusals)
+            cfg.training_refusals += [line[4:] for line in _describe(error, source).splitlines()[1:]]
+            return cfg
         refused = context.get("refused_keys", []) + context.get("training_refusals", []) + _rule_problems_beside(error, data)
         raise ConfigError(_describe(error, source, refused), notes=context.get("notes", context["load_warnings"])) from None
     if context.get("refused_keys"):

@@ -71,7 +71,7 @@ Params = stage_params(
     "loss_watchdog_threshold", "loss_watchdog_patience", "eval_strategy", "save_strategy", "metric_for_best_model", "greater_is_better",
     "save_safetensors", "save_only_model", "profiler_steps", "profiler_steps_start", "resume_from_checkpoint",
     "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio", "relora_cpu_offload",
-    "pad_to_sequence_len", "batch_flattening", "group_by_length", "deepspeed",
+    "pad_to_sequence_len", "batch_flattening", "group_by_length", "curriculum_sampling", "deepspeed",
     "fsdp", "fsdp_config", "fsdp_version", "fsdp_final_state_dict_type", "ddp_broadcast_buffers",
     required=("learning_rate",),
     unkeyed=("use_tensorboard", "wandb_project", "wandb_name", "wandb_entity", "wandb_mode", "wandb_run_id", "wandb_watch", "wandb_log_model",

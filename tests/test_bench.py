@@ -61,7 +61,7 @@ def test_axolotl_examples_bench_classifies_each_training_config(tmp_path, tiny_m
             {"path": "org/sharegpt", "type": "chat_template", "field_messages": "conversations",
              "message_property_mappings": {"role": "from", "content": "value"}, "roles": {"user": ["human"], "assistant": ["gpt"]}}], **common},
         # refused for a key that changes the data (one only training reads would let preprocess through)
-        "examples/refused.yml": {"base_model": "org/some-7b", "datasets": [{"path": "x/y", "type": "alpaca"}], "curriculum_sampling": True,
+        "examples/refused.yml": {"base_model": "org/some-7b", "datasets": [{"path": "x/y", "type": "alpaca"}], "pretraining_sample_concatenation": True,
                                  "adapter": "lora", "lora_r": 8, "lora_alpha": 16, **common},
         "examples/cloud.yaml": {"provider": "somewhere", "gpu": "h100"},
     }
@@ -78,7 +78,7 @@ def test_axolotl_examples_bench_classifies_each_training_config(tmp_path, tiny_m
     assert set(outcomes) == {"examples/alpaca.yml", "examples/sub/chat.yaml", "examples/refused.yml"}
     assert outcomes["examples/alpaca.yml"] == ("preprocesses", "")
     assert outcomes["examples/sub/chat.yaml"] == ("preprocesses", "")
-    assert outcomes["examples/refused.yml"][0] == "refused" and "curriculum_sampling" in outcomes["examples/refused.yml"][1]
+    assert outcomes["examples/refused.yml"][0] == "refused" and "pretraining_sample_concatenation" in outcomes["examples/refused.yml"][1]
     # the slice of the 40 local rows was read: 10% is 4 rows, 1 of them held out; the chats all
     prepared = {r["config"]: r["rows"] for r in result["rows"]}
     assert prepared == {"examples/alpaca.yml": "3+1", "examples/sub/chat.yaml": "40+0", "examples/refused.yml": ""}
@@ -90,4 +90,4 @@ def test_axolotl_examples_bench_classifies_each_training_config(tmp_path, tiny_m
     assert {m["from"] for m in first["conversations"]} <= {"system", "human", "gpt"} and "value" in first["conversations"][0]
     text = (tmp_path / "out" / "axolotl-examples.md").read_text()
     assert "| preprocesses | 2 | 66.7% |" in text and "| refused | 1 | 33.3% |" in text
-    assert "| 1 | curriculum_sampling: … is not supported yet" in text
+    assert "| 1 | pretraining_sample_concatenation: … is not supported yet" in text

@@ -1,5 +1,6 @@
 """Data parallelism: each epoch every rank gets the same number of micro-batches, the ranks'
-rows do not overlap, and every row (so every sample) is trained exactly once."""
+rows do not overlap, and every row (so every sample) is trained exactly once; with
+curriculum_sampling, in the prepared order."""
 
 from __future__ import annotations
 
@@ -55,3 +56,30 @@ def test_group_by_length_puts_rows_of_similar_length_together():
         return np.mean([lengths[b].max() - lengths[b].min() for b in batches])
 
     assert spread(grouped) < spread(shuffled) / 5
+
+
+@pytest.mark.parametrize("curriculum", [False, True])
+def test_curriculum_sampling_trains_the_rows_in_their_prepared_order(curriculum, tiny_model_dir, tmp_path):
+    import pyarrow as pa
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from stages.train import Params
+    from stages.training.batches import Rows, collate
+    from stages.training.trainer import MoltTrainer
+
+    n = 12
+    table = pa.table({"input_ids": [[10 + i, 3, 4] for i in range(n)], "labels": [[-100, 3, 4]] * n, "position_ids": [[0, 1, 2]] * n})
+    params = Params(learning_rate=1e-3, curriculum_sampling=curriculum)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], per_device_train_batch_size=1, use_cpu=True)
+    trainer = MoltTrainer(params, Rows(table, 0), Rows(table.slice(0, 0), 0), {"train": lambda rows: collate(rows, 0)},
+                          model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args)
+    epochs = []
+    for epoch in range(2):
+        loader = trainer.get_train_dataloader()
+        loader.set_epoch(epoch)  # as the Trainer does at each epoch
+        epochs.append([int(b["input_ids"][0, 0]) - 10 for b in loader])
+    assert all(sorted(order) == list(range(n)) for order in epochs)
+    if curriculum:
+        assert epochs == [list(range(n))] * 2
+    else:
+        assert epochs[0] != list(range(n)) and epochs[0] != epochs[1]

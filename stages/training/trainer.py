@@ -55,7 +55,8 @@ class MoltTrainer(Trainer):
         return RankBatches(rows.lengths, rows_per_batch, max(1, self.args.world_size), self.args.process_index, self.molt_params.seed, **order)
 
     def get_train_dataloader(self):
-        sampler = self._batches(self.train_rows, self.args.per_device_train_batch_size, group_by_length=self.molt_params.group_by_length)
+        sampler = self._batches(self.train_rows, self.args.per_device_train_batch_size, shuffle=not self.molt_params.curriculum_sampling,
+                                group_by_length=self.molt_params.group_by_length)
         return data_loader(self, self.train_rows, sampler, self.collators["train"])
 
     def get_eval_dataloader(self, eval_dataset=None):

@@ -311,7 +311,7 @@ def test_creative_acr_scores_given_as_text(workdir, tiny_model_dir, compat_cache
 REFUSED = {
     "tokenizer_config_not_cached": [["tokenizer_config 'EleutherAI/gpt-neox-20b'", "local Hugging Face cache", "huggingface-cli download"]],
     "sharegpt_type": [["datasets[0].type", "sharegpt", "type: chat_template", "message_property_mappings"]],
-    "rslora_lisa_curriculum": [["curriculum_sampling", "molt would"], ["peft_use_rslora", "molt would"], ["lisa_n_layers", "molt would"],
+    "rslora_lisa_concatenation": [["pretraining_sample_concatenation", "molt keeps"], ["peft_use_rslora", "molt would"], ["lisa_n_layers", "molt would"],
                                ["lisa_step_interval", "molt would"]],
     "unknown_template": [["chat_template", "'chatml_v9'", "did you mean chatml?"]],
 }
