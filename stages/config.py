@@ -291,10 +291,6 @@ REFUSED_AT_TRAINING: tuple[str, ...] = (
 )
 # a KeyError here: a key implemented (its row deleted) or renamed since
 UNSUPPORTED.update({key: UNSUPPORTED[key]._replace(at_training=True) for key in REFUSED_AT_TRAINING})
-# and keys only training reads whose values are checked at load: `molt preprocess` prepares the data
-# as if a wrong one were unset, and names it as what `molt train` will refuse
-TRAINING_VALUE_KEYS: tuple[str, ...] = ("optimizer", "lr_scheduler", "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1",
-                                        "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_kwargs", "optim_args")
 
 
 _ENTRY = "datasets[]."
@@ -494,6 +490,12 @@ OPTIMIZERS: tuple[str, ...] = (
     "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw",
     "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw",
     "adopt_adamw",  # molt's own
+)
+# Axolotl's own optimizers (its CustomSupportedOptimizers) that molt does not have: known names, so
+# refused by training with that reason (a training-only refusal: `molt preprocess` prepares the data)
+AXOLOTL_OPTIMIZERS: tuple[str, ...] = (
+    "optimi_adamw", "ao_adamw_4bit", "ao_adamw_8bit", "ao_adamw_fp8", "came_pytorch", "muon", "dion", "sinkgd", "flash_adamw",
+    "flash_adam", "flash_sgd", "flash_sgdw", "flash_lion", "q_galore_adamw8bit",
 )
 LR_SCHEDULERS: tuple[str, ...] = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
@@ -840,7 +842,7 @@ class MoltConfig(BaseModel):
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
-        return _one_of("optimizer", value, OPTIMIZERS)
+        return value if value in AXOLOTL_OPTIMIZERS else _one_of("optimizer", value, OPTIMIZERS)
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -1282,6 +1284,12 @@ def _loftq_on_plain_lora(cfg: MoltConfig) -> None:
         raise ValueError("peft.loftq_config with peft_use_dora: DoRA's magnitudes would be computed from the unquantized weights")
 
 
+def _optimizer_molt_has(cfg: MoltConfig) -> None:
+    if cfg.optimizer in AXOLOTL_OPTIMIZERS:
+        raise ValueError(f"optimizer: {cfg.optimizer} is not supported yet: it is one of Axolotl's own optimizers, which molt lacks; "
+                         "use adamw_torch, adopt_adamw or another optimizer transformers names")
+
+
 def _early_stopping_needs_evaluation(cfg: MoltConfig) -> None:
     # The best checkpoint is judged at evaluations and must have been saved at one (Axolotl's rule).
     if cfg.early_stopping_patience is None:
@@ -1372,13 +1380,14 @@ def _deepspeed_fits(cfg: MoltConfig) -> None:
 CHECKS: list[Callable[[MoltConfig], None]] = [
     _needs_data, _loftq_on_plain_lora, _early_stopping_needs_evaluation, _log_sweep_range, _lr_group_names_differ, _one_attention,
     _plain_gradient_checkpointing, _plugins, _bfloat16_with_8bit, _best_saves_need_evaluation, _safetensors_only, _deepspeed_fits,
+    _optimizer_molt_has,
 ]
 
 
 # problems that only training has (the data stages read none of their keys), deferred as
 # REFUSED_AT_TRAINING keys are: the rules whose first key is one of these, and these checks
 TRAINING_RULE_KEYS = ("deepspeed", "fsdp or fsdp_config")
-TRAINING_CHECKS = frozenset({"_early_stopping_needs_evaluation", "_deepspeed_fits"})
+TRAINING_CHECKS = frozenset({"_early_stopping_needs_evaluation", "_deepspeed_fits", "_optimizer_molt_has"})
 
 
 def _problems(cfg: MoltConfig) -> tuple[list[str], list[str]]:
@@ -1627,13 +1636,6 @@ def config_from_dict(data: dict, source: str = "<config>", load_warnings: list[s
     try:
         cfg = MoltConfig.model_validate(data, context=context)
     except ValidationError as error:
-        failed = {str(e["loc"][0]) for e in error.errors() if e["loc"]}
-        if defer_training_refusals and failed and failed <= set(TRAINING_VALUE_KEYS):
-            # only training reads these keys: the data is prepared as if they were unset, and
-            # their errors wait for molt train like the refused training-only keys
-            cfg = config_from_dict({k: v for k, v in data.items() if k not in failed}, source, load_warnings, defer_training_refusals)
-            cfg.training_refusals += [line[4:] for line in _describe(error, source).splitlines()[1:]]
-            return cfg
         refused = context.get("refused_keys", []) + context.get("training_refusals", []) + _rule_problems_beside(error, data)
         raise ConfigError(_describe(error, source, refused), notes=context.get("notes", context["load_warnings"])) from None
     if context.get("refused_keys"):
