@@ -1165,7 +1165,7 @@ RULES: list[tuple[str, ...]] = [
     ("rl", EXCLUDES, "reward_model or process_reward_model", "rl: {rl} trains a language model; reward_model / process_reward_model train a classifier: set one of them"),
     ("reward_model", EXCLUDES, "process_reward_model", "reward_model and process_reward_model are two kinds of model: set one"),
     *((when, EXCLUDES, key, f"{key} is a setting of molt's supervised trainer, not of TRL's preference and reward trainers")
-      for when in ("rl", "reward_model or process_reward_model") for key in ("relora_steps", "loraplus_lr_ratio", "lr_groups", "batch_flattening")),
+      for when in ("rl", "reward_model or process_reward_model") for key in ("relora_steps", "loraplus_lr_ratio", "lr_groups", "batch_flattening", "curriculum_sampling")),
     # learning-rate schedule
     ("cosine_min_lr_ratio", REQUIRES, "lr_scheduler: cosine", "cosine_min_lr_ratio ({cosine_min_lr_ratio}) applies to lr_scheduler: cosine, not lr_scheduler: {lr_scheduler}"),
     ("cosine_constant_lr_ratio", REQUIRES, "lr_scheduler: cosine", "cosine_constant_lr_ratio ({cosine_constant_lr_ratio}) applies to lr_scheduler: cosine, not lr_scheduler: {lr_scheduler}"),

@@ -83,3 +83,12 @@ def test_curriculum_sampling_trains_the_rows_in_their_prepared_order(curriculum,
         assert epochs == [list(range(n))] * 2
     else:
         assert epochs[0] != list(range(n)) and epochs[0] != epochs[1]
+
+
+def test_curriculum_sampling_is_refused_where_trl_trains():
+    # the preference and reward trainers are TRL's, with their own sampler: the key would be ignored
+    from stages.config import ConfigError, config_from_dict
+
+    base = {"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "chatml.intel"}], "rl": "dpo", "learning_rate": 1e-5, "curriculum_sampling": True}
+    with pytest.raises(ConfigError, match="curriculum_sampling is a setting of molt's supervised trainer"):
+        config_from_dict(base)
