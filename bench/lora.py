@@ -1,6 +1,7 @@
-"""SmolLM2-135M training throughput on CPU, LoRA or full: `molt train` packed, unpacked (padded to
-the longest) and unpacked padding-free (batch_flattening) vs a plain transformers Trainer (+ peft
-for LoRA) on the same tokenized rows (the baseline).
+"""SmolLM2-135M training throughput on CPU, LoRA or full: `molt train` packed, unpacked as molt
+does it by default (padding-free: each micro-batch flattened into one row) and unpacked padded to
+the longest (`batch_flattening: false`) vs a plain transformers Trainer (+ peft for LoRA) on the
+same tokenized rows (the baseline).
 
     python -m bench.lora [--rows 128] [--seq-len 512] [--micro-batch-size 2] [--rounds 3] [--full]
 
@@ -30,13 +31,13 @@ from bench import pipeline
 REPO = pipeline.REPO
 
 
-def _config(work: Path, rows: int, seq_len: int, mbs: int, packed: bool, full: bool = False, flattened: bool = False) -> Path:
+def _config(work: Path, rows: int, seq_len: int, mbs: int, packed: bool, full: bool = False, padded: bool = False) -> Path:
     method = {"adapter": None, "lora_r": None, "lora_alpha": None, "lora_target_linear": None, "learning_rate": 1e-5} if full else {
         "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate": 1e-4}
     return pipeline.write_config(
-        work / f"{'full' if full else 'lora'}-{'packed' if packed else 'flattened' if flattened else 'unpacked'}.yml", Path("unused"),
+        work / f"{'full' if full else 'lora'}-{'packed' if packed else 'padded' if padded else 'unpacked'}.yml", Path("unused"),
         [{"path": "data/a.jsonl", "type": "alpaca"}], base_model="smollm2-135m-instruct", sequence_len=seq_len, sample_packing=packed,
-        micro_batch_size=mbs, **({"batch_flattening": True} if flattened else {}),
+        micro_batch_size=mbs, **({"batch_flattening": False} if padded else {}),
         num_epochs=1, max_steps=None, logging_steps=1000, chat_template="tokenizer_default", **method,
     )
 
@@ -125,6 +126,7 @@ def _baseline_mode(work: Path, model_dir: Path, tokenized: list[str], mbs: int, 
 
 
 BASELINE = "transformers Trainer (pad to longest)"
+DEFAULT = "molt unpacked (default: padding-free)"
 
 
 def run(rows: int = 128, seq_len: int = 512, mbs: int = 2, work: Path | None = None, rounds: int = 3, full: bool = False) -> dict:
@@ -136,11 +138,11 @@ def run(rows: int = 128, seq_len: int = 512, mbs: int = 2, work: Path | None = N
         cache = work / "cache"
         _seed_cache(cache)
         pipeline.write_jsonl(work / "data" / "a.jsonl", pipeline.alpaca_rows(rows, seed=7))
-        configs = {"molt packed": _config(work, rows, seq_len, mbs, True, full), "molt unpacked": _config(work, rows, seq_len, mbs, False, full),
-                   "molt unpacked, batch_flattening": _config(work, rows, seq_len, mbs, False, full, flattened=True)}
+        configs = {"molt packed": _config(work, rows, seq_len, mbs, True, full), DEFAULT: _config(work, rows, seq_len, mbs, False, full),
+                   "molt unpacked, batch_flattening: false (padded)": _config(work, rows, seq_len, mbs, False, full, padded=True)}
         for cfg in configs.values():
             pipeline.molt(["preprocess", cfg], work, cache)
-        status = pipeline.molt(["status", configs["molt unpacked"], "--json"], work, cache)["stdout"]
+        status = pipeline.molt(["status", configs[DEFAULT], "--json"], work, cache)["stdout"]
         keys = {r["stage"]: r["key"] for r in json.JSONDecoder().raw_decode(status[status.index("["):])[0]}
         model_dir = cache / "fetch_model" / keys["fetch_model"]
         tokenized = [str(cache / "tokenize" / k) for s, k in keys.items() if s == "tokenize" or s.startswith("tokenize[")]

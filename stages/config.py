@@ -566,7 +566,8 @@ class MoltConfig(BaseModel):
     sample_packing_bin_size: int = Field(default=200, ge=1)
     sample_packing_eff_est: float | None = Field(default=None, gt=0, le=1)
     total_num_tokens: int | None = Field(default=None, ge=0)
-    batch_flattening: bool = False  # padding-free batches without packing
+    # padding-free batches without packing; unset: on where the model keeps samples apart by position_ids
+    batch_flattening: bool | None = None
     group_by_length: bool = False
     curriculum_sampling: bool = False  # train on the rows in the prepared order, epoch after epoch (no shuffle)
     train_on_inputs: bool = False

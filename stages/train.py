@@ -112,8 +112,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     val_rows = Rows(read_table(inputs["packed"] / "val.arrow"), pad_id)
     if len(train_rows) == 0:
         raise DataError("no training rows: every sample was dropped before packing")
-    packed = params.batch_flattening or layout["train"]["packed"] or layout["val"]["packed"]
-    model = model_to_train(params, inputs["model"], tokenizer_info["vocab_size"], packed, ctx.log)
+    packed = layout["train"]["packed"] or layout["val"]["packed"]
+    model, flatten = model_to_train(params, inputs["model"], tokenizer_info["vocab_size"], packed, ctx.log)
     check_fsdp(params, model, ctx.world_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -125,7 +125,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     total_steps = params.max_steps or max(1, math.ceil(steps_per_epoch * params.num_epochs))
     args.logging_steps = params.logging_steps or max(1, total_steps // 20)
     saving = schedule_checkpoints(args, params, steps_per_epoch, len(val_rows) > 0)
-    collators = {split: make_collator(layout[split], pad_id, bool(params.pad_to_sequence_len), params.batch_flattening) for split in ("train", "val")}
+    collators = {split: make_collator(layout[split], pad_id, bool(params.pad_to_sequence_len), flatten) for split in ("train", "val")}
     relora = None
     if params.relora_steps:
         from stages.training.relora import ReLoRACallback

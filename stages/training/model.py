@@ -327,10 +327,10 @@ def loftq_initialise(model, bits: int, adapter: str = "default") -> None:
 # -- packed samples --------------------------------------------------------------------------------
 
 
-def check_packed_masking(model) -> None:
+def keeps_samples_apart(model) -> bool:
     """Packed rows rely on the model restarting attention where position_ids restart (transformers
     builds a block-diagonal mask from them). A model that ignores them would let samples attend to
-    each other: probe with one short sequence twice in a row and refuse if the copies differ."""
+    each other: probe with one short sequence twice in a row and compare the copies."""
     import torch
 
     device = next(model.parameters()).device
@@ -344,7 +344,12 @@ def check_packed_masking(model) -> None:
     finally:
         model.train(was_training)
     first, second = logits[0, :4], logits[0, 4:]
-    if not torch.allclose(first, second, atol=1e-4 + 1e-3 * float(first.abs().max())):
+    return torch.allclose(first, second, atol=1e-4 + 1e-3 * float(first.abs().max()))
+
+
+def check_packed_masking(model) -> None:
+    """Refuse packed rows for a model that does not keep their samples apart."""
+    if not keeps_samples_apart(model):
         raise DataError(
             f"{type(model).__name__} does not keep packed samples apart (its attention ignores the restarting position_ids): "
             "set sample_packing: false and batch_flattening: false for this model"

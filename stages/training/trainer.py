@@ -15,10 +15,11 @@ from stages.store import DataError
 from stages.training.batches import RankBatches, Rows, data_loader
 from stages.training.chunked_loss import TrainedTokenLoss, asked_kernel
 from stages.training.evaluation import evaluation_loss
-from stages.training.model import check_packed_masking, is_causal_lm, load_for_training
+from stages.training import fused_projections
+from stages.training.model import check_packed_masking, is_causal_lm, keeps_samples_apart, load_for_training
 from stages.training.optim import loraplus_optimizer, make_optimizer, make_scheduler
 from stages.training.precision import cast_weights, offloaded_activations, set_attention
-from stages.training.sharding import shard_on_cpu
+from stages.training.sharding import fsdp_enabled, shard_on_cpu
 
 
 class MoltTrainer(Trainer):
@@ -89,8 +90,12 @@ class MoltTrainer(Trainer):
 
 def model_to_train(params, model_dir: Path, vocab_size: int, packed: bool, log):
     """The model to train (training/model.py, shared with merge), with its attention kernel and
-    weights' dtype; checked to keep packed samples apart when the rows are packed. Only causal
-    LMs: the packed rows hold next-token labels, not the class labels a classifier head needs."""
+    weights' dtype, and whether its micro-batches are flattened into one padding-free row
+    (`batch_flattening`; unset: wherever the model keeps samples apart). Checked to keep packed
+    samples apart when the rows are packed or flattened. Only causal LMs: the packed rows hold
+    next-token labels, not the class labels a classifier head needs. The gated MLPs and LoRA
+    Linears get molt's leaner forward (training/fused_projections.py) unless FSDP or DeepSpeed
+    shard the weights: both gather a module's weights when that module is called."""
     if not is_causal_lm(params.model_type):
         raise DataError(
             f"model_type {params.model_type}: the train stage fine-tunes causal language models on next-token labels; "
@@ -99,9 +104,17 @@ def model_to_train(params, model_dir: Path, vocab_size: int, packed: bool, log):
     model = load_for_training(params, model_dir, vocab_size)
     set_attention(model, params, log)
     cast_weights(model, params)
-    if packed:
+    flatten = params.batch_flattening
+    if packed or flatten:
         check_packed_masking(model)
-    return model
+    elif flatten is None:
+        flatten = keeps_samples_apart(model)
+        log(f"  micro-batches: {'flattened into one padding-free row' if flatten else 'padded (the model does not keep samples apart)'}")
+    if not (fsdp_enabled(params) or params.deepspeed):
+        swapped = fused_projections.install(model)
+        if any(swapped.values()):
+            log(f"  leaner forward: {swapped['gated_mlp']} gated MLPs, {swapped['lora_linear']} other LoRA Linears")
+    return model, bool(flatten)
 
 
 def last_checkpoint(folder: Path) -> str | None:
