@@ -17,6 +17,7 @@ length, row). `dataset_processes` worker processes share the rows (same bytes fo
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -38,22 +39,25 @@ IGNORE = -100
 Params = stage_params("sequence_len", "train_on_inputs", "excess_length_strategy", "min_sample_len", unkeyed=("dataset_processes",))
 
 
-def labels_for(segments: list[dict], offsets: list[tuple[int, int]], ids: list[int], train_all: bool) -> np.ndarray:
-    ids = np.asarray(ids, dtype=np.int64)
-    if train_all:
-        return ids.copy()
-    by_coverage = [s["train"] and not s.get("detail") for s in segments]
-    trained = np.concatenate([np.full(len(s["text"]), t, dtype=np.int32) for s, t in zip(segments, by_coverage)] + [np.zeros(1, np.int32)])
-    covered = np.concatenate([[0], np.cumsum(trained)])
-    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    ends = np.maximum(spans[:, 1], spans[:, 0] + 1)
-    hit = covered[ends] - covered[spans[:, 0]] > 0
-    start = 0
-    for s in segments:
-        if s["train"] and s.get("detail") and s["text"] and len(spans):
-            hit |= _detail_tokens(spans, start, start + len(s["text"]) - 1)
-        start += len(s["text"])
-    return np.where(hit, ids, IGNORE)
+def labels_for(seg_chars: np.ndarray, seg_trained: np.ndarray, row_segments: np.ndarray, spans: np.ndarray,
+               row_tokens: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Labels of a batch of joined rows at once: a token is trained when its span of characters
+    (at least one wide) covers a trained character of its row. Segments and tokens come flat, in
+    row order: each segment's length in characters and whether it trains by coverage (0 / 1), each
+    row's number of segments and of tokens, each token's (start, end) in its row's text."""
+    seg_cum = np.concatenate([[0], np.cumsum(seg_chars)])
+    seg_bounds = np.concatenate([[0], np.cumsum(row_segments)])
+    row_start, row_end = seg_cum[seg_bounds[:-1]], seg_cum[seg_bounds[1:]]
+    trained_cum = np.concatenate([[0], np.cumsum(seg_chars * seg_trained)])
+    token_row = np.repeat(np.arange(len(row_tokens)), row_tokens)
+    first = row_start[token_row] + spans[:, 0]
+    last = np.minimum(row_start[token_row] + np.maximum(spans[:, 1], spans[:, 0] + 1), row_end[token_row])
+
+    def trained_before(x: np.ndarray) -> np.ndarray:  # trained characters before position x of the batch's text
+        k = np.searchsorted(seg_cum[:-1], x, side="right") - 1
+        return trained_cum[k] + seg_trained[k] * np.minimum(x - seg_cum[k], seg_chars[k])
+
+    return np.where(trained_before(last) - trained_before(first) > 0, ids, IGNORE)
 
 
 def _detail_tokens(spans: np.ndarray, begin: int, end: int) -> np.ndarray:
@@ -76,55 +80,118 @@ def _detail_tokens(spans: np.ndarray, begin: int, end: int) -> np.ndarray:
     return hit
 
 
-def _encode(tokenizer, segments_batch: list[list[dict]], modes: list[str], train_all: bool) -> list[tuple[list[int], np.ndarray]]:
-    """(ids, labels) per row, batched encode calls per mode: joined rows (and chunked ones)
-    encode their whole text with character offsets; separate rows encode each segment alone;
-    prefix rows as _encode_prefixed says."""
-    out: list = [None] * len(modes)
-    joined = [i for i, m in enumerate(modes) if m in ("joined", "chunk")]
-    encodings = tokenizer.encode_batch(["".join(s["text"] for s in segments_batch[i]) for i in joined], add_special_tokens=False)
-    for i, enc in zip(joined, encodings):
-        out[i] = (enc.ids, labels_for(segments_batch[i], enc.offsets, enc.ids, train_all))
-    prefixed = [i for i, m in enumerate(modes) if m == "prefix"]
-    if prefixed:
-        _encode_prefixed(tokenizer, segments_batch, prefixed, train_all, out)
-    separate = [i for i, m in enumerate(modes) if m == "separate"]
-    pieces = [s for i in separate for s in segments_batch[i]]
-    encoded = iter(tokenizer.encode_batch([s["text"] for s in pieces], add_special_tokens=False) if pieces else [])
-    for i in separate:
-        ids, labels = [], []
-        for segment in segments_batch[i]:
-            piece = next(encoded).ids
-            ids += piece
-            labels += piece if segment["train"] or train_all else [IGNORE] * len(piece)
-        out[i] = (ids, np.asarray(labels, dtype=np.int64))
-    return out
+def _encode_joined(tokenizer, segments, train_all: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joined rows: each row's segments joined and encoded in one call with character offsets,
+    the labels of the whole batch computed at once (training-detail spans row by row). Flat ids
+    and labels, and each row's number of tokens."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    row_segments = pc.list_value_length(segments).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = segments.flatten()
+    texts = pc.struct_field(flat, "text")
+    seg_bounds = np.concatenate([[0], np.cumsum(row_segments)])
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(seg_bounds, pa.int32()), texts), "")
+    encodings = tokenizer.encode_batch(joined.to_pylist(), add_special_tokens=False)
+    row_tokens = np.fromiter(map(len, encodings), np.int64, len(encodings))
+    tokens = int(row_tokens.sum())
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int64, tokens)
+    if train_all:
+        return ids, ids.copy(), row_tokens
+    spans = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), np.int64, 2 * tokens).reshape(-1, 2)
+    seg_chars = pc.utf8_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
+    train = pc.fill_null(pc.struct_field(flat, "train"), False).to_numpy(zero_copy_only=False)
+    detail = pc.fill_null(pc.struct_field(flat, "detail"), False).to_numpy(zero_copy_only=False)
+    labels = labels_for(seg_chars, (train & ~detail).astype(np.int64), row_segments, spans, row_tokens, ids)
+    token_bounds = np.concatenate([[0], np.cumsum(row_tokens)])
+    seg_cum = np.concatenate([[0], np.cumsum(seg_chars)])
+    for k in np.nonzero(train & detail & (seg_chars > 0))[0]:
+        row = int(np.searchsorted(seg_bounds, k, side="right") - 1)
+        within = slice(token_bounds[row], token_bounds[row + 1])
+        if token_bounds[row] < token_bounds[row + 1]:
+            begin = int(seg_cum[k] - seg_cum[seg_bounds[row]])
+            hit = _detail_tokens(spans[within], begin, begin + int(seg_chars[k]) - 1)
+            labels[within] = np.where(hit, ids[within], labels[within])
+    return ids, labels, row_tokens
 
 
-def _encode_prefixed(tokenizer, segments_batch: list[list[dict]], rows: list[int], train_all: bool, out: list) -> None:
-    """`prefix` rows: each piece (an untrained segment with the trained one after it, or a lone
-    segment) encoded alone; the first as many tokens as its untrained text has alone are masked."""
+def _encode_separate(tokenizer, segments, train_all: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Separate rows (input_output, alpaca and the like): each segment encoded alone, its tokens
+    trained or not as a whole."""
+    import pyarrow.compute as pc
+
+    flat = segments.flatten()
+    encodings = tokenizer.encode_batch(pc.struct_field(flat, "text").to_pylist(), add_special_tokens=False)
+    seg_tokens = np.fromiter(map(len, encodings), np.int64, len(encodings))
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int64, int(seg_tokens.sum()))
+    trained = train_all | pc.fill_null(pc.struct_field(flat, "train"), False).to_numpy(zero_copy_only=False)
+    row_segments = pc.list_value_length(segments).to_numpy(zero_copy_only=False).astype(np.int64)
+    seg_row = np.repeat(np.arange(len(row_segments)), row_segments)
+    labels = np.where(np.repeat(trained, seg_tokens), ids, IGNORE)
+    return ids, labels, np.bincount(seg_row, seg_tokens, len(row_segments)).astype(np.int64)
+
+
+def _encode_prefixed(tokenizer, segments, train_all: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prefix rows (reflection, pygmalion): each piece (an untrained segment with the trained one
+    after it, or a lone segment) encoded alone; the first as many tokens as its untrained text has
+    alone are masked."""
     pieces: list[tuple[int, str, str]] = []  # (row, text, its masked head)
-    for i in rows:
-        segments, k = segments_batch[i], 0
-        while k < len(segments):
-            head = segments[k]
-            if not head["train"] and k + 1 < len(segments) and segments[k + 1]["train"]:
-                pieces.append((i, head["text"] + segments[k + 1]["text"], head["text"]))
+    for i, row in enumerate(segments.to_pylist()):
+        k = 0
+        while k < len(row):
+            head = row[k]
+            if not head["train"] and k + 1 < len(row) and row[k + 1]["train"]:
+                pieces.append((i, head["text"] + row[k + 1]["text"], head["text"]))
                 k += 2
             else:
                 pieces.append((i, head["text"], "" if head["train"] else head["text"]))
                 k += 1
     texts = tokenizer.encode_batch([p[1] for p in pieces], add_special_tokens=False)
     heads = tokenizer.encode_batch([p[2] for p in pieces], add_special_tokens=False)
-    built: dict[int, tuple[list, list]] = {i: ([], []) for i in rows}
+    ids, labels, row_tokens = [], [], np.zeros(len(segments), dtype=np.int64)
     for (i, _, _), text, head in zip(pieces, texts, heads):
-        ids, labels = built[i]
         masked = 0 if train_all else min(len(head.ids), len(text.ids))
         ids += text.ids
         labels += [IGNORE] * masked + text.ids[masked:]
-    for i, (ids, labels) in built.items():
-        out[i] = (ids, np.asarray(labels, dtype=np.int64))
+        row_tokens[i] += len(text.ids)
+    return np.array(ids, dtype=np.int64), np.array(labels, dtype=np.int64), row_tokens
+
+
+def _given_tokens(batch, rows: list[int], train_all: bool, vocab: int, formatted: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pretokenized rows: their own input_ids and labels, the ids checked against the vocabulary."""
+    given_ids, given_labels = batch.column("input_ids").take(rows).to_pylist(), batch.column("labels").take(rows).to_pylist()
+    for i, row_ids in zip(rows, given_ids):
+        if row_ids and max(row_ids) >= vocab:
+            where = origin.where(formatted, batch.column("row")[i].as_py())
+            raise DataError(f"{where}: field 'input_ids': token id {max(row_ids)} is outside the tokenizer's vocabulary of {vocab}")
+    ids = np.fromiter(chain.from_iterable(given_ids), np.int64)
+    labels = ids.copy() if train_all else np.fromiter(chain.from_iterable(given_labels), np.int64)
+    return ids, labels, np.array([len(r) for r in given_ids], dtype=np.int64)
+
+
+def _encode(tokenizer, batch, modes: list[str], train_all: bool, vocab: int, formatted: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat ids and labels of a batch of rows, in row order, and each row's number of tokens: the
+    rows of each encoding mode encoded together, then put back in order where modes mix."""
+    segments = batch.column("segments").combine_chunks()
+    encoders = {"joined": _encode_joined, "chunk": _encode_joined, "separate": _encode_separate, "prefix": _encode_prefixed}
+    by_mode: dict[str, list[int]] = {}
+    for i, mode in enumerate(modes):
+        by_mode.setdefault("joined" if mode == "chunk" else mode, []).append(i)
+    parts = {}
+    for mode, rows in by_mode.items():
+        if mode == "tokens":
+            parts[mode] = _given_tokens(batch, rows, train_all, vocab, formatted)
+        else:
+            parts[mode] = encoders[mode](tokenizer, segments if len(rows) == len(modes) else segments.take(rows), train_all)
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    per_row: list = [None] * len(modes)
+    for mode, (ids, labels, row_tokens) in parts.items():
+        bounds = np.cumsum(row_tokens)[:-1]
+        for i, row_ids, row_labels in zip(by_mode[mode], np.split(ids, bounds), np.split(labels, bounds)):
+            per_row[i] = (row_ids, row_labels)
+    return (np.concatenate([r[0] for r in per_row]), np.concatenate([r[1] for r in per_row]),
+            np.array([len(r[0]) for r in per_row], dtype=np.int64))
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
@@ -174,65 +241,60 @@ def _tokenize_rows(start: int, stop: int, params: Params, formatted: Path, token
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     table = read_table(formatted / "formatted.arrow").slice(start, stop - start)
-    strategy = params.excess_length_strategy or "drop"
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32()), ("row", pa.int64())])
-    columns: dict[str, list] = {name: [] for name in schema.names}
-    batches: list = []
-
-    def flush() -> None:  # one Arrow batch per input batch: Python lists never hold the whole dataset
-        batches.append(pa.record_batch([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema))
-        for values in columns.values():
-            values.clear()
-
     counts = {"dropped": {"too_long": 0, "too_short": 0, "nothing_trained": 0}, "truncated": 0, "chunked": 0, "first": {}}
-    dropped = counts["dropped"]
-    first: dict[str, int] = counts["first"]  # the first dropped row of each kind, for the message
-
-    def keep(source_row: int, ids, labels) -> None:
-        if len(ids) < params.min_sample_len:
-            dropped["too_short"] += 1
-            first.setdefault("too_short", source_row)
-        elif not (np.asarray(labels) != IGNORE).any():
-            dropped["nothing_trained"] += 1
-            first.setdefault("nothing_trained", source_row)
-        else:
-            columns["input_ids"].append(ids)
-            columns["labels"].append(labels)
-            columns["length"].append(len(ids))
-            columns["row"].append(source_row)
-
+    batches = []  # one Arrow batch per input batch: the whole dataset is never held as arrays
     for offset in range(0, table.num_rows, BATCH):
         batch = table.slice(offset, BATCH)
-        rows = batch.column("row").to_pylist()
         modes = batch.column("mode").to_pylist()
-        all_segments = batch.column("segments").to_pylist()
-        encoded = _encode(tokenizer, all_segments, modes, params.train_on_inputs)
-        given_ids = batch.column("input_ids").to_pylist() if "tokens" in modes else None
-        given_labels = batch.column("labels").to_pylist() if "tokens" in modes else None
-        for k, (source_row, mode) in enumerate(zip(rows, modes)):
-            if mode == "tokens":
-                ids = given_ids[k]
-                if max(ids) >= vocab:
-                    raise DataError(f"{origin.where(formatted, source_row)}: field 'input_ids': token id {max(ids)} is outside the tokenizer's vocabulary of {vocab}")
-                labels = np.asarray(ids if params.train_on_inputs else given_labels[k], dtype=np.int64)
-            else:
-                ids, labels = encoded[k]
-            if mode == "chunk":  # completion: every piece of sequence_len tokens becomes a row
-                counts["chunked"] += len(ids) > params.sequence_len
-                for c in range(0, len(ids), params.sequence_len):
-                    keep(source_row, ids[c : c + params.sequence_len], labels[c : c + params.sequence_len])
-                continue
-            if len(ids) > params.sequence_len:
-                if strategy == "raise":
-                    raise DataError(f"{origin.where(formatted, source_row)}: {len(ids)} tokens, over sequence_len {params.sequence_len} (excess_length_strategy: raise)")
-                if strategy == "drop":
-                    dropped["too_long"] += 1
-                    first.setdefault("too_long", source_row)
-                    continue
-                ids, labels = ids[: params.sequence_len], labels[: params.sequence_len]
-                counts["truncated"] += 1
-            keep(source_row, ids, labels)
-        flush()
+        ids, labels, row_tokens = _encode(tokenizer, batch, modes, params.train_on_inputs, vocab, formatted)
+        batches.append(_kept(batch.column("row").to_numpy(), np.array(modes) == "chunk", ids, labels, row_tokens, params, formatted, counts, schema))
         if advance:
             advance(batch.num_rows)
     return pa.Table.from_batches(batches, schema=schema), counts
+
+
+def _kept(rows: np.ndarray, chunked: np.ndarray, ids: np.ndarray, labels: np.ndarray, row_tokens: np.ndarray, params: Params,
+          formatted: Path, counts: dict, schema):
+    """The record batch of a batch's rows that are kept, its rows cut to sequence_len pieces where
+    the format chunks them (completion), too long ones refused, dropped or truncated
+    (excess_length_strategy), too short ones and ones with nothing to train dropped; counts and
+    each kind's first dropped row are added to `counts`."""
+    import pyarrow as pa
+
+    limit = params.sequence_len
+    if chunked.any():  # completion: every piece of sequence_len tokens becomes a row (an empty text none)
+        counts["chunked"] += int((chunked & (row_tokens > limit)).sum())
+        pieces = np.where(chunked, -(-row_tokens // limit), 1)
+        piece_row = np.repeat(np.arange(len(rows)), pieces)
+        index = np.arange(len(piece_row)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        row_tokens = np.where(chunked[piece_row], np.minimum(limit, row_tokens[piece_row] - index * limit), row_tokens[piece_row])
+        rows = rows[piece_row]
+    dropped, first = counts["dropped"], counts["first"]
+
+    def drop(kind: str, which: np.ndarray) -> None:
+        if which.any():
+            dropped[kind] += int(which.sum())
+            first.setdefault(kind, int(rows[np.argmax(which)]))
+
+    too_long = row_tokens > limit
+    strategy = params.excess_length_strategy or "drop"
+    if too_long.any() and strategy == "raise":
+        k = int(np.argmax(too_long))
+        raise DataError(f"{origin.where(formatted, int(rows[k]))}: {int(row_tokens[k])} tokens, over sequence_len {limit} (excess_length_strategy: raise)")
+    alive = ~too_long if strategy == "drop" else np.ones(len(rows), dtype=bool)
+    drop("too_long", too_long & ~alive)
+    counts["truncated"] += int((too_long & alive).sum())
+    lengths = np.minimum(row_tokens, limit)
+    token_row = np.repeat(np.arange(len(rows)), row_tokens)
+    within = np.arange(len(ids)) - np.repeat(np.cumsum(row_tokens) - row_tokens, row_tokens) < limit
+    trained = np.bincount(token_row[within & (labels != IGNORE)], minlength=len(rows))
+    short = alive & (lengths < params.min_sample_len)
+    drop("too_short", short)
+    drop("nothing_trained", alive & ~short & (trained == 0))
+    keep = alive & ~short & (trained > 0)
+    taken = keep[token_row] & within
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths[keep])]), pa.int32())
+    return pa.record_batch([pa.ListArray.from_arrays(offsets, pa.array(ids[taken], pa.int32())),
+                            pa.ListArray.from_arrays(offsets, pa.array(labels[taken], pa.int32())),
+                            pa.array(lengths[keep], pa.int32()), pa.array(rows[keep], pa.int64())], schema=schema)

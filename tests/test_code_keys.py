@@ -114,7 +114,7 @@ def test_the_arrow_writer_rebuilds_every_stage_that_writes_arrow(warm_copy, scra
 
 
 def test_a_helper_only_tokenize_calls_rebuilds_tokenize(warm_copy, scratch):
-    scratch("stages/tokenize.py", "    ids = np.asarray(ids, dtype=np.int64)\n    if train_all:", "    ids = np.array(ids, dtype=np.int64)\n    if train_all:")
+    scratch("stages/tokenize.py", "    token_row = np.repeat(np.arange(len(row_tokens)), row_tokens)\n    first =", "    token_row = np.arange(len(row_tokens)).repeat(row_tokens)\n    first =")
     rows = stale_for_themselves(stale(warm_copy))
     assert set(rows) == {"tokenize[0]", "tokenize[1]", "tokenize[2]"}, rows
     assert rows["tokenize[0]"] == ["code of stages/tokenize.py:labels_for changed"]

@@ -8,6 +8,7 @@ those ids where the piece is trained and -100 elsewhere.
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 
 from stages import format as format_stage
@@ -283,12 +284,14 @@ def test_rows_under_min_sample_len_are_dropped(pipeline, expect):
 
 
 def test_labels_for_marks_tokens_covering_trained_characters():
-    segments = [{"text": "ab", "train": False}, {"text": "cd", "train": True}, {"text": "e", "train": False}]
-    # tokens: "a", "bc" (straddles the boundary: trained), "d", "e", and a zero-width token at 4
-    offsets = [(0, 1), (1, 3), (3, 4), (4, 5), (4, 4)]
-    labels = tokenize_stage.labels_for(segments, offsets, [10, 11, 12, 13, 14], train_all=False)
-    assert labels.tolist() == [IGNORE, 11, 12, IGNORE, IGNORE]
-    assert tokenize_stage.labels_for(segments, offsets, [10, 11, 12, 13, 14], train_all=True).tolist() == [10, 11, 12, 13, 14]
+    # row 0: "ab" untrained, "cd" trained, "e" untrained; row 1: "x" trained
+    seg_chars, seg_trained, row_segments = np.array([2, 2, 1, 1]), np.array([0, 1, 0, 1]), np.array([3, 1])
+    # row 0's tokens: "a", "bc" (straddles the boundary: trained), "d", "e", a zero-width token at 4
+    # and one at the row's end (next to row 1's trained "x": not trained); row 1's: "x"
+    spans = np.array([(0, 1), (1, 3), (3, 4), (4, 5), (4, 4), (5, 5), (0, 1)])
+    ids = np.array([10, 11, 12, 13, 14, 15, 16])
+    labels = tokenize_stage.labels_for(seg_chars, seg_trained, row_segments, spans, np.array([6, 1]), ids)
+    assert labels.tolist() == [IGNORE, 11, 12, IGNORE, IGNORE, IGNORE, 16]
 
 
 def test_chat_non_ascii_content(pipeline, expect):
