@@ -103,9 +103,10 @@ def _encode_joined(tokenizer, segments, train_all: bool) -> tuple[np.ndarray, np
     train = pc.fill_null(pc.struct_field(flat, "train"), False).to_numpy(zero_copy_only=False)
     detail = pc.fill_null(pc.struct_field(flat, "detail"), False).to_numpy(zero_copy_only=False)
     labels = labels_for(seg_chars, (train & ~detail).astype(np.int64), row_segments, spans, row_tokens, ids)
-    token_bounds = np.concatenate([[0], np.cumsum(row_tokens)])
-    seg_cum = np.concatenate([[0], np.cumsum(seg_chars)])
-    for k in np.nonzero(train & detail & (seg_chars > 0))[0]:
+    detailed = np.nonzero(train & detail & (seg_chars > 0))[0]
+    token_bounds = np.concatenate([[0], np.cumsum(row_tokens)]) if len(detailed) else None
+    seg_cum = np.concatenate([[0], np.cumsum(seg_chars)]) if len(detailed) else None
+    for k in detailed:
         row = int(np.searchsorted(seg_bounds, k, side="right") - 1)
         within = slice(token_bounds[row], token_bounds[row + 1])
         if token_bounds[row] < token_bounds[row + 1]:
@@ -174,7 +175,7 @@ def _encode(tokenizer, batch, modes: list[str], train_all: bool, vocab: int, for
     """Flat ids and labels of a batch of rows, in row order, and each row's number of tokens: the
     rows of each encoding mode encoded together, then put back in order where modes mix."""
     segments = batch.column("segments").combine_chunks()
-    encoders = {"joined": _encode_joined, "chunk": _encode_joined, "separate": _encode_separate, "prefix": _encode_prefixed}
+    encoders = {"joined": _encode_joined, "separate": _encode_separate, "prefix": _encode_prefixed}
     by_mode: dict[str, list[int]] = {}
     for i, mode in enumerate(modes):
         by_mode.setdefault("joined" if mode == "chunk" else mode, []).append(i)
