@@ -51,7 +51,7 @@ def test_minimal_config_defaults(tmp_path):
     assert cfg.sequence_len == 2048
     assert cfg.micro_batch_size == 1 and cfg.gradient_accumulation_steps == 1
     assert cfg.batch_size == 1 and cfg.eval_batch_size == 1
-    assert cfg.optimizer == "adamw_torch" and cfg.lr_scheduler == "cosine"
+    assert cfg.optimizer == "adamw_torch_fused" and cfg.lr_scheduler == "cosine"
     assert cfg.seed == 42 and cfg.output_dir == "./model-out"
     assert cfg.lora_r == 8 and cfg.lora_alpha == 16 and cfg.lora_dropout == 0.0
     assert cfg.val_set_size == 0.0 and cfg.excess_length_strategy == "drop"

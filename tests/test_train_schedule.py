@@ -41,8 +41,8 @@ def test_gradient_checkpointing_keeps_the_losses(warm, molt, cache_dir):
 
 def test_optimizer_and_schedule_settings_map_to_the_trainer():
     params = Params(learning_rate=LR, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, optim_args={"amsgrad": True})
-    assert optimizer_settings(params) == {"optim": "adamw_torch", "adam_beta1": 0.8, "adam_beta2": 0.95, "adam_epsilon": 1e-6, "optim_args": "amsgrad=True"}
-    assert optimizer_settings(Params(learning_rate=LR)) == {"optim": "adamw_torch"}
+    assert optimizer_settings(params) == {"optim": "adamw_torch_fused", "adam_beta1": 0.8, "adam_beta2": 0.95, "adam_epsilon": 1e-6, "optim_args": "amsgrad=True"}
+    assert optimizer_settings(Params(learning_rate=LR)) == {"optim": "adamw_torch_fused"}
     with pytest.raises(DataError, match="not a scheduler"):
         schedule_settings(Params(learning_rate=LR, lr_scheduler="cosine_typo"))
     # lr_div_factor with another scheduler is refused at config load (tests/test_train_optim.py)
