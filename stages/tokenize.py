@@ -1,8 +1,8 @@
 """tokenize: one dataset's formatted text turned into `input_ids` and `labels`.
 
 Reads `formatted.arrow` and the tokenizer (`tokenizer.json`, through the `tokenizers` library, so
-no model code is loaded). Each row's segments are joined and encoded in one call with character
-offsets; a token is trained when it covers a trained character, otherwise its label is -100
+no model code is loaded). Each row's segments are joined and encoded in one call; a token is
+trained when its characters (at least one) include a trained character, otherwise its label is -100
 (`train_on_inputs` trains every token; a message_field_training_detail span trains the tokens
 Axolotl's rule picks, see _detail_tokens). Rows longer than `sequence_len` are dropped, truncated
 or refused (`excess_length_strategy`); rows under `min_sample_len` tokens (2) or with nothing to train are dropped
@@ -80,10 +80,36 @@ def _detail_tokens(spans: np.ndarray, begin: int, end: int) -> np.ndarray:
     return hit
 
 
+def _token_range(encoding, begin: int, end: int) -> tuple[int, int] | None:
+    """The first and last token of `encoding` whose span (at least one wide) meets the characters
+    [begin, end) of its text, found from the tokens at the two ends (spans run in text order, so
+    the tokens between are the ones that meet it); None where a character there has no token."""
+    first, last = encoding.char_to_token(begin), encoding.char_to_token(end - 1)
+    if first is None or last is None:
+        return None
+    while first > 0:  # an earlier token may end on `begin` too: a zero-width one, or a character split in bytes
+        span = encoding.token_to_chars(first - 1)
+        if span is None:
+            return None
+        if max(span[1], span[0] + 1) <= begin:
+            break
+        first -= 1
+    while last + 1 < len(encoding):
+        span = encoding.token_to_chars(last + 1)
+        if span is None:
+            return None
+        if span[0] >= end:
+            break
+        last += 1
+    return first, last
+
+
 def _encode_joined(tokenizer, segments, train_all: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Joined rows: each row's segments joined and encoded in one call with character offsets,
-    the labels of the whole batch computed at once (training-detail spans row by row). Flat ids
-    and labels, and each row's number of tokens."""
+    """Joined rows: each row's segments joined and encoded in one call, the labels of the whole
+    batch computed at once. A row's trained characters come in runs (neighbouring trained
+    segments); the tokens a run covers are found from its two ends, so the tokens' offsets are
+    only read for rows with training-detail spans, or where an end has no token. Flat ids and
+    labels, and each row's number of tokens."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -98,20 +124,41 @@ def _encode_joined(tokenizer, segments, train_all: bool) -> tuple[np.ndarray, np
     ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int64, tokens)
     if train_all:
         return ids, ids.copy(), row_tokens
-    spans = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), np.int64, 2 * tokens).reshape(-1, 2)
     seg_chars = pc.utf8_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
     train = pc.fill_null(pc.struct_field(flat, "train"), False).to_numpy(zero_copy_only=False)
     detail = pc.fill_null(pc.struct_field(flat, "detail"), False).to_numpy(zero_copy_only=False)
-    labels = labels_for(seg_chars, (train & ~detail).astype(np.int64), row_segments, spans, row_tokens, ids)
-    detailed = np.nonzero(train & detail & (seg_chars > 0))[0]
-    token_bounds = np.concatenate([[0], np.cumsum(row_tokens)]) if len(detailed) else None
-    seg_cum = np.concatenate([[0], np.cumsum(seg_chars)]) if len(detailed) else None
-    for k in detailed:
-        row = int(np.searchsorted(seg_bounds, k, side="right") - 1)
+    seg_row = np.repeat(np.arange(len(row_segments)), row_segments)
+    seg_cum = np.concatenate([[0], np.cumsum(seg_chars)])
+    seg_begin = seg_cum[:-1] - seg_cum[seg_bounds[:-1]][seg_row]  # each segment's first character in its row
+    token_bounds = np.concatenate([[0], np.cumsum(row_tokens)])
+
+    runs = np.nonzero(train & ~detail & (seg_chars > 0))[0]
+    starts_run = np.ones(len(runs), dtype=bool)
+    starts_run[1:] = (seg_row[runs[1:]] != seg_row[runs[:-1]]) | (seg_begin[runs[1:]] != seg_begin[runs[:-1]] + seg_chars[runs[:-1]])
+    ends_run = np.append(starts_run[1:], True)
+    run_rows = seg_row[runs[starts_run]].tolist()
+    run_begin, run_end = seg_begin[runs[starts_run]].tolist(), (seg_begin + seg_chars)[runs[ends_run]].tolist()
+    by_offsets = set(seg_row[train & detail & (seg_chars > 0)].tolist())
+    edges = np.zeros(tokens + 1, dtype=np.int64)
+    for row, begin, end in zip(run_rows, run_begin, run_end):
+        found = _token_range(encodings[row], begin, end)
+        if found is None:
+            by_offsets.add(row)
+        else:
+            edges[token_bounds[row] + found[0]] += 1
+            edges[token_bounds[row] + found[1] + 1] -= 1
+    labels = np.where(np.cumsum(edges[:-1]) > 0, ids, IGNORE)
+    for row in sorted(by_offsets):
         within = slice(token_bounds[row], token_bounds[row + 1])
-        if token_bounds[row] < token_bounds[row + 1]:
-            begin = int(seg_cum[k] - seg_cum[seg_bounds[row]])
-            hit = _detail_tokens(spans[within], begin, begin + int(seg_chars[k]) - 1)
+        if token_bounds[row] == token_bounds[row + 1]:
+            continue
+        spans = np.array(encodings[row].offsets, dtype=np.int64).reshape(-1, 2)
+        segs = slice(seg_bounds[row], seg_bounds[row + 1])
+        labels[within] = labels_for(seg_chars[segs], (train & ~detail)[segs].astype(np.int64), row_segments[row : row + 1], spans,
+                                    row_tokens[row : row + 1], ids[within])
+        for k in np.nonzero((train & detail & (seg_chars > 0))[segs])[0]:
+            begin = int(seg_begin[seg_bounds[row] + k])
+            hit = _detail_tokens(spans, begin, begin + int(seg_chars[seg_bounds[row] + k]) - 1)
             labels[within] = np.where(hit, ids[within], labels[within])
     return ids, labels, row_tokens
 

@@ -294,6 +294,46 @@ def test_labels_for_marks_tokens_covering_trained_characters():
     assert labels.tolist() == [IGNORE, 11, 12, IGNORE, IGNORE, IGNORE, 16]
 
 
+def _offsets_rule(tokenizer, rows):
+    """Labels by each token's character offsets (labels_for), row by row: what the joined encoder must equal."""
+    labels = []
+    for row in rows:
+        encoding = tokenizer.encode("".join(t for t, _ in row), add_special_tokens=False)
+        spans = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+        labels += tokenize_stage.labels_for(np.array([len(t) for t, _ in row]), np.array([int(trained) for _, trained in row]),
+                                            np.array([len(row)]), spans, np.array([len(encoding.ids)]), np.array(encoding.ids)).tolist()
+    return labels
+
+
+JOINED_ROWS = [
+    [("Hi ", False), ("☕☕ 日本語", True), ("です", False), ("", True), ("🦜x", True)],  # bytes of one character split over tokens, at run ends
+    [("a", True), ("b", True), (" c", False), ("  d ", True)],  # runs of touching trained segments; spaces at the ends
+    [("<|im_start|>user\n", False), ("🦜", True), ("<|im_end|>", True), ("\n", False)],
+    [("nothing trained", False)],
+]
+
+
+@pytest.mark.parametrize("kind", ["smollm2", "whitespace"])
+def test_joined_labels_from_run_ends_equal_the_offsets_rule(tokenizer_dir, kind):
+    # the joined encoder finds a trained run's tokens from its two ends; it must equal the per-token
+    # offsets rule, also where characters are split over tokens and where (whitespace
+    # pre-tokenizer) a character belongs to no token, so that the ends fall back to offsets
+    import pyarrow as pa
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if kind == "smollm2":
+        tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    else:
+        words = sorted({w for row in JOINED_ROWS for text, _ in row for w in "".join(t for t, _ in row).split()})
+        tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    segments = pa.array([[{"text": t, "train": trained, "detail": False} for t, trained in row] for row in JOINED_ROWS])
+    ids, labels, row_tokens = tokenize_stage._encode_joined(tokenizer, segments, train_all=False)
+    assert labels.tolist() == _offsets_rule(tokenizer, JOINED_ROWS)
+    assert (labels != IGNORE).any() and (labels == IGNORE).any()
+    assert row_tokens.tolist() == [len(tokenizer.encode("".join(t for t, _ in row), add_special_tokens=False).ids) for row in JOINED_ROWS]
+
+
 def test_chat_non_ascii_content(pipeline, expect):
     row = msgs(("user", "naïve? 日本"), ("assistant", "日本語です ☕ — ok"))
     [(ids, labels)] = pipeline([row], type="chat_template")
