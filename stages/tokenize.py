@@ -131,14 +131,15 @@ def _encode_joined(tokenizer, segments, train_all: bool) -> tuple[np.ndarray, np
     seg_cum = np.concatenate([[0], np.cumsum(seg_chars)])
     seg_begin = seg_cum[:-1] - seg_cum[seg_bounds[:-1]][seg_row]  # each segment's first character in its row
     token_bounds = np.concatenate([[0], np.cumsum(row_tokens)])
+    coverage, detailed = train & ~detail, train & detail & (seg_chars > 0)
 
-    runs = np.nonzero(train & ~detail & (seg_chars > 0))[0]
+    runs = np.nonzero(coverage & (seg_chars > 0))[0]
     starts_run = np.ones(len(runs), dtype=bool)
     starts_run[1:] = (seg_row[runs[1:]] != seg_row[runs[:-1]]) | (seg_begin[runs[1:]] != seg_begin[runs[:-1]] + seg_chars[runs[:-1]])
     ends_run = np.append(starts_run[1:], True)
     run_rows = seg_row[runs[starts_run]].tolist()
     run_begin, run_end = seg_begin[runs[starts_run]].tolist(), (seg_begin + seg_chars)[runs[ends_run]].tolist()
-    by_offsets = set(seg_row[train & detail & (seg_chars > 0)].tolist())
+    by_offsets = set(seg_row[detailed].tolist())
     edges = np.zeros(tokens + 1, dtype=np.int64)
     for row, begin, end in zip(run_rows, run_begin, run_end):
         found = _token_range(encodings[row], begin, end)
@@ -149,14 +150,14 @@ def _encode_joined(tokenizer, segments, train_all: bool) -> tuple[np.ndarray, np
             edges[token_bounds[row] + found[1] + 1] -= 1
     labels = np.where(np.cumsum(edges[:-1]) > 0, ids, IGNORE)
     for row in sorted(by_offsets):
-        within = slice(token_bounds[row], token_bounds[row + 1])
         if token_bounds[row] == token_bounds[row + 1]:
             continue
+        within = slice(token_bounds[row], token_bounds[row + 1])
         spans = np.array(encodings[row].offsets, dtype=np.int64).reshape(-1, 2)
         segs = slice(seg_bounds[row], seg_bounds[row + 1])
-        labels[within] = labels_for(seg_chars[segs], (train & ~detail)[segs].astype(np.int64), row_segments[row : row + 1], spans,
+        labels[within] = labels_for(seg_chars[segs], coverage[segs].astype(np.int64), row_segments[row : row + 1], spans,
                                     row_tokens[row : row + 1], ids[within])
-        for k in np.nonzero((train & detail & (seg_chars > 0))[segs])[0]:
+        for k in np.nonzero(detailed[segs])[0]:
             begin = int(seg_begin[seg_bounds[row] + k])
             hit = _detail_tokens(spans, begin, begin + int(seg_chars[seg_bounds[row] + k]) - 1)
             labels[within] = np.where(hit, ids[within], labels[within])
