@@ -324,7 +324,7 @@ def test_joined_labels_from_run_ends_equal_the_offsets_rule(tokenizer_dir, kind)
     if kind == "smollm2":
         tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     else:
-        words = sorted({w for row in JOINED_ROWS for text, _ in row for w in "".join(t for t, _ in row).split()})
+        words = sorted({w for row in JOINED_ROWS for w in "".join(t for t, _ in row).split()})
         tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
         tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     segments = pa.array([[{"text": t, "train": trained, "detail": False} for t, trained in row] for row in JOINED_ROWS])
