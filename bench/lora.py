@@ -3,7 +3,7 @@ does it by default (padding-free: each micro-batch flattened into one row) and u
 the longest (`batch_flattening: false`) vs a plain transformers Trainer (+ peft for LoRA) on the
 same tokenized rows (the baseline).
 
-    python -m bench.lora [--rows 128] [--seq-len 512] [--micro-batch-size 2] [--rounds 3] [--full]
+    python -m bench.lora [--rows 128] [--seq-len 512] [--micro-batch-size 2] [--rounds 3] [--full] [--row-scale 1]
 
 One epoch each, real (non-pad) tokens per second from the train stage's manifest
 (`train_seconds`, `tokens_per_epoch`) and, for the baseline, `trainer.train()`'s own runtime
@@ -129,7 +129,8 @@ BASELINE = "transformers Trainer (pad to longest)"
 DEFAULT = "molt unpacked (default: padding-free)"
 
 
-def run(rows: int = 128, seq_len: int = 512, mbs: int = 2, work: Path | None = None, rounds: int = 3, full: bool = False) -> dict:
+def run(rows: int = 128, seq_len: int = 512, mbs: int = 2, work: Path | None = None, rounds: int = 3, full: bool = False,
+        row_scale: float = 1.0) -> dict:
     import statistics
 
     own = work is None
@@ -137,7 +138,7 @@ def run(rows: int = 128, seq_len: int = 512, mbs: int = 2, work: Path | None = N
     try:
         cache = work / "cache"
         _seed_cache(cache)
-        pipeline.write_jsonl(work / "data" / "a.jsonl", pipeline.alpaca_rows(rows, seed=7))
+        pipeline.write_jsonl(work / "data" / "a.jsonl", pipeline.alpaca_rows(rows, seed=7, scale=row_scale))
         configs = {"molt packed": _config(work, rows, seq_len, mbs, True, full), DEFAULT: _config(work, rows, seq_len, mbs, False, full),
                    "molt unpacked, batch_flattening: false (padded)": _config(work, rows, seq_len, mbs, False, full, padded=True)}
         for cfg in configs.values():
@@ -160,7 +161,7 @@ def run(rows: int = 128, seq_len: int = 512, mbs: int = 2, work: Path | None = N
         for v in out.values():
             v["ratio"] = v["tokens_per_s"] / out[BASELINE]["tokens_per_s"]
             v["rss_ratio"] = v["peak_rss_mib"] / out[BASELINE]["peak_rss_mib"]
-        return {"rows": rows, "seq_len": seq_len, "mbs": mbs, "rounds": rounds, "method": "full fine-tune" if full else "LoRA (r 16, all linear)", "modes": out}
+        return {"rows": rows, "row_scale": row_scale, "seq_len": seq_len, "mbs": mbs, "rounds": rounds, "method": "full fine-tune" if full else "LoRA (r 16, all linear)", "modes": out}
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
@@ -168,7 +169,7 @@ def run(rows: int = 128, seq_len: int = 512, mbs: int = 2, work: Path | None = N
 
 def table(result: dict) -> str:
     base = result["modes"][BASELINE]
-    lines = [f"SmolLM2-135M-Instruct {result.get('method', 'LoRA (r 16, all linear)')}, {result['rows']} alpaca-like rows, sequence_len {result['seq_len']}, "
+    lines = [f"SmolLM2-135M-Instruct {result.get('method', 'LoRA (r 16, all linear)')}, {result['rows']} alpaca-like rows{_scaled(result)}, sequence_len {result['seq_len']}, "
              f"micro_batch_size {result['mbs']}, one epoch, CPU; medians of {result.get('rounds', 1)} interleaved rounds", "",
              "| mode | real tokens | real tokens/s (each round) | ratio to Trainer | peak RSS MiB | RSS ratio |", "|---|---:|---:|---:|---:|---:|"]
     for name, v in result["modes"].items():
@@ -182,6 +183,11 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _scaled(result: dict) -> str:
+    scale = result.get("row_scale", 1.0)
+    return "" if scale == 1.0 else f" (fields {scale:g}x the default length)"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=128)
@@ -189,12 +195,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--row-scale", type=float, default=1.0, help="stretch every row's fields (longer rows for a long sequence_len)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
-    result = run(args.rows, args.seq_len, args.micro_batch_size, rounds=args.rounds, full=args.full)
+    result = run(args.rows, args.seq_len, args.micro_batch_size, rounds=args.rounds, full=args.full, row_scale=args.row_scale)
     text = table(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{'full' if args.full else 'lora'}-{args.seq_len}-mbs{args.micro_batch_size}.md").write_text(text)
+    scaled = "" if args.row_scale == 1.0 else f"-rows{args.row_scale:g}x"
+    (args.out / f"{'full' if args.full else 'lora'}-{args.seq_len}-mbs{args.micro_batch_size}{scaled}.md").write_text(text)
     print(text)
     return result
 

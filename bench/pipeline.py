@@ -108,9 +108,11 @@ def _sentence(rng, n: int) -> str:
     return " ".join(rng.choice(WORDS, size=max(1, n))).capitalize() + "."
 
 
-def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
+def alpaca_rows(n: int, seed: int = 0, scale: float = 1.0) -> list[dict]:
+    """`scale` stretches every field's length (and its cap) alike: long-sequence benches need rows
+    that outgrow a short sequence_len."""
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(60), 0.7, size=(n, 3)), 3, 300).astype(int)
+    lengths = np.clip(rng.lognormal(np.log(60 * scale), 0.7, size=(n, 3)), 3, 300 * scale).astype(int)
     return [{"instruction": _sentence(rng, a // 3), "input": _sentence(rng, b // 4) if rng.random() < 0.5 else "", "output": _sentence(rng, c)}
             for a, b, c in lengths]
 
