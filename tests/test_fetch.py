@@ -202,7 +202,8 @@ def test_a_text_file_names_lines_as_an_editor_counts_them(tmp_path):
     assert [w["line"] for w in where] == [1, 2, 2, 3, 4]
 
 
-def test_the_tokenizer_artifact_does_not_depend_on_offline_mode(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("params", ["", "tokenizer_type='PreTrainedTokenizerFast'"])  # copied, loaded with transformers
+def test_the_tokenizer_artifact_does_not_depend_on_offline_mode(tmp_path, tiny_model_dir, params):
     """transformers writes how a tokenizer was loaded into tokenizer_config.json
     (`local_files_only` follows HF_HUB_OFFLINE, read once per process): the same inputs built
     with and without it must give the same files, or `molt verify` says the stage does not reproduce."""
@@ -213,10 +214,68 @@ def test_the_tokenizer_artifact_does_not_depend_on_offline_mode(tmp_path, tiny_m
     from stages.dag import first_difference
 
     script = ("import sys; from pathlib import Path; from stages import tokenizer; "
-              "tokenizer.run(tokenizer.Params(), {'model': Path(sys.argv[1])}, Path(sys.argv[2]))")
+              f"tokenizer.run(tokenizer.Params({params}), {{'model': Path(sys.argv[1])}}, Path(sys.argv[2]))")
     repo = Path(__file__).resolve().parent.parent
     for name, offline in (("offline", "1"), ("online", "0")):
         env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE=offline)
         subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), str(tmp_path / name)], env=env, check=True)
     assert "local_files_only" not in json.loads((tmp_path / "offline" / "tokenizer_config.json").read_text())
     assert first_difference(tmp_path / "offline", tmp_path / "online") == "the manifest's content hash does not match its files"  # no file differs
+
+
+def _tokenizer_source(tmp_path: Path, tiny_model_dir: Path, change: str) -> Path:
+    src = tmp_path / "src"
+    src.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (src / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    if change == "no pad token":
+        del config["pad_token"]
+    elif change == "no bos token":
+        config["bos_token"] = None
+    elif change == "no chat template":
+        (src / "chat_template.jinja").unlink()
+    elif change == "an unknown special token":
+        config["pad_token"] = "<|not-in-the-vocabulary|>"
+    elif change == "add_bos_token":
+        config["add_bos_token"] = True
+    (src / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return src
+
+
+@pytest.mark.parametrize("chat_template", [None, "chatml", "llama3"])
+@pytest.mark.parametrize("change", ["as saved", "no pad token", "no bos token", "no chat template"])
+def test_a_tokenizer_transformers_saved_is_copied_as_transformers_saves_it(tmp_path, tiny_model_dir, change, chat_template):
+    """The tokenizer stage copies a directory transformers saved instead of loading it with
+    transformers (no torch import); every file and every molt_tokenizer.json field must be what
+    transformers' own load and save give."""
+    from stages import tokenizer
+
+    src = _tokenizer_source(tmp_path, tiny_model_dir, change)
+    params = tokenizer.Params(chat_template=chat_template)
+    config = tokenizer.plain_config(params, src)
+    assert config is not None
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "saved").mkdir()
+    copied = tokenizer._copy_plain(params, src, config, tmp_path / "copied")
+    saved = tokenizer._save_with_transformers(params, src, {"model": src}, tmp_path / "saved")
+    assert copied == saved
+    names = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    assert sorted(p.name for p in (tmp_path / "copied").iterdir()) == names
+    assert ("chat_template.jinja" in names) == (change != "no chat template" or chat_template is not None)
+    for name in names:
+        assert (tmp_path / "copied" / name).read_bytes() == (tmp_path / "saved" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("change", ["an unknown special token", "add_bos_token", "special_tokens", "tokenizer_type"])
+def test_a_tokenizer_with_more_to_it_is_loaded_with_transformers(tmp_path, tiny_model_dir, change):
+    from stages import tokenizer
+
+    src = _tokenizer_source(tmp_path, tiny_model_dir, change)
+    params = tokenizer.Params(**{"special_tokens": {"pad_token": "<pad>"}} if change == "special_tokens" else
+                              {"tokenizer_type": "PreTrainedTokenizerFast"} if change == "tokenizer_type" else {})
+    assert tokenizer.plain_config(params, src) is None
+    assert tokenizer.plain_config(tokenizer.Params(), _tokenizer_source(tmp_path / "plain", tiny_model_dir, "as saved")) is not None
+    tokenizer.run(params, {"model": src}, tmp_path / "out")
+    info = json.loads((tmp_path / "out" / "molt_tokenizer.json").read_text())
+    assert info["pad_token"] == {"an unknown special token": "<|not-in-the-vocabulary|>", "special_tokens": "<pad>"}.get(change, "<|im_end|>")
