@@ -100,7 +100,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     rows = read_table(inputs["data"] / "data.arrow").num_rows
     with ctx.progress(f"format {params.dataset.type if isinstance(params.dataset.type, str) else 'user-defined'}", rows) as advance:
         parts = workers.map_ranges(_format_rows, rows, workers.processes_for(rows, params.dataset_processes),
-                                   (params, inputs["data"], inputs["tokenizer"]), advance)
+                                   (params, inputs["data"], inputs["tokenizer"]), advance,
+                                   probe=params.dataset_processes is None)
     result = pa.concat_tables(parts)
     write_table(result, out / "pairs.arrow")
     if (inputs["data"] / origin.FILE).is_file():

@@ -42,6 +42,21 @@ def test_two_processes_write_the_same_bytes_as_one(tokenizer_artifacts, tmp_path
     assert one[2]["dropped"] == {"too_long": 5, "too_short": 0, "nothing_trained": 5} and one[2]["rows"] == 150
 
 
+@pytest.mark.parametrize("start_seconds", [0.0, 1e9])  # workers always pay / never pay
+def test_unset_dataset_processes_starts_workers_only_when_a_probe_says_they_pay(tokenizer_artifacts, tmp_path, monkeypatch, start_seconds):
+    monkeypatch.setattr(workers, "MIN_ROWS_PER_PROCESS", 60)
+    monkeypatch.setattr(workers, "PROBE_ROWS", 16)
+    monkeypatch.setattr(workers, "WORKER_START_SECONDS", start_seconds)
+    pools = []
+    real = workers.ProcessPoolExecutor
+    monkeypatch.setattr(workers, "ProcessPoolExecutor", lambda *a, **k: pools.append(1) or real(*a, **k))
+    one = stages_bytes(tokenizer_artifacts["chatml"], tmp_path / "one", ROWS, 1)
+    assert not pools
+    probed = stages_bytes(tokenizer_artifacts["chatml"], tmp_path / "probed", ROWS, None)
+    assert probed == one
+    assert len(pools) == (1 if start_seconds == 0.0 else 0)  # format probes; tokenize stays in one process unless told
+
+
 def test_a_bad_row_is_named_the_same_with_workers(tokenizer_artifacts, tmp_path, monkeypatch):
     monkeypatch.setattr(workers, "MIN_ROWS_PER_PROCESS", 60)
     rows = ROWS[:150] + [{"messages": [{"role": "robot", "content": "beep"}]}] + ROWS[:10]
