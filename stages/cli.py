@@ -277,8 +277,6 @@ def _save_prepared(mix_dir: Path, dest: Path) -> None:
     placed the same content: this one then keeps that one."""
     import tempfile
 
-    import datasets
-
     from stages.store import owned_name, owner_of, process_alive
 
     splits = {"train": read_table(mix_dir / "train.arrow"), "validation": read_table(mix_dir / "val.arrow")}
@@ -292,6 +290,8 @@ def _save_prepared(mix_dir: Path, dest: Path) -> None:
 
     if placed():
         return
+    import datasets  # here, not above: a rerun that finds the folder placed need not import it
+
     datasets.disable_progress_bars()
     dest.parent.mkdir(parents=True, exist_ok=True)
     for leftover in dest.parent.glob(f".{dest.name}-*.tmp"):  # of a killed preprocess

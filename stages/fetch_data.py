@@ -372,10 +372,12 @@ def _ranges(lengths: dict[str, int], source: Source, where: str, one_split: bool
     boundaries rounded to the closest row, or `(pct1_dropremainder)`), for splits of these lengths.
     `one_split`: the rows are one split named train (local files, as datasets loads them); a bare
     split name then keeps every row whatever it names (None), as it always has."""
-    from datasets import ReadInstruction
-
     key = "train_on_split" if source.train_on_split else "split"
     spec = getattr(source, key)
+    if one_split and re.fullmatch(r"[\w-]+", str(spec)):  # what datasets reads as a bare split name; no need to import it
+        return None
+    from datasets import ReadInstruction
+
     try:
         if re.search(r"\s", str(spec)):  # load_dataset takes ` train` beside a + for a split name, and refuses it
             raise ValueError("no spaces: datasets reads the split names beside a + with them")

@@ -146,13 +146,14 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
 
     spans: list[tuple[int, int, bool]] = []  # (start, end, from a training detail)
     eots: list[tuple[int, int, bool]] = []  # (start, end, after a trained turn)
-    for i, message in enumerate(messages):
+    # as Axolotl: the turn's training flag, else "it has a training detail", else its role
+    trained_turns = [m.get("train", True if m.get("detail") is not None else m["role"] in spec.roles_to_train) for m in messages]
+    wanted = [i for i, trained in enumerate(trained_turns) if trained or spec.train_on_eos == "all"]
+    found = _locate_verbatim(template, plain, wanted, text, special, name, key)
+    for i in wanted:
+        message, trained = messages[i], trained_turns[i]
         detail = message.get("detail")
-        # as Axolotl: the turn's training flag, else "it has a training detail", else its role
-        trained = message.get("train", True if detail is not None else message["role"] in spec.roles_to_train)
-        if not trained and spec.train_on_eos != "all":
-            continue
-        start, end = _locate(template, plain, i, text, special, name, key)
+        start, end = found[i] if found else _locate(template, plain, i, text, special, name, key)
         if trained and detail is not None:  # character ranges decide inside the content
             spans += _detail_spans(detail, start, end, text, message["content"])
         elif trained:
@@ -168,6 +169,28 @@ def format_row(row: dict, spec, tokenizer: dict) -> list[tuple[str, bool]]:
         trained_eots = [(s, e, False) for s, e, trained in eots if trained]
         spans += trained_eots[-1:]
     return _segments(text, spans)
+
+
+def _locate_verbatim(template: str, messages: list[dict], wanted: list[int], text: str, special: dict, name: str, thinking_key: str) -> dict | None:
+    """{turn: (start, end)} for the `wanted` turns from one rendering with a placeholder in each,
+    when the template puts every content in verbatim and the rest of the text does not depend on
+    them (the same spans `_locate` finds one turn at a time); None when that is not so."""
+    if len(wanted) < 2 or any(thinking_key in messages[i] for i in wanted):
+        return None  # one turn: _locate renders as often; reasoning: _locate's own rule
+    marks = {i: f"\ue000molt-turn-{i}\ue001" for i in wanted}
+    probe = [dict(m, content=marks[i]) if i in marks else m for i, m in enumerate(messages)]
+    rendered = chat_templates.render(template, probe, name=name, **special)
+    at = {i: rendered.find(mark) for i, mark in marks.items()}
+    if any(p < 0 or rendered.count(marks[i]) != 1 for i, p in at.items()):
+        return None
+    pieces, cursor, shift, spans = [], 0, 0, {}
+    for i in sorted(wanted, key=at.get):
+        content = messages[i]["content"]
+        pieces += [rendered[cursor:at[i]], content]
+        spans[i] = (at[i] + shift, at[i] + shift + len(content))
+        cursor, shift = at[i] + len(marks[i]), shift + len(content) - len(marks[i])
+    pieces.append(rendered[cursor:])
+    return spans if "".join(pieces) == text else None
 
 
 def _locate(template: str, messages: list[dict], i: int, text: str, special: dict, name: str, thinking_key: str) -> tuple[int, int]:
