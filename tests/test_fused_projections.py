@@ -28,12 +28,14 @@ def _model(kind="llama", **lora):
 
 def _grads(model, ids):
     model.zero_grad()
+    torch.manual_seed(5)  # the same lora_dropout draws for both models
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind,lora", [("llama", {}), ("qwen2", {}), ("llama", {"full": True}), ("llama", {"r": 4, "lora_alpha": 4, "use_rslora": True})])
+@pytest.mark.parametrize("kind,lora", [("llama", {}), ("qwen2", {}), ("llama", {"full": True}), ("llama", {"r": 4, "lora_alpha": 4, "use_rslora": True}),
+                                       ("llama", {"lora_dropout": 0.1}), ("qwen2", {"lora_dropout": 0.3})])
 def test_loss_and_every_gradient_match_the_modules_own_forward(kind, lora):
     own = _model(kind, **lora)
     fused = copy.deepcopy(own)
@@ -73,9 +75,29 @@ def test_the_forward_keeps_less_for_the_backward_pass():
     assert _saved_bytes(fused, ids) < 0.85 * _saved_bytes(own, ids)
 
 
+def test_lora_dropout_draws_differ_between_seeds_and_stop_in_eval():
+    own = _model(lora_dropout=0.5)
+    fused = copy.deepcopy(own)
+    install(fused)
+    ids = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = fused(input_ids=ids).logits
+        torch.manual_seed(2)
+        assert not torch.allclose(fused(input_ids=ids).logits, first)  # the mask is drawn, not fixed
+        fused.eval(), own.eval()
+        torch.testing.assert_close(fused(input_ids=ids).logits, own(input_ids=ids).logits)
+
+
+def test_the_dropout_mask_is_kept_as_bytes_not_as_floats():
+    own = _model(lora_dropout=0.1)
+    fused = copy.deepcopy(own)
+    assert install(fused) == {"gated_mlp": 2, "lora_linear": 8}
+    ids = torch.randint(0, 300, (1, 64))
+    assert _saved_bytes(fused, ids) < 0.6 * _saved_bytes(own, ids)
+
+
 def test_modules_it_cannot_stand_in_for_keep_their_own_forward():
-    dropout = _model(lora_dropout=0.1)
-    assert install(dropout) == {"gated_mlp": 0, "lora_linear": 0}
     dora = _model(use_dora=True)
     assert install(dora) == {"gated_mlp": 0, "lora_linear": 0}
 
