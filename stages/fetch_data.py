@@ -386,8 +386,6 @@ def _ranges(lengths: dict[str, int], source: Source, where: str, one_split: bool
         raise DataError(f"dataset {where!r}: {key} {spec!r} is not a split spec ({error}); write a split name with optional "
                         "slices in rows or percent, joined by +, e.g. train, train[:10%], train[10:20], train[:50%]+test[:10]") from None
     subs = str(spec).split("+")
-    if one_split and len(subs) == 1 and re.fullmatch(r"[\w-]+", subs[0]):
-        return None
     for name in (re.match(r"[\w-]+", sub).group() for sub in subs):
         if name not in lengths:
             local = " (local data files are one split, named train)" if one_split else ""
