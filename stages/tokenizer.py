@@ -80,8 +80,8 @@ def tokenizer_class(name: str | None):
 
 def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET) -> dict:
     source = locate(params) or inputs["model"]
-    config = plain_config(params, source)
-    info = _copy_plain(params, source, config, out) if config is not None else _save_with_transformers(params, source, inputs, out)
+    plain = plain_config(params, source)
+    info = _copy_plain(params, source, plain, out) if plain is not None else _save_with_transformers(params, source, inputs, out)
     (out / INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
     return {"added_tokens": info["vocab_size"] - info["base_vocab_size"]}
 
@@ -145,8 +145,9 @@ OTHER_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "vocab.txt", "merges.t
                          "chat_template.json", "additional_chat_templates")
 
 
-def plain_config(params: Params, source: Path) -> dict | None:
-    """The source's tokenizer_config when copying it reproduces transformers' save (see above), else None."""
+def plain_config(params: Params, source: Path):
+    """(the source's tokenizer_config, its loaded tokenizer.json) when copying it reproduces
+    transformers' save (see above), else None."""
     if (params.tokenizer_type not in (None, "AutoTokenizer") or not params.tokenizer_use_fast or params.tokenizer_legacy is not None
             or params.trust_remote_code or params.special_tokens or params.tokens or not source.is_dir()):
         return None
@@ -168,13 +169,11 @@ def plain_config(params: Params, source: Path) -> dict | None:
     except Exception:  # noqa: BLE001 (tokenizers raises a bare Exception); transformers then says what is wrong
         return None
     specials = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
-    return config if all(t in specials for t in named) else None
+    return (config, backend) if all(t in specials for t in named) else None
 
 
-def _copy_plain(params: Params, source: Path, config: dict, out: Path) -> dict:
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_file(str(source / "tokenizer.json"))
+def _copy_plain(params: Params, source: Path, plain: tuple, out: Path) -> dict:
+    config, backend = plain
     own = source / "chat_template.jinja"
     template = _template(params, own.read_text(encoding="utf-8") if own.is_file() else None)
     saved = {k: v for k, v in config.items() if k != "local_files_only"}

@@ -253,11 +253,11 @@ def test_a_tokenizer_transformers_saved_is_copied_as_transformers_saves_it(tmp_p
 
     src = _tokenizer_source(tmp_path, tiny_model_dir, change)
     params = tokenizer.Params(chat_template=chat_template)
-    config = tokenizer.plain_config(params, src)
-    assert config is not None
+    plain = tokenizer.plain_config(params, src)
+    assert plain is not None
     (tmp_path / "copied").mkdir()
     (tmp_path / "saved").mkdir()
-    copied = tokenizer._copy_plain(params, src, config, tmp_path / "copied")
+    copied = tokenizer._copy_plain(params, src, plain, tmp_path / "copied")
     saved = tokenizer._save_with_transformers(params, src, {"model": src}, tmp_path / "saved")
     assert copied == saved
     names = sorted(p.name for p in (tmp_path / "saved").iterdir())
