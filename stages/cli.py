@@ -290,9 +290,6 @@ def _save_prepared(mix_dir: Path, dest: Path) -> None:
 
     if placed():
         return
-    import datasets  # here, not above: a rerun that finds the folder placed need not import it
-
-    datasets.disable_progress_bars()
     dest.parent.mkdir(parents=True, exist_ok=True)
     for leftover in dest.parent.glob(f".{dest.name}-*.tmp"):  # of a killed preprocess
         owner = owner_of(leftover.name.removesuffix(".tmp"))
@@ -300,9 +297,7 @@ def _save_prepared(mix_dir: Path, dest: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=owned_name(f".{dest.name}"), suffix=".tmp", dir=dest.parent))
     try:
-        # one shard for an empty train split, so that it still writes an Arrow file that loads
-        shards = {k: (None if t.num_rows else 1) for k, t in splits.items()}
-        datasets.DatasetDict({k: datasets.Dataset(t) for k, t in splits.items()}).save_to_disk(str(tmp), num_shards=shards)
+        write_dataset_dict(splits, tmp, fingerprint=dest.name[:16])
         if placed():  # another process finished first
             return
         aside = dest.parent / f"{owned_name(f'.{dest.name}')}old.tmp"
@@ -318,6 +313,59 @@ def _save_prepared(mix_dir: Path, dest: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# datasets' Value dtypes for the Arrow types they are named after
+_VALUE_DTYPES = {"null", "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "halffloat", "float", "double",
+                 "string", "large_string", "binary", "large_binary"}
+_DTYPE_NAMES = {"halffloat": "float16", "float": "float32", "double": "float64"}
+
+
+def dataset_features(arrow_type):
+    """What `datasets.Features.from_arrow_schema` makes of an Arrow type, as its `to_dict()`;
+    None for a type this table does not cover (then datasets itself writes the folder)."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(arrow_type):
+        fields = {arrow_type.field(i).name: dataset_features(arrow_type.field(i).type) for i in range(arrow_type.num_fields)}
+        return None if None in fields.values() else fields
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        feature = dataset_features(arrow_type.value_type)
+        if feature is None:
+            return None
+        length = {"length": arrow_type.list_size} if pa.types.is_fixed_size_list(arrow_type) else {}
+        return {"feature": feature, **length, "_type": "LargeList" if pa.types.is_large_list(arrow_type) else "List"}
+    name = str(arrow_type)
+    return {"dtype": _DTYPE_NAMES.get(name, name), "_type": "Value"} if name in _VALUE_DTYPES else None
+
+
+def write_dataset_dict(splits: dict, dest: Path, fingerprint: str) -> None:
+    """Write Arrow tables as `datasets.DatasetDict(...).save_to_disk(dest)` lays them out (one
+    shard a split), with pyarrow alone: importing datasets costs more than a small preprocess.
+    Column types outside `dataset_features`' table go through datasets itself."""
+    import pyarrow as pa
+
+    features = {k: {f.name: dataset_features(f.type) for f in t.schema} for k, t in splits.items()}
+    if any(None in f.values() for f in features.values()):
+        import datasets
+
+        datasets.disable_progress_bars()
+        shards = {k: (None if t.num_rows else 1) for k, t in splits.items()}  # an empty train split still gets its Arrow file
+        datasets.DatasetDict({k: datasets.Dataset(t) for k, t in splits.items()}).save_to_disk(str(dest), num_shards=shards)
+        return
+    for split, table in splits.items():
+        folder = dest / split
+        folder.mkdir(parents=True)
+        metadata = {"huggingface": json.dumps({"info": {"features": features[split]}})}
+        table = table.replace_schema_metadata(metadata)
+        with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=1000)
+        state = {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": fingerprint, "_format_columns": None,
+                 "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+        (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        info = {"citation": "", "description": "", "features": features[split], "homepage": "", "license": ""}
+        (folder / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    (dest / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
 
 
 def show_examples(arrow: Path, tokenizer_json: Path, count: int, text_only: bool) -> None:
