@@ -102,13 +102,13 @@ class Session:
         except ConfigError as error:
             _print_notes(error.notes)  # a refused config's ignored and unknown keys are named too, first
             fail(str(error))
-        for note in self.config.config_warnings + dag.unread_settings(self.config):
+        self.store = Store(cache_dir)
+        for note in self.config.config_warnings + dag.unread_settings(self.config, self.store.code_memo):
             console.print(f"[yellow]warning:[/] {escape(note)}")
         for refusal in self.config.training_refusals:
             console.print(f"[yellow]warning:[/] {escape(refusal)} (molt train will refuse it; the prepared data does not depend on it)")
         self.config_path = Path(config_path)
         self.values = self.config.model_dump(mode="json")
-        self.store = Store(cache_dir)
         if (command := click.get_current_context(silent=True)) is not None:
             command.call_on_close(self.store.release)  # the lease on what it resolved ends with the command
         refs_id = hash_text(str(self.config_path.resolve()))[:16]

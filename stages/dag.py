@@ -99,21 +99,26 @@ CLI_KEYS = frozenset({"output_dir", "dataset_prepared_path", "strict", "datasets
                       "lm_eval_tasks", "lm_eval_batch_size", "use_ray", "ray_num_workers", "resources_per_worker", "ray_run_name"})
 DATASET_IDENTITY_KEYS = frozenset({"message_property_mappings"})
 
-def keys_read() -> tuple[set[str], set[str]]:
-    """(top-level keys, dataset-entry keys) that some stage declares in its Params."""
-    top, per_dataset = set(CLI_KEYS), set(DATASET_IDENTITY_KEYS)
-    for stage in STAGES:
-        for name, f in stage_module(stage).Params.model_fields.items():
-            if name == "dataset":
-                per_dataset |= set(f.annotation.model_fields)
-            else:
-                top.add(name)
-    return top, per_dataset
+def keys_read(memo: Path | None = None) -> tuple[set[str], set[str]]:
+    """(top-level keys, dataset-entry keys) that some stage declares in its Params (`memo`: see
+    fingerprint.remembered; it spares importing every stage module)."""
+    def read() -> list[list[str]]:
+        top, per_dataset = set(CLI_KEYS), set(DATASET_IDENTITY_KEYS)
+        for stage in STAGES:
+            for name, f in stage_module(stage).Params.model_fields.items():
+                if name == "dataset":
+                    per_dataset |= set(f.annotation.model_fields)
+                else:
+                    top.add(name)
+        return [sorted(top), sorted(per_dataset)]
+
+    top, per_dataset = fingerprint.remembered(memo, "keys_read", read)
+    return set(top), set(per_dataset)
 
 
-def unread_settings(config) -> list[str]:
+def unread_settings(config, memo: Path | None = None) -> list[str]:
     """Keys the config model knows but no stage reads yet, set by the user: named, never dropped."""
-    top, per_dataset = keys_read()
+    top, per_dataset = keys_read(memo)
     def typed_and_set(model) -> set[str]:  # extras (unknown keys) are the config's own warnings
         return model.model_fields_set & set(type(model).model_fields)
 
@@ -158,12 +163,16 @@ class Node:
     def every_rank(self) -> bool:
         return bool(getattr(self.module, "EVERY_RANK", False))
 
-    def code(self) -> dict:
-        """The fingerprint of the code its `run` reaches, plus modules it loads dynamically, whole."""
+    def code(self, memo: Path | None = None) -> dict:
+        """The fingerprint of the code its `run` reaches, plus modules it loads dynamically, whole
+        (`memo`: see fingerprint.remembered; for molt's own stages only, which it covers)."""
         module = self.module.__name__
         extra = getattr(self.module, "code_modules", None)
         roots = [(module, "run")] + [(m, fingerprint.WHOLE) for m in (extra(self.params) if extra else ())]
-        return {"files": fingerprint.fingerprint(roots, root=module.split(".")[0]),
+        root = module.split(".")[0]
+        files = fingerprint.remembered(memo if root == "stages" else None, json.dumps(["code", roots]),
+                                       lambda: fingerprint.fingerprint(roots, root=root))
+        return {"files": files,
                 "libs": {lib: _version(lib) for lib in getattr(self.module, "LIBRARIES", ())}}
 
     def sources(self) -> list[tuple[str, Path | str]]:
@@ -292,7 +301,7 @@ class Runner:
         record = {
             "stage": node.stage,
             "schema": module.SCHEMA,
-            "code": node.code(),
+            "code": node.code(self.store.code_memo),
             "params": node.params.model_dump(mode="json"),
             "inputs": {k: a.content for k, a in sorted(inputs.items())},
             "sources": sources,

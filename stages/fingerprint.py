@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -320,7 +322,46 @@ def modules_of(prints: dict[str, str]) -> list[str]:
     return sorted({entry.partition(":")[0] for entry in prints})
 
 
+@lru_cache(maxsize=None)
+def package_digest() -> str:
+    """A hash of every Python file of the package, names and bytes: what fingerprints of its
+    own code, and the Params its stages declare, are functions of."""
+    digest = xxhash.xxh3_128()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+_MEMOS: dict[Path, dict] = {}
+
+
+def remembered(memo: Path | None, key: str, compute):
+    """`compute()`, or the JSON value it gave a process that ran the same package source (kept in
+    the file `memo`): parsing and walking the stages' code costs more than a small cold run."""
+    if memo is None:
+        return compute()
+    entries = _MEMOS.get(memo)
+    if entries is None:
+        try:
+            kept = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            kept = {}
+        entries = _MEMOS[memo] = kept.get("entries", {}) if kept.get("package") == package_digest() else {}
+    if key not in entries:
+        entries[key] = json.loads(json.dumps(compute()))  # as a later process will read it back
+        try:  # readers see the old file or the new one; a store molt may not write just goes without
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"package": package_digest(), "entries": entries}, sort_keys=True))
+            os.replace(tmp, memo)
+        except OSError:
+            pass
+    return entries[key]
+
+
 def clear_caches() -> None:
     """Forget parsed modules (a test that edits code in-process, as a new process would see it)."""
     analyse.cache_clear()
     _uses.cache_clear()
+    package_digest.cache_clear()
+    _MEMOS.clear()

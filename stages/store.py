@@ -218,6 +218,7 @@ class Store:
     def __init__(self, root: Path | str):
         self.root = Path(root).resolve()
         self.index = StatIndex(self.root / "index" / "stat.json")
+        self.code_memo = self.root / "index" / "code.json"  # fingerprint.remembered
         self._lease: dict | None = None  # this process's lease, once it resolves something
         self._lease_path: Path | None = None
         self.fresh = FreshHashes(self.index)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
 
+from stages import dag
 from stages import fingerprint as fp
 
 
@@ -177,3 +179,52 @@ def test_real_stages_leave_display_and_bookkeeping_out():
     format_node = [n for n in dag.plan({"base_model": "x", "datasets": [{"path": "d.jsonl", "type": "alpaca"}], "sequence_len": 64}, "format[0]") if n.stage == "format"][0]
     files = format_node.code()["files"]
     assert "stages/formats/alpaca.py" in files and "stages/formats/chat_template.py" not in files
+
+
+def test_remembered_values_last_until_a_file_of_the_package_changes(package, tmp_path):
+    package("mod", "def run():\n    return 1\n")
+    memo = tmp_path / "index" / "code.json"
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return fp.fingerprint([("stages.mod", "run")])
+
+    first = fp.remembered(memo, "k", compute)
+    fp.clear_caches()  # as a new process: only the file is left
+    assert fp.remembered(memo, "k", compute) == first and len(calls) == 1
+    package("other", "X = 1\n")  # any file of the package, even one the value does not reach
+    assert fp.remembered(memo, "k", compute) == first and len(calls) == 2
+    package("mod", "def run():\n    return 2\n")
+    assert fp.remembered(memo, "k", compute) != first and len(calls) == 3
+    memo.write_text("{not json")
+    fp.clear_caches()
+    fp.remembered(memo, "k", compute)
+    assert len(calls) == 4 and json.loads(memo.read_text())["package"] == fp.package_digest()
+
+
+def test_a_remembered_process_imports_no_stage_module_for_code_or_keys(tmp_path):
+    """What the memo is for: a warm process neither parses the stages' code nor imports every
+    stage module to learn which keys they read, and gets the same answers."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from stages import dag
+        memo = Path({str(tmp_path / "code.json")!r})
+        node = dag.Node("pack", dag.stage_module("pack").Params.model_construct())
+        keys = dag.keys_read(memo)
+        print(json.dumps({{"code": node.code(memo), "keys": [sorted(k) for k in keys],
+                          "train_imported": "stages.train" in sys.modules,
+                          "parsed": dag.fingerprint.analyse.cache_info().currsize}}))
+    """)
+    import subprocess
+    import sys
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                      check=True, cwd=fp.REPO_DIR).stdout) for _ in range(2)]
+    cold, warm = runs
+    assert cold["code"] == warm["code"] and cold["keys"] == warm["keys"]
+    assert cold["train_imported"] and cold["parsed"] > 0
+    assert not warm["train_imported"] and warm["parsed"] == 0
+    fresh = dag.Node("pack", dag.stage_module("pack").Params.model_construct())
+    assert warm["code"]["files"] == fresh.code()["files"]
+    assert warm["keys"] == [sorted(k) for k in dag.keys_read()]
