@@ -11,6 +11,7 @@ built-in name) with its line.
 from __future__ import annotations
 
 import functools
+import _signal
 import json
 import signal
 import threading
@@ -171,7 +172,11 @@ def compile_template(source: str):
     env.globals["raise_exception"] = _raise
     # Training data must not depend on the day it was rendered: dates come out as a fixed day.
     env.globals["strftime_now"] = lambda fmt: FIXED_DATE.strftime(fmt)
-    return env.from_string(source)
+    template = env.from_string(source)
+    # jinja keeps them as a ChainMap over the environment's and copies that into every render's
+    # context; a plain dict copies several times faster (one template renders twice a row)
+    template.globals = dict(template.globals)
+    return template
 
 
 def _alarm(signum, frame):
@@ -188,8 +193,8 @@ def render(source: str, messages: list[dict], add_generation_prompt: bool = Fals
     # a timer interrupts loops that call nothing; only the main thread gets signals, elsewhere the hooks check the clock
     timer = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
              and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
-    if timer:
-        previous = signal.signal(signal.SIGALRM, _alarm)
+    if timer:  # _signal: signal.signal's enum conversions cost more than a short rendering (two a row)
+        previous = _signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, MAX_SECONDS)
     _deadline.at = time.monotonic() + MAX_SECONDS
     try:
@@ -212,4 +217,4 @@ def render(source: str, messages: list[dict], add_generation_prompt: bool = Fals
         _deadline.at = float("inf")
         if timer:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            _signal.signal(signal.SIGALRM, previous)

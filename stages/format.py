@@ -144,7 +144,10 @@ def _format_rows(start: int, stop: int, spec: Spec, eot_tokens: list[str] | None
     made = formatter(spec)
     tokenizer = json.loads((tokenizer_dir / "molt_tokenizer.json").read_text()) | {"eot_tokens": eot_tokens}
     table = read_table(data / "data.arrow").slice(start, stop - start)
-    segments: list = []
+    texts: list[str] = []  # the segments column, flat: one entry a segment
+    trained: list[bool] = []
+    details: list[bool] = []
+    ends = [0]  # where each row's segments end
     ids: list = []
     labels: list = []
     for offset in range(0, table.num_rows, BATCH):
@@ -158,18 +161,23 @@ def _format_rows(start: int, stop: int, spec: Spec, eot_tokens: list[str] | None
             except (TemplateChoiceError, TemplateError) as error:
                 raise DataError(f"{origin.where(data, i)}: chat template: {error}") from None
             if isinstance(result, Tokens):
-                segments.append([])
                 ids.append(result.input_ids)
                 labels.append(result.labels)
             else:
-                segments.append([Segment(*piece)._asdict() for piece in result])
+                for piece in result:
+                    text, train, detail = Segment(*piece)
+                    texts.append(text)
+                    trained.append(train)
+                    details.append(detail)
                 ids.append(None)
                 labels.append(None)
+            ends.append(len(texts))
         if advance:
             advance(min(BATCH, table.num_rows - offset))
-    segment_type = pa.list_(pa.struct([("text", pa.string()), ("train", pa.bool_()), ("detail", pa.bool_())]))
+    segment = pa.StructArray.from_arrays([pa.array(texts, pa.string()), pa.array(trained, pa.bool_()), pa.array(details, pa.bool_())],
+                                         names=["text", "train", "detail"])
     return pa.table({
-        "segments": pa.array(segments, type=segment_type),
+        "segments": pa.ListArray.from_arrays(pa.array(ends, pa.int32()), segment),
         "mode": pa.array([made.mode] * table.num_rows, type=pa.string()),
         "input_ids": pa.array(ids, type=pa.list_(pa.int64())),
         "labels": pa.array(labels, type=pa.list_(pa.int64())),

@@ -224,7 +224,7 @@ def _detail_spans(detail: list[tuple[int, int]], start: int, end: int, text: str
 
 def _turn_end(text: str, end: int, turn_ends: tuple[str, ...]) -> tuple[int, int] | None:
     window = text[end : end + EOT_WINDOW + max(map(len, turn_ends))]  # a marker must start within EOT_WINDOW
-    found = [(window.find(t), t) for t in turn_ends if 0 <= window.find(t) < EOT_WINDOW]
+    found = [(at, t) for t in turn_ends if 0 <= (at := window.find(t)) < EOT_WINDOW]
     if not found:
         return None
     offset, token = min(found)
