@@ -29,13 +29,13 @@ from bench import dpo, lora, packing, pipeline, throughput
 
 SIZES = {
     "quick": {"alpaca": 3000, "chats": 1200, "quarter": 1000, "growth": [1000, 5000, 20000], "status": [10, 100, 1000],
-              "tokenize_rounds": 3, "packing_samples": 52000, "throughput": ["--samples", "48", "--rounds", "1"],
+              "tokenize_rounds": 3, "packing_samples": 52000, "throughput": ["--samples", "48", "--rounds", "1"], "cold_rounds": 1,
               "dpo_rows": 16},
-    "full": {"alpaca": 50000, "chats": 20000, "quarter": 10000, "growth": [10000, 50000, 200000], "status": [10, 100, 1000],
-             "tokenize_rounds": 2, "packing_samples": 52000, "throughput": ["--samples", "128", "--rounds", "2"], "lora_rows": 32,
+    "full": {"alpaca": 20000, "chats": 20000, "quarter": 10000, "growth": [10000, 50000, 200000], "status": [10, 100, 1000],
+             "tokenize_rounds": 2, "cold_rounds": 3, "packing_samples": 52000, "throughput": ["--samples", "128", "--rounds", "2"], "lora_rows": 32,
              "dpo_rows": 64},
     "tiny": {"alpaca": 40, "chats": 20, "quarter": 10, "growth": [20, 40], "status": [12, 14],
-             "tokenize_rounds": 1, "packing_samples": 2000, "throughput": ["--samples", "8", "--rounds", "1", "--seq-len", "128"]},
+             "tokenize_rounds": 1, "cold_rounds": 1, "packing_samples": 2000, "throughput": ["--samples", "8", "--rounds", "1", "--seq-len", "128"]},
 }
 STEPS = ("preprocess", "tokenize", "packing", "throughput", "growth", "status", "lora", "dpo")
 
@@ -68,7 +68,10 @@ def report(results: dict, mode: str, seconds: float) -> str:
                   f"| same, stage seconds only (manifests) | | {_f(p['partial_data_s'])} of {_f(p['four_cold_data_s'])} | | {p['partial_data_over_cold']:.2f} |",
                   "", f"Warm rerun imports torch: **{'yes' if p['warm_imports_torch'] else 'no'}** (`python -X importtime`). "
                   f"Partial rerun rebuilt: {', '.join(f'{k} x{v}' for k, v in p['partial_rebuilt'].items())}. "
-                  f"Cold stage seconds (manifests): {', '.join(f'{k} {v:.2f}' for k, v in sorted(p['cold_stage_seconds'].items()))}.", ""]
+                  f"Cold stage seconds (manifests, last round): {', '.join(f'{k} {v:.2f}' for k, v in sorted(p['cold_stage_seconds'].items()))}.", "",
+                  f"Cold whole process against the bare tokenizer: **{p['cold_over_bare']:.2f}x** (cold {_f(p['cold_s'])} s, the median of "
+                  f"{', '.join(_f(x) for x in p['cold_rounds_s'])}; `encode_batch` of the same rows' texts after each, median "
+                  f"{_f(p['bare_encode_s'])} s of {', '.join(_f(x) for x in p['bare_rounds_s'])}).", ""]
     if "packing" in results:
         lines += ["## 3. Packing efficiency (real tokens / slots)", "", packing.table(results["packing"]).strip(), ""]
     if "throughput" in results:
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         need_cache = any(s not in args.skip for s in ("preprocess", "tokenize", "growth", "status"))
         if need_cache:
-            step("preprocess", lambda: pipeline.preprocess_bench(work / "pre", sizes["alpaca"], sizes["chats"], sizes["quarter"]))
+            step("preprocess", lambda: pipeline.preprocess_bench(work / "pre", sizes["alpaca"], sizes["chats"], sizes["quarter"], sizes["cold_rounds"]))
             if "preprocess" not in results:  # the others need a cache with the tokenizer
                 pipeline.preprocess_bench(work / "pre", sizes["alpaca"], sizes["chats"], sizes["quarter"])
         cache = work / "pre" / "cache"

@@ -238,23 +238,48 @@ def _imports_torch(importtime_stderr: str) -> bool:
     return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in importtime_stderr.splitlines() if line.startswith("import time:"))
 
 
-def preprocess_bench(work: Path, alpaca: int, chats: int, quarter: int) -> dict:
-    """Cold preprocess of alpaca + chats (fresh cache), warm no-change rerun (checked for torch
-    imports with -X importtime), and a partial rerun after changing the chat template of one of
-    four equal chat datasets (ratio to that config's own cold run). Leaves work/cache for
-    tokenize_bench."""
+def bare_encode_seconds(cache: Path) -> float:
+    """The bare fast tokenizer's encode_batch of every format artifact's joined texts (what a
+    cold preprocess tokenizes), summed; texts and tokenizer loaded outside the clock."""
+    from tokenizers import Tokenizer
+
+    from stages.store import read_table
+
+    tokenizer = Tokenizer.from_file(str(next(Path(cache).glob("tokenizer/*/tokenizer.json"))))
+    seconds = 0.0
+    for fmt in sorted(Path(cache).glob("format/*/formatted.arrow")):
+        texts = ["".join(s["text"] for s in segs) for segs in read_table(fmt).column("segments").to_pylist()]
+        t = time.perf_counter()
+        tokenizer.encode_batch(texts, add_special_tokens=False)
+        seconds += time.perf_counter() - t
+    return seconds
+
+
+def preprocess_bench(work: Path, alpaca: int, chats: int, quarter: int, cold_rounds: int = 1) -> dict:
+    """Cold preprocess of alpaca + chats (fresh cache; `cold_rounds` times, each followed by the
+    bare encodes of the same rows, medians), warm no-change rerun (checked for torch imports with
+    -X importtime), and a partial rerun after changing the chat template of one of four equal
+    chat datasets (ratio to that config's own cold run). Leaves work/cache for tokenize_bench."""
     model = tiny_model_dir()
     write_jsonl(work / "data" / "alpaca.jsonl", alpaca_rows(alpaca, seed=1))
     write_jsonl(work / "data" / "chat.jsonl", chat_rows(chats, seed=2))
     cfg = write_config(work / "main.yml", model, [{"path": "data/alpaca.jsonl", "type": "alpaca"}, {"path": "data/chat.jsonl", "type": "chat_template"}])
     cache = work / "cache"
-    t0 = time.time()
-    cold = molt(["preprocess", cfg], work, cache)
-    cold_stages = stage_seconds(cache, t0 - 1)
+    colds, bares = [], []
+    for _ in range(cold_rounds):
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(work / "prepared", ignore_errors=True)
+        t0 = time.time()
+        colds.append(molt(["preprocess", cfg], work, cache))
+        cold_stages = stage_seconds(cache, t0 - 1)
+        bares.append(bare_encode_seconds(cache))
+    cold = sorted(colds, key=lambda r: r["seconds"])[len(colds) // 2]
+    bare = float(np.median(bares))
     warm = molt(["preprocess", cfg], work, cache)
     warm_it = molt(["preprocess", cfg], work, cache, python_flags=("-X", "importtime"))
     result = {
         "rows": alpaca + chats, "cold_s": cold["seconds"], "cold_peak_rss_mib": cold["peak_rss_mib"], "cold_stage_seconds": cold_stages,
+        "cold_rounds_s": [r["seconds"] for r in colds], "bare_encode_s": bare, "bare_rounds_s": bares, "cold_over_bare": cold["seconds"] / bare,
         "warm_s": warm["seconds"], "warm_peak_rss_mib": warm["peak_rss_mib"], "warm_imports_torch": _imports_torch(warm_it["stderr"]),
         "warm_over_cold": warm["seconds"] / cold["seconds"],
     }

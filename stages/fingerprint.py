@@ -25,7 +25,7 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import xxhash
@@ -59,8 +59,21 @@ def _hash(text: str) -> str:
     return xxhash.xxh3_128_hexdigest(text.encode())
 
 
-def _strip_docstrings(tree: ast.AST) -> ast.AST:
-    for node in ast.walk(tree):
+def _nested_statements(nodes: list) -> list:
+    """Every statement in `nodes`, nested ones too (in bodies, branches, handlers, cases): where
+    definitions, docstrings and imports can be, without walking every expression."""
+    out = []
+    for node in nodes:
+        out.append(node)
+        for name in ("body", "orelse", "finalbody", "handlers", "cases"):
+            children = getattr(node, name, None)
+            if isinstance(children, list):
+                out += _nested_statements(children)
+    return out
+
+
+def _strip_docstrings(tree: ast.Module) -> ast.Module:
+    for node in [tree, *_nested_statements(tree.body)]:
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
@@ -87,11 +100,15 @@ def _is_module(name: str) -> bool:
 @dataclass
 class ModuleInfo:
     name: str
-    whole: str  # hash of the whole normalised module
+    tree: ast.Module  # normalised (docstrings dropped)
     defs: dict[str, list[ast.stmt]] = field(default_factory=dict)  # name -> statements defining or mutating it
     module_level: list[ast.stmt] = field(default_factory=list)  # statements that only run
     bindings: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # local name -> (module, attribute or WHOLE)
     imports: set[str] = field(default_factory=set)  # every molt module it imports, anywhere
+
+    @cached_property
+    def whole(self) -> str:  # hash of the whole module; lazily, since dumping a tree costs more than parsing it
+        return _hash(_dump([self.tree]))
 
 
 def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
@@ -136,8 +153,8 @@ def analyse(module: str, root: str = "stages") -> ModuleInfo:
     path = module_path(module)
     tree = _strip_docstrings(ast.parse(path.read_text(), filename=str(path)))
     is_package = path.name == "__init__.py"
-    info = ModuleInfo(module, _hash(_dump([tree])))
-    for node in ast.walk(tree):
+    info = ModuleInfo(module, tree)
+    for node in _nested_statements(tree.body):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             info.imports.update(target for target, _ in _import_bindings(module, is_package, node, root).values())
     info.imports.discard("stages")

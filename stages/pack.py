@@ -42,7 +42,7 @@ from stages.store import DataError, read_table, write_table
 from stages.context import QUIET, Context
 
 SCHEMA = 2
-LIBRARIES = ("pyarrow", "numpy", "matplotlib")
+LIBRARIES = ("pyarrow", "numpy", "pillow")
 INPUTS = {"dataset": "mix"}
 IGNORE = -100
 
@@ -289,21 +289,47 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
 
 
 def _plot_fill(fills: dict[str, np.ndarray], layout: dict, path: Path) -> None:
-    import matplotlib
+    """A histogram of how full the rows are, one translucent colour a split. Drawn with Pillow:
+    importing matplotlib alone took a cold preprocess of 40,000 rows as long as packing them."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    width, height, left, right, top, bottom = 600, 350, 64, 16, 14, 44
+    font = ImageFont.load_default(size=11)
     edges = np.linspace(0, 1, 41)
-    for split, fill in fills.items():
-        if len(fill):
-            eff = float(fill.mean())
-            ax.hist(fill, bins=edges, alpha=0.6, label=f"{split}: {len(fill)} rows of {layout[split]['capacity']}, {eff:.1%} full")
-    ax.set_xlabel("fill of a row (real tokens / capacity)")
-    ax.set_ylabel("rows")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    counts = {split: np.histogram(fill, bins=edges)[0] for split, fill in fills.items() if len(fill)}
+    peak = max((int(c.max()) for c in counts.values()), default=1)
+    step = next(m * 10**e for e in range(12) for m in (1, 2, 5) if m * 10**e * 5 >= peak)
+    y_max = max(step, math.ceil(peak / step) * step)
+    x0, x1, y_bottom, y_top = left, width - right, height - bottom, top
+
+    def at(fill: float, rows: float) -> tuple[float, float]:
+        return x0 + fill * (x1 - x0), y_bottom - rows / y_max * (y_bottom - y_top)
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image, "RGBA")
+    grid = (0, 0, 0, 40)
+    for i in range(6):
+        x, _ = at(i / 5, 0)
+        draw.line([(x, y_top), (x, y_bottom)], fill=grid)
+        draw.text((x, y_bottom + 5), f"{i / 5:.1f}", font=font, fill="black", anchor="mt")
+    for rows in range(0, y_max + 1, step):
+        _, y = at(0, rows)
+        draw.line([(x0, y), (x1, y)], fill=grid)
+        draw.text((x0 - 5, y), f"{rows:,}", font=font, fill="black", anchor="rm")
+    colours = ((31, 119, 180), (255, 127, 14))
+    for (split, count), colour in zip(counts.items(), colours):
+        for k in np.flatnonzero(count):
+            (left_x, top_y), (right_x, _) = at(edges[k], count[k]), at(edges[k + 1], 0)
+            draw.rectangle([left_x, top_y, right_x, y_bottom], fill=(*colour, 150))
+    draw.rectangle([x0, y_top, x1, y_bottom], outline="black")
+    draw.text(((x0 + x1) / 2, height - 6), "fill of a row (real tokens / capacity)", font=font, fill="black", anchor="md")
+    label = Image.new("RGBA", (60, 16), (255, 255, 255, 0))
+    ImageDraw.Draw(label).text((30, 8), "rows", font=font, fill="black", anchor="mm")
+    label = label.rotate(90, expand=True)
+    image.paste(label, (4, (y_top + y_bottom) // 2 - label.height // 2), label)
+    for j, ((split, fill), colour) in enumerate(zip(((s, f) for s, f in fills.items() if len(f)), colours)):
+        y = y_top + 8 + 16 * j
+        draw.rectangle([x0 + 8, y, x0 + 18, y + 10], fill=(*colour, 150))
+        text = f"{split}: {len(fill)} rows of {layout[split]['capacity']}, {float(fill.mean()):.1%} full"
+        draw.text((x0 + 24, y + 5), text, font=font, fill="black", anchor="lm")
+    image.save(path, format="PNG")

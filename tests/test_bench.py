@@ -16,6 +16,7 @@ def test_bench_runs_every_pipeline_benchmark_on_tiny_inputs(tmp_path):
     p = results["preprocess"]
     assert p["warm_imports_torch"] is False  # a no-change rerun must not load torch
     assert p["partial_rebuilt"] == {"format": 1, "tokenize": 1, "mix": 1, "pack": 1}  # one of four datasets
+    assert p["bare_encode_s"] > 0 and p["cold_over_bare"] == p["cold_s"] / p["bare_encode_s"]
     assert {r["dataset"] for r in results["tokenize"]} == {"alpaca", "chat_template"}
     assert all(r["molt_rows_per_s"] > 0 and r["bare_rows_per_s"] > 0 and r["kept_rows"] > 0 for r in results["tokenize"])
     assert [r["rows"] for r in results["growth"]] == bench_main.SIZES["tiny"]["growth"]
