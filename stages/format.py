@@ -129,7 +129,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, ctx: Context = QUIET
     with ctx.progress(f"format {label}", rows) as advance:
         parts = workers.map_ranges(_format_rows, rows, workers.processes_for(rows, params.dataset_processes),
                                    (spec, params.eot_tokens, inputs["data"], inputs["tokenizer"]), advance,
-                                   probe=params.dataset_processes is None)
+                                   probe=params.dataset_processes is None, forkable=True)  # jinja and pyarrow only
     result = pa.concat_tables(parts)
     write_table(result, out / "formatted.arrow")
     if (inputs["data"] / origin.FILE).is_file():  # tokenize names a row's file and line from it

@@ -3,6 +3,8 @@ same bytes as one process; the setting is no part of their keys."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from stages import format as format_stage
@@ -47,14 +49,20 @@ def test_unset_dataset_processes_starts_workers_only_when_a_probe_says_they_pay(
     monkeypatch.setattr(workers, "MIN_ROWS_PER_PROCESS", 60)
     monkeypatch.setattr(workers, "PROBE_ROWS", 16)
     monkeypatch.setattr(workers, "WORKER_START_SECONDS", start_seconds)
+    monkeypatch.setattr(workers, "FORKED_WORKER_START_SECONDS", start_seconds)
     pools = []
     real = workers.ProcessPoolExecutor
-    monkeypatch.setattr(workers, "ProcessPoolExecutor", lambda *a, **k: pools.append(1) or real(*a, **k))
+    monkeypatch.setattr(workers, "ProcessPoolExecutor", lambda *a, **k: pools.append(k["mp_context"].get_start_method()) or real(*a, **k))
     one = stages_bytes(tokenizer_artifacts["chatml"], tmp_path / "one", ROWS, 1)
     assert not pools
     probed = stages_bytes(tokenizer_artifacts["chatml"], tmp_path / "probed", ROWS, None)
     assert probed == one
-    assert len(pools) == (1 if start_seconds == 0.0 else 0)  # format probes; tokenize stays in one process unless told
+    # format probes, and forks its workers (they never touch the tokenizer library); tokenize
+    # stays in one process unless told
+    assert pools == (["fork" if sys.platform == "linux" else "spawn"] if start_seconds == 0.0 else [])
+    pools.clear()
+    assert stages_bytes(tokenizer_artifacts["chatml"], tmp_path / "two", ROWS, 2) == one
+    assert pools == ["fork" if sys.platform == "linux" else "spawn", "spawn"]  # tokenize's workers are spawned
 
 
 def test_a_bad_row_is_named_the_same_with_workers(tokenizer_artifacts, tmp_path, monkeypatch):
