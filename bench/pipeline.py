@@ -200,20 +200,25 @@ def stage_seconds(cache: Path, since: float = 0.0) -> dict[str, float]:
 
 # -- 1. tokenize throughput ------------------------------------------------------------------------
 
+def joined_texts(formatted: Path) -> list[str]:
+    """Each row's segments of a formatted.arrow joined: the texts the bare tokenizer encodes."""
+    from stages.store import read_table
+
+    return ["".join(s["text"] for s in segs) for segs in read_table(formatted).column("segments").to_pylist()]
+
+
 def tokenize_bench(cache: Path, sequence_len: int = 512, rounds: int = 3) -> list[dict]:
     """Per format artifact in cache: molt's tokenize stage (stages.tokenize.run, in-process) vs the
     bare fast tokenizer's encode_batch of the same rendered texts, alternating, medians."""
     from tokenizers import Tokenizer
 
     from stages import tokenize
-    from stages.store import read_table
 
     tok_dir = next(Path(cache).glob("tokenizer/*/tokenizer.json")).parent
     tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     results = []
     for fmt in sorted(Path(cache).glob("format/*/formatted.arrow")):
-        table = read_table(fmt)
-        texts = ["".join(s["text"] for s in segs) for segs in table.column("segments").to_pylist()]
+        texts = joined_texts(fmt)
         name = json.loads((fmt.parent / "manifest.json").read_text()).get("params", {}).get("dataset", {}).get("type", fmt.parent.name[:8])
         molt_s, bare_s, stats, tokens = [], [], None, 0
         for _ in range(rounds):
@@ -243,12 +248,10 @@ def bare_encode_seconds(cache: Path) -> float:
     cold preprocess tokenizes), summed; texts and tokenizer loaded outside the clock."""
     from tokenizers import Tokenizer
 
-    from stages.store import read_table
-
     tokenizer = Tokenizer.from_file(str(next(Path(cache).glob("tokenizer/*/tokenizer.json"))))
     seconds = 0.0
     for fmt in sorted(Path(cache).glob("format/*/formatted.arrow")):
-        texts = ["".join(s["text"] for s in segs) for segs in read_table(fmt).column("segments").to_pylist()]
+        texts = joined_texts(fmt)
         t = time.perf_counter()
         tokenizer.encode_batch(texts, add_special_tokens=False)
         seconds += time.perf_counter() - t

@@ -23,12 +23,13 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
 import xxhash
+
+from stages.store import write_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -368,9 +369,7 @@ def remembered(memo: Path | None, key: str, compute):
         entries[key] = json.loads(json.dumps(compute()))  # as a later process will read it back
         try:  # readers see the old file or the new one; a store molt may not write just goes without
             memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"package": package_digest(), "entries": entries}, sort_keys=True))
-            os.replace(tmp, memo)
+            write_atomic(memo, json.dumps({"package": package_digest(), "entries": entries}, sort_keys=True))
         except OSError:
             pass
     return entries[key]

@@ -327,8 +327,8 @@ def _plot_fill(fills: dict[str, np.ndarray], layout: dict, path: Path) -> None:
     ImageDraw.Draw(label).text((30, 8), "rows", font=font, fill="black", anchor="mm")
     label = label.rotate(90, expand=True)
     image.paste(label, (4, (y_top + y_bottom) // 2 - label.height // 2), label)
-    for j, ((split, fill), colour) in enumerate(zip(((s, f) for s, f in fills.items() if len(f)), colours)):
-        y = y_top + 8 + 16 * j
+    for j, (split, colour) in enumerate(zip(counts, colours)):
+        y, fill = y_top + 8 + 16 * j, fills[split]
         draw.rectangle([x0 + 8, y, x0 + 18, y + 10], fill=(*colour, 150))
         text = f"{split}: {len(fill)} rows of {layout[split]['capacity']}, {float(fill.mean()):.1%} full"
         draw.text((x0 + 24, y + 5), text, font=font, fill="black", anchor="lm")

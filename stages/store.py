@@ -310,7 +310,7 @@ class Store:
             lock.acquire()
         holder = self._holder_path(stage, key)
         try:
-            _write_atomic(holder, json.dumps({"pid": os.getpid(), "host": HOST}))
+            write_atomic(holder, json.dumps({"pid": os.getpid(), "host": HOST}))
             yield
         finally:
             holder.unlink(missing_ok=True)  # before the release: the next holder writes its own
@@ -341,7 +341,7 @@ class Store:
                 entry = f"{stage}/{key}"
                 if entry not in self._lease["keys"]:
                     self._lease["keys"].append(entry)
-                    _write_atomic(self._lease_path, json.dumps(self._lease))
+                    write_atomic(self._lease_path, json.dumps(self._lease))
         except OSError:  # a read-only store: it is read, never built into, so no gc races this run
             self._lease, self._lease_path = None, False
 
@@ -470,7 +470,7 @@ def publish(artifact: Artifact, dest: Path) -> None:
     os.rename(tmp, dest)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write a small file whole: readers see the old text or the new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
