@@ -68,9 +68,9 @@ def test_a_sliding_window_shorter_than_a_sample_falls_back_to_the_mask():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_segment_bounds():
+def test_segment_sizes():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5], [3, 4, 0, 1, 2, 3]])
-    assert segment_attention.segment_bounds(positions) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)], [(0, 2), (2, 6)]]
+    assert segment_attention.segment_sizes(positions) == [3, 2, 1, 6, 2, 4]
 
 
 def test_generation_with_a_cache_is_plain_sdpa():

@@ -15,21 +15,18 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.integrations.sdpa_attention import repeat_kv
 
 NAME = "molt_segments"
 
 
-def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, the (start, end) of each run that begins where position_ids are 0."""
-    bounds = []
-    length = position_ids.shape[-1]
-    for row in position_ids.reshape(-1, length):
-        starts = torch.nonzero(row == 0).flatten().tolist()
-        if not starts or starts[0] != 0:
-            starts = [0] + starts
-        bounds.append(list(zip(starts, starts[1:] + [length])))
-    return bounds
+def segment_sizes(position_ids: torch.Tensor) -> list[int]:
+    """The lengths of the runs that begin where position_ids are 0 (or a row begins), row after
+    row: one list for the whole batch, whose sums per row are the row length."""
+    rows, length = position_ids.reshape(-1, position_ids.shape[-1]).shape
+    starts = position_ids.reshape(-1) == 0
+    starts[::length] = True
+    bounds = torch.nonzero(starts).flatten()
+    return torch.diff(bounds, append=bounds.new_tensor([rows * length])).tolist()
 
 
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
@@ -40,31 +37,26 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
 
     position_ids = kwargs.get("position_ids")
     whole_rows = query.shape[2] == key.shape[2] and query.shape[2] > 1 and position_ids is not None
-    bounds = segment_bounds(position_ids) if whole_rows else None
+    sizes = None
+    if whole_rows:
+        batch, heads, length, dim = query.shape
+        sizes = segment_sizes(position_ids.expand(batch, length))  # position_ids [1, T] the model made for every row
     window = kwargs.get("sliding_window")
-    if bounds is not None and window and max(e - s for spans in bounds for s, e in spans) > window:
-        bounds = None
-    if bounds is None or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or is_causal is False:
+    if sizes is not None and window and max(sizes) > window:
+        sizes = None
+    if sizes is None or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or is_causal is False:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
-    rows = []
-    if len(bounds) == 1 and query.shape[0] > 1:
-        bounds = bounds * query.shape[0]  # position_ids [1, T] the model made for every row
-    for b, spans in enumerate(bounds):
-        if len(spans) == 1:
-            rows.append(_causal(query[b : b + 1], key[b : b + 1], value[b : b + 1], dropout, scaling))
-            continue
-        parts = [_causal(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], dropout, scaling) for s, e in spans]
-        rows.append(torch.cat(parts, dim=2))
-    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
+    # All rows as one sequence per head, cut with split: its backward concatenates the segments'
+    # gradients, where slicing would add a zero-filled whole-batch gradient for every segment.
+    flat = [t.transpose(0, 1).reshape(t.shape[1], batch * length, dim).split(sizes, dim=1) for t in (query, key, value)]
+    gqa = key.shape[1] != heads
+    parts = [_causal(q[None], k[None], v[None], dropout, scaling, gqa)[0] for q, k, v in zip(*flat)]  # 4-d: SDPA's fused CPU kernel; 3-d takes the math path
+    return torch.cat(parts, dim=1).reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
 
 
-def _causal(q, k, v, dropout, scaling):
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1)
+def _causal(q, k, v, dropout, scaling, gqa):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[-2] > 1, enable_gqa=gqa)
 
 
 AttentionInterface.register(NAME, segment_attention)
